@@ -1,0 +1,123 @@
+"""Which implementation of a fused op runs: the compiled extension, Triton, or the reference.
+
+Every fused op takes ``backend=`` with one of :data:`BACKENDS`:
+
+* ``"reference"`` - the plain PyTorch definition (always available, the truth);
+* ``"cpp"``       - the compiled extension ``dfine._C`` (C++ on CPU tensors, CUDA on CUDA tensors);
+* ``"triton"``    - the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+* ``"auto"``      - the compiled kernel for the tensors' device, falling back to the reference with
+  one warning when the extension was not built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+BUILD_HINT = (
+    "build it from the repository root with `python setup.py build_ext --inplace` "
+    "(or `pip install --no-build-isolation -e .`)"
+)
+
+_ext = None
+_ext_error: Exception | None = None
+_ext_tried = False
+_warned_fallback = False
+
+
+def load_extension():
+    """Import ``dfine._C`` once (registering the ``torch.ops.dfine`` kernels); None if not built."""
+    global _ext, _ext_error, _ext_tried
+    if not _ext_tried:
+        _ext_tried = True
+        try:
+            import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+            _ext = importlib.import_module("dfine._C")
+        except ImportError as err:  # not built, or built against another torch
+            _ext_error = err
+    return _ext
+
+
+def extension_available() -> bool:
+    return load_extension() is not None
+
+
+def extension_has_cuda() -> bool:
+    ext = load_extension()
+    return ext is not None and bool(ext.with_cuda())
+
+
+def require_extension(op_name: str):
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(
+            f"{op_name}: backend='cpp' needs the compiled extension dfine._C, which could not be "
+            f"imported ({_ext_error}); {BUILD_HINT}."
+        )
+    return ext
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device, op_name: str) -> str:
+    """Turn the user's ``backend`` choice into one of reference/cpp/triton for ``device``."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
+    device_type = device.type if hasattr(device, "type") else str(device)
+    if backend == "reference":
+        return "reference"
+    if backend == "cpp":
+        require_extension(op_name)
+        if device_type == "cuda" and not extension_has_cuda():
+            raise RuntimeError(
+                f"{op_name}: backend='cpp' got CUDA tensors but dfine._C was built without its CUDA "
+                f"sources; rebuild with DFINE_WITH_CUDA=1 on a machine with nvcc ({BUILD_HINT})."
+            )
+        if device_type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{op_name}: backend='cpp' supports cpu and cuda tensors, got {device_type}")
+        return "cpp"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op_name}: backend='triton' needs the `triton` package")
+        if device_type == "cpu" and not triton_interpret():
+            raise RuntimeError(
+                f"{op_name}: backend='triton' got CPU tensors; Triton runs CPU tensors only under "
+                "the interpreter (set TRITON_INTERPRET=1 before starting Python), use backend='cpp' "
+                "for the fast CPU kernel"
+            )
+        return "triton"
+    # auto
+    if device_type in ("cpu", "cuda") and extension_available():
+        if device_type == "cpu" or extension_has_cuda():
+            return "cpp"
+    if device_type == "cuda" and triton_available():
+        return "triton"
+    if not _warned_fallback:
+        _warned_fallback = True
+        reason = (
+            f"dfine._C could not be imported ({_ext_error})"
+            if not extension_available()
+            else f"dfine._C has no kernels for {device_type} tensors"
+        )
+        warnings.warn(
+            f"dfine fused ops: {reason}; backend='auto' falls back to the slow pure-PyTorch "
+            f"reference ops. To get the fused kernels, {BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), then run the whole test suite; Triton kernels run under its interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TRITON_INTERPRET=1
+exec ${PYTHON:-python3} -m pytest -q "$@"
