@@ -1,0 +1,338 @@
+"""Triton kernels of multi-scale deformable attention with a per-level number of points.
+
+Entry points (called by the ``dfine::ms_deform_attn_triton`` custom ops in
+``dfine/ops/ms_deform_attn.py``; use ``dfine.ops.ms_deform_attn(..., backend="triton")``):
+
+* :func:`ms_deform_attn_forward_triton`  -> ``out [B, Q, M*D]``
+* :func:`ms_deform_attn_backward_triton` -> ``(grad_value, grad_sampling_locations, grad_attention_weights)``
+
+Semantics are those of ``ms_deform_attn_reference``: bilinear sampling as
+``F.grid_sample(align_corners=False, padding_mode="zeros")`` (pixel ``x = loc_x * W - 0.5``,
+corners outside the map contribute zero, no clamping to the border), weighted by the attention
+weights and summed over all points of all levels.
+
+Layout of the work: one program per (block of ``BLOCK_Q`` queries, batch ``b``, head ``m``); it
+holds a ``[BLOCK_Q, BLOCK_D]`` tile (``BLOCK_D`` = next power of two >= D, masked) and loops over
+the ``P`` points. The level of each point comes from a small int32 table ``point_level [P]``, and
+the level's ``(H, W)`` and first flat position from ``spatial_shapes [L, 2]`` and
+``level_start [L]``, so any split of points over levels (D-FINE uses [3, 6, 3] or [6, 6]) is one
+compiled kernel. Arithmetic is in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64 inputs.
+
+Backward: the gradients of the attention weights and of the sampling locations belong to one
+(b, q, m, p) each, so they are reduced over D in-kernel (``tl.sum``) and stored directly. The value
+gradient is scattered to the four corners with ``tl.atomic_add`` into an fp32 (fp64 for fp64
+inputs) buffer, cast to value's dtype at the end. On a GPU the order of those atomic additions is
+not fixed, so ``grad_value`` is not bit-for-bit deterministic between runs (differences at the
+rounding level of the accumulation dtype).
+
+Testing and speed: the kernels use only standard ``tl`` operations. On this project's CPU-only CI
+they run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) and are checked against
+the reference in ``tests/test_ms_deform_attn_triton.py``. Their speed is only meaningful on CUDA
+machines, so they are benchmarked only there (no benchmark is run or recorded on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ms_deform_attn_forward_triton", "ms_deform_attn_backward_triton"]
+
+# Work per program: at most this many elements in the [BLOCK_Q, BLOCK_D] tile.
+_MAX_TILE = 1024
+_MAX_BLOCK_Q = 64
+
+
+@triton.jit
+def _corner_weights_and_indices(loc_ptr, loc_off, q_mask, H, W, ACC: tl.constexpr):
+    """Pixel coordinates of one point for a block of queries, split into the integer top-left
+    corner and the fractional parts (grid_sample's align_corners=False convention)."""
+    loc_x = tl.load(loc_ptr + loc_off, mask=q_mask, other=0.0).to(ACC)
+    loc_y = tl.load(loc_ptr + loc_off + 1, mask=q_mask, other=0.0).to(ACC)
+    w_f = W.to(ACC)
+    h_f = H.to(ACC)
+    x = loc_x * w_f - 0.5
+    y = loc_y * h_f - 0.5
+    # Keep far-away (or huge) coordinates in a small range before the integer conversion: every
+    # corner of a point left of -1 or right of W is outside the map either way, so the result
+    # (zero contribution, zero gradient) does not change.
+    x = tl.minimum(tl.maximum(x, -2.0), w_f + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), h_f + 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    lx = x - x0f
+    ly = y - y0f
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    return x0, y0, lx, ly
+
+
+@triton.jit
+def _ms_deform_attn_fwd_kernel(
+    value_ptr,  # [B, S, M, D] contiguous
+    shapes_ptr,  # [L, 2] int64 (H, W)
+    level_start_ptr,  # [L] int64
+    point_level_ptr,  # [P] int32
+    loc_ptr,  # [B, Q, M, P, 2] contiguous
+    attn_ptr,  # [B, Q, M, P] contiguous
+    out_ptr,  # [B, Q, M*D] contiguous
+    S,
+    Q,
+    M,
+    D,
+    P,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bm = tl.program_id(1)
+    b = (pid_bm // M).to(tl.int64)
+    m = (pid_bm % M).to(tl.int64)
+
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q64 = q.to(tl.int64)
+    # Offset of (b, q, m, point 0) in the [B, Q, M, P] weights; locations use twice that.
+    bqm = (b * Q + q64) * M + m
+    value_base = value_ptr + b * S * M * D + m * D + d[None, :]
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
+    for p in range(P):
+        lvl = tl.load(point_level_ptr + p)
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        start = tl.load(level_start_ptr + lvl)
+        pt_off = bqm * P + p
+        attn = tl.load(attn_ptr + pt_off, mask=q_mask, other=0.0).to(ACC)
+        x0, y0, lx, ly = _corner_weights_and_indices(loc_ptr, pt_off * 2, q_mask, H, W, ACC)
+        hx = 1.0 - lx
+        hy = 1.0 - ly
+        x1 = x0 + 1
+        y1 = y0 + 1
+        in_x0 = (x0 >= 0) & (x0 < W)
+        in_x1 = (x1 >= 0) & (x1 < W)
+        in_y0 = q_mask & (y0 >= 0) & (y0 < H)
+        in_y1 = q_mask & (y1 >= 0) & (y1 < H)
+        # Flat position of the top-left corner in the level; only dereferenced where valid.
+        pos00 = start + y0.to(tl.int64) * W + x0.to(tl.int64)
+        row = W  # one pixel down
+
+        ok = (in_y0 & in_x0)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + (pos00 * M * D)[:, None], mask=ok, other=0.0).to(ACC)
+        sampled = (hy * hx)[:, None] * v
+        ok = (in_y0 & in_x1)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + ((pos00 + 1) * M * D)[:, None], mask=ok, other=0.0).to(ACC)
+        sampled += (hy * lx)[:, None] * v
+        ok = (in_y1 & in_x0)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + ((pos00 + row) * M * D)[:, None], mask=ok, other=0.0).to(ACC)
+        sampled += (ly * hx)[:, None] * v
+        ok = (in_y1 & in_x1)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + ((pos00 + row + 1) * M * D)[:, None], mask=ok, other=0.0).to(ACC)
+        sampled += (ly * lx)[:, None] * v
+
+        acc += attn[:, None] * sampled
+
+    out_off = ((b * Q + q64) * M * D + m * D)[:, None] + d[None, :]
+    out_mask = q_mask[:, None] & d_mask[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _ms_deform_attn_bwd_kernel(
+    grad_out_ptr,  # [B, Q, M*D] contiguous
+    value_ptr,  # [B, S, M, D] contiguous
+    shapes_ptr,  # [L, 2] int64 (H, W)
+    level_start_ptr,  # [L] int64
+    point_level_ptr,  # [P] int32
+    loc_ptr,  # [B, Q, M, P, 2] contiguous
+    attn_ptr,  # [B, Q, M, P] contiguous
+    grad_value_ptr,  # [B, S, M, D] contiguous, ACC dtype, zero-initialised (atomic adds)
+    grad_loc_ptr,  # [B, Q, M, P, 2] contiguous
+    grad_attn_ptr,  # [B, Q, M, P] contiguous
+    S,
+    Q,
+    M,
+    D,
+    P,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bm = tl.program_id(1)
+    b = (pid_bm // M).to(tl.int64)
+    m = (pid_bm % M).to(tl.int64)
+
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q64 = q.to(tl.int64)
+    bqm = (b * Q + q64) * M + m
+    tile_mask = q_mask[:, None] & d_mask[None, :]
+    value_offset = b * S * M * D + m * D + d[None, :]
+    value_base = value_ptr + value_offset
+    grad_value_base = grad_value_ptr + value_offset
+
+    go_off = ((b * Q + q64) * M * D + m * D)[:, None] + d[None, :]
+    grad_out = tl.load(grad_out_ptr + go_off, mask=tile_mask, other=0.0).to(ACC)
+
+    for p in range(P):
+        lvl = tl.load(point_level_ptr + p)
+        H = tl.load(shapes_ptr + 2 * lvl)
+        W = tl.load(shapes_ptr + 2 * lvl + 1)
+        start = tl.load(level_start_ptr + lvl)
+        pt_off = bqm * P + p
+        attn = tl.load(attn_ptr + pt_off, mask=q_mask, other=0.0).to(ACC)
+        x0, y0, lx, ly = _corner_weights_and_indices(loc_ptr, pt_off * 2, q_mask, H, W, ACC)
+        hx = 1.0 - lx
+        hy = 1.0 - ly
+        x1 = x0 + 1
+        y1 = y0 + 1
+        in_x0 = (x0 >= 0) & (x0 < W)
+        in_x1 = (x1 >= 0) & (x1 < W)
+        in_y0 = q_mask & (y0 >= 0) & (y0 < H)
+        in_y1 = q_mask & (y1 >= 0) & (y1 < H)
+        pos00 = start + y0.to(tl.int64) * W + x0.to(tl.int64)
+        row = W
+        # d(out)/d(value at a corner) = attn * corner weight; scale grad_out once.
+        grad_sampled = attn[:, None] * grad_out
+
+        # Corner (x0, y0): weight hx*hy, d/dx = -hy, d/dy = -hx.
+        off = (pos00 * M * D)[:, None]
+        ok = (in_y0 & in_x0)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + off, mask=ok, other=0.0).to(ACC)
+        sampled = (hy * hx)[:, None] * v
+        dx = -hy[:, None] * v
+        dy = -hx[:, None] * v
+        tl.atomic_add(grad_value_base + off, (hy * hx)[:, None] * grad_sampled, mask=ok)
+        # Corner (x1, y0): weight lx*hy, d/dx = hy, d/dy = -lx.
+        off = ((pos00 + 1) * M * D)[:, None]
+        ok = (in_y0 & in_x1)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + off, mask=ok, other=0.0).to(ACC)
+        sampled += (hy * lx)[:, None] * v
+        dx += hy[:, None] * v
+        dy -= lx[:, None] * v
+        tl.atomic_add(grad_value_base + off, (hy * lx)[:, None] * grad_sampled, mask=ok)
+        # Corner (x0, y1): weight hx*ly, d/dx = -ly, d/dy = hx.
+        off = ((pos00 + row) * M * D)[:, None]
+        ok = (in_y1 & in_x0)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + off, mask=ok, other=0.0).to(ACC)
+        sampled += (ly * hx)[:, None] * v
+        dx -= ly[:, None] * v
+        dy += hx[:, None] * v
+        tl.atomic_add(grad_value_base + off, (ly * hx)[:, None] * grad_sampled, mask=ok)
+        # Corner (x1, y1): weight lx*ly, d/dx = ly, d/dy = lx.
+        off = ((pos00 + row + 1) * M * D)[:, None]
+        ok = (in_y1 & in_x1)[:, None] & d_mask[None, :]
+        v = tl.load(value_base + off, mask=ok, other=0.0).to(ACC)
+        sampled += (ly * lx)[:, None] * v
+        dx += ly[:, None] * v
+        dy += lx[:, None] * v
+        tl.atomic_add(grad_value_base + off, (ly * lx)[:, None] * grad_sampled, mask=ok)
+
+        grad_attn = tl.sum(grad_out * sampled, axis=1)
+        # x = loc_x * W - 0.5, so d/d(loc_x) = W * d/dx (and H for y).
+        grad_x = tl.sum(grad_sampled * dx, axis=1) * W.to(ACC)
+        grad_y = tl.sum(grad_sampled * dy, axis=1) * H.to(ACC)
+        tl.store(grad_attn_ptr + pt_off, grad_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(grad_loc_ptr + pt_off * 2, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(grad_loc_ptr + pt_off * 2 + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side wrappers.
+
+
+def _accumulation_dtype(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _level_tables(spatial_shapes: torch.Tensor, num_points_list: Sequence[int], device):
+    """int64 (H, W) per level, int64 first flat position per level, int32 level of every point."""
+    shapes = spatial_shapes.to(device=device, dtype=torch.int64).contiguous()
+    sizes = shapes[:, 0] * shapes[:, 1]
+    level_start = (torch.cumsum(sizes, 0) - sizes).contiguous()
+    counts = [int(n) for n in num_points_list]
+    point_level = torch.repeat_interleave(
+        torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
+    ).to(device)
+    return shapes, level_start, point_level
+
+
+def _launch_config(Q: int, D: int, B: int, M: int):
+    block_d = triton.next_power_of_2(max(D, 1))
+    block_q = min(triton.next_power_of_2(max(Q, 1)), _MAX_BLOCK_Q, max(1, _MAX_TILE // block_d))
+    grid = (triton.cdiv(Q, block_q), B * M)
+    return block_q, block_d, grid
+
+
+def ms_deform_attn_forward_triton(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list: List[int],
+) -> torch.Tensor:
+    """``[B, S, M, D]`` values sampled at ``[B, Q, M, P, 2]`` locations -> ``[B, Q, M*D]``."""
+    B, S, M, D = value.shape
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[3]
+    if B * Q * M * D == 0:
+        return value.new_zeros((B, Q, M * D))
+    value = value.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    shapes, level_start, point_level = _level_tables(spatial_shapes, num_points_list, value.device)
+    out = value.new_empty((B, Q, M * D))
+    _, acc = _accumulation_dtype(value.dtype)
+    block_q, block_d, grid = _launch_config(Q, D, B, M)
+    _ms_deform_attn_fwd_kernel[grid](
+        value, shapes, level_start, point_level, sampling_locations, attention_weights, out,
+        S, Q, M, D, P,
+        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
+    )
+    return out
+
+
+def ms_deform_attn_backward_triton(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ms_deform_attn_forward_triton` w.r.t. value, sampling_locations and
+    attention_weights, given ``grad_output [B, Q, M*D]``. ``grad_value`` is accumulated with atomics
+    (order not deterministic on GPU)."""
+    B, S, M, D = value.shape
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[3]
+    if B * Q * M * D == 0:
+        return (
+            torch.zeros_like(value, memory_format=torch.contiguous_format),
+            torch.zeros_like(sampling_locations, memory_format=torch.contiguous_format),
+            torch.zeros_like(attention_weights, memory_format=torch.contiguous_format),
+        )
+    grad_output = grad_output.contiguous()
+    value = value.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    shapes, level_start, point_level = _level_tables(spatial_shapes, num_points_list, value.device)
+    acc_torch, acc = _accumulation_dtype(value.dtype)
+    grad_value = torch.zeros(value.shape, dtype=acc_torch, device=value.device)
+    grad_loc = torch.empty_like(sampling_locations)
+    grad_attn = torch.empty_like(attention_weights)
+    block_q, block_d, grid = _launch_config(Q, D, B, M)
+    _ms_deform_attn_bwd_kernel[grid](
+        grad_output, value, shapes, level_start, point_level, sampling_locations, attention_weights,
+        grad_value, grad_loc, grad_attn,
+        S, Q, M, D, P,
+        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
+    )
+    return grad_value.to(value.dtype), grad_loc, grad_attn
