@@ -336,3 +336,41 @@ def ms_deform_attn_backward_triton(
         ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
     )
     return grad_value.to(value.dtype), grad_loc, grad_attn
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time lowering check (no GPU needed): compile both kernels for a CUDA target.
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_kernels_for_cuda(dtypes=(torch.float32, torch.float64), capability: int = 80, block_d: int = 32):
+    """Compile the forward and backward kernels to PTX and cubin for ``sm_<capability>`` without a
+    GPU, proving they lower for CUDA. Must run with ``TRITON_INTERPRET`` unset (the interpreter
+    replaces ``@triton.jit`` functions); uses the compile API of Triton 3.x. Returns
+    ``{(dtype name, kernel name): PTX size in bytes}``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(_ms_deform_attn_fwd_kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError("compile_kernels_for_cuda needs TRITON_INTERPRET unset before triton is imported")
+    target = GPUTarget("cuda", capability, 32)
+    sizes = {"S": "i32", "Q": "i32", "M": "i32", "D": "i32", "P": "i32"}
+    tables = {"shapes_ptr": "*i64", "level_start_ptr": "*i64", "point_level_ptr": "*i32"}
+    result = {}
+    for dtype in dtypes:
+        name = _DTYPE_NAMES[dtype]
+        acc_torch, acc = _accumulation_dtype(dtype)
+        consts = {"ACC": acc, "BLOCK_Q": max(1, _MAX_TILE // block_d), "BLOCK_D": block_d}
+        const_sig = {k: "constexpr" for k in consts}
+        fwd_sig = {"value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}", "attn_ptr": f"*{name}",
+                   "out_ptr": f"*{name}", **sizes, **const_sig}
+        bwd_sig = {"grad_out_ptr": f"*{name}", "value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}",
+                   "attn_ptr": f"*{name}", "grad_value_ptr": f"*{_DTYPE_NAMES[acc_torch]}",
+                   "grad_loc_ptr": f"*{name}", "grad_attn_ptr": f"*{name}", **sizes, **const_sig}
+        for kernel, signature in ((_ms_deform_attn_fwd_kernel, fwd_sig), (_ms_deform_attn_bwd_kernel, bwd_sig)):
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target)
+            if "cubin" not in compiled.asm:
+                raise RuntimeError(f"{kernel.__name__} ({name}) produced no cubin")
+            result[(name, kernel.__name__)] = len(compiled.asm["ptx"])
+    return result
