@@ -25,6 +25,9 @@ inputs) buffer, cast to value's dtype at the end. On a GPU the order of those at
 not fixed, so ``grad_value`` is not bit-for-bit deterministic between runs (differences at the
 rounding level of the accumulation dtype).
 
+Non-finite locations: ``±inf`` locations contribute zero here (they are clamped like any far-away
+point) while ``F.grid_sample`` returns NaN for them; NaN locations give unspecified results.
+
 Testing and speed: the kernels use only standard ``tl`` operations. On this project's CPU-only CI
 they run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) and are checked against
 the reference in ``tests/test_ms_deform_attn_triton.py``. Their speed is only meaningful on CUDA
@@ -88,8 +91,12 @@ def _ms_deform_attn_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_bm = tl.program_id(1)
+    # 1-D grid (CUDA caps grid axes 1 and 2 at 65535): query blocks of one (b, m) are adjacent,
+    # so neighbouring programs read the same value slice.
+    num_q_blocks = tl.cdiv(Q, BLOCK_Q)
+    pid = tl.program_id(0)
+    pid_q = pid % num_q_blocks
+    pid_bm = pid // num_q_blocks
     b = (pid_bm // M).to(tl.int64)
     m = (pid_bm % M).to(tl.int64)
 
@@ -164,8 +171,12 @@ def _ms_deform_attn_bwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_bm = tl.program_id(1)
+    # 1-D grid (CUDA caps grid axes 1 and 2 at 65535): query blocks of one (b, m) are adjacent,
+    # so neighbouring programs read the same value slice.
+    num_q_blocks = tl.cdiv(Q, BLOCK_Q)
+    pid = tl.program_id(0)
+    pid_q = pid % num_q_blocks
+    pid_bm = pid // num_q_blocks
     b = (pid_bm // M).to(tl.int64)
     m = (pid_bm % M).to(tl.int64)
 
@@ -269,7 +280,7 @@ def _level_tables(spatial_shapes: torch.Tensor, num_points_list: Sequence[int], 
 def _launch_config(Q: int, D: int, B: int, M: int):
     block_d = triton.next_power_of_2(max(D, 1))
     block_q = min(triton.next_power_of_2(max(Q, 1)), _MAX_BLOCK_Q, max(1, _MAX_TILE // block_d))
-    grid = (triton.cdiv(Q, block_q), B * M)
+    grid = (triton.cdiv(Q, block_q) * B * M,)
     return block_q, block_d, grid
 
 
