@@ -1,0 +1,367 @@
+// CPU kernels of multi-scale deformable attention (float32 and float64) and the op schemas.
+//
+// Forward: tasks own ranges of (b, q) and write out[b, q, :] only.
+// Backward: tasks own (b, m) pairs, hence grad_value[b, :, m, :] and the grad_loc / grad_attn slots
+// of (b, *, m, *) exclusively: no atomics, and a fixed summation order, so the result is bit-identical
+// from run to run and for any number of threads. Nothing but the inputs is saved for backward.
+// The inner loops run over D with at::vec::Vectorized (D need not be a multiple of the width).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_math.h"
+
+namespace dfine {
+namespace msda {
+
+Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                          const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                          at::IntArrayRef num_points_list, bool check_level_sizes) {
+  TORCH_CHECK(value.dim() == 4, op, ": value must have shape [B, S, M, D] (4 dims), got ", value.sizes());
+  TORCH_CHECK(at::isFloatingType(value.scalar_type()), op,
+              ": value must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+              value.scalar_type());
+  TORCH_CHECK(sampling_locations.dim() == 5 && sampling_locations.size(4) == 2, op,
+              ": sampling_locations must have shape [B, Q, M, P, 2] (5 dims), got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 4, op, ": attention_weights must have shape [B, Q, M, P] (4 dims), got ",
+              attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
+              ": spatial_shapes must have shape [L, 2] (rows of (H, W)), got ", spatial_shapes.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, op, ": spatial_shapes must be an int64 tensor, got ",
+              spatial_shapes.scalar_type());
+
+  Dims d;
+  d.B = value.size(0);
+  d.S = value.size(1);
+  d.M = value.size(2);
+  d.D = value.size(3);
+  d.Q = sampling_locations.size(1);
+  d.P = sampling_locations.size(3);
+  d.L = spatial_shapes.size(0);
+  TORCH_CHECK(sampling_locations.size(0) == d.B && sampling_locations.size(2) == d.M, op,
+              ": sampling_locations must have shape [B=", d.B, ", Q, M=", d.M, ", P, 2] to match value [B, S, M, D]=",
+              value.sizes(), ", got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.size(0) == d.B && attention_weights.size(1) == d.Q &&
+                  attention_weights.size(2) == d.M && attention_weights.size(3) == d.P,
+              op, ": attention_weights must have shape [B, Q, M, P]=[", d.B, ", ", d.Q, ", ", d.M, ", ", d.P,
+              "], got ", attention_weights.sizes());
+
+  const at::Tensor* same_dtype[2] = {&sampling_locations, &attention_weights};
+  const char* same_dtype_names[2] = {"sampling_locations", "attention_weights"};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(same_dtype[i]->scalar_type() == value.scalar_type(), op, ": ", same_dtype_names[i], " has dtype ",
+                same_dtype[i]->scalar_type(), " but value has ", value.scalar_type(), "; they must match");
+    TORCH_CHECK(same_dtype[i]->device() == value.device(), op, ": ", same_dtype_names[i], " is on ",
+                same_dtype[i]->device(), " but value is on ", value.device(), "; they must match");
+  }
+  TORCH_CHECK(spatial_shapes.device() == value.device(), op, ": spatial_shapes is on ", spatial_shapes.device(),
+              " but value is on ", value.device(), "; they must match");
+
+  TORCH_CHECK(!num_points_list.empty(), op, ": num_points_list must be a non-empty list of ints >= 1");
+  TORCH_CHECK(static_cast<int64_t>(num_points_list.size()) == d.L, op, ": num_points_list has ",
+              num_points_list.size(), " entries but spatial_shapes [L, 2] has L=", d.L, " levels; they must match");
+  int64_t total_points = 0;
+  for (int64_t p : num_points_list) {
+    TORCH_CHECK(p >= 1, op, ": every entry of num_points_list must be >= 1, got ", num_points_list);
+    total_points += p;
+  }
+  TORCH_CHECK(total_points == d.P, op, ": sum(num_points_list)=", total_points,
+              " must equal P=", d.P, ", the number of points in sampling_locations [B, Q, M, P, 2]");
+
+  if (check_level_sizes) {
+    const at::Tensor shapes = spatial_shapes.contiguous();
+    const int64_t* hw = shapes.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t l = 0; l < d.L; ++l) {
+      TORCH_CHECK(hw[2 * l] >= 1 && hw[2 * l + 1] >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got ",
+                  "(", hw[2 * l], ", ", hw[2 * l + 1], ") at level ", l);
+      TORCH_CHECK(hw[2 * l] * hw[2 * l + 1] <= (int64_t{1} << 30), op, ": level ", l, " of spatial_shapes is too large (",
+                  hw[2 * l], " x ", hw[2 * l + 1], ")");
+      total += hw[2 * l] * hw[2 * l + 1];
+    }
+    TORCH_CHECK(total == d.S, op, ": spatial_shapes sum to sum(H*W)=", total, " positions but value has S=", d.S,
+                " (value is [B, S, M, D]=", value.sizes(), ")");
+  }
+  return d;
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& value, const Dims& d) {
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == d.B && grad_output.size(1) == d.Q &&
+                  grad_output.size(2) == d.M * d.D,
+              op, ": grad_output must have shape [B, Q, M*D]=[", d.B, ", ", d.Q, ", ", d.M * d.D, "], got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), op, ": grad_output has dtype ",
+              grad_output.scalar_type(), " but value has ", value.scalar_type(), "; they must match");
+  TORCH_CHECK(grad_output.device() == value.device(), op, ": grad_output is on ", grad_output.device(),
+              " but value is on ", value.device(), "; they must match");
+}
+
+namespace {
+
+void check_cpu_dtype(const char* op, const at::Tensor& value) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64 tensors, got value of dtype ", value.scalar_type(),
+              " (use backend='reference' or cast to float32)");
+}
+
+// Start offset of every level inside S, and (H, W) as ints.
+struct LevelLayout {
+  std::vector<int> height, width;
+  std::vector<int64_t> start, points;
+};
+
+LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_points_list) {
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  LevelLayout layout;
+  int64_t start = 0;
+  for (int64_t l = 0; l < shapes.size(0); ++l) {
+    layout.height.push_back(static_cast<int>(hw[2 * l]));
+    layout.width.push_back(static_cast<int>(hw[2 * l + 1]));
+    layout.start.push_back(start);
+    layout.points.push_back(num_points_list[l]);
+    start += hw[2 * l] * hw[2 * l + 1];
+  }
+  return layout;
+}
+
+// out[0:D] += sum_k w[k] * rows[k][0:D]
+template <typename scalar_t>
+inline void accumulate_four_rows(scalar_t* out, const scalar_t* const rows[4], const scalar_t w[4], int64_t D) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) {
+    Vec acc = Vec::loadu(out + d);
+    acc = at::vec::fmadd(w0, Vec::loadu(rows[0] + d), acc);
+    acc = at::vec::fmadd(w1, Vec::loadu(rows[1] + d), acc);
+    acc = at::vec::fmadd(w2, Vec::loadu(rows[2] + d), acc);
+    acc = at::vec::fmadd(w3, Vec::loadu(rows[3] + d), acc);
+    acc.store(out + d);
+  }
+  for (; d < D; ++d) {
+    out[d] += w[0] * rows[0][d] + w[1] * rows[1][d] + w[2] * rows[2][d] + w[3] * rows[3][d];
+  }
+}
+
+template <typename scalar_t>
+inline scalar_t horizontal_sum(const at::vec::Vectorized<scalar_t>& v) {
+  scalar_t lanes[at::vec::Vectorized<scalar_t>::size()];
+  v.store(lanes);
+  scalar_t s = scalar_t(0);
+  for (int64_t i = 0; i < at::vec::Vectorized<scalar_t>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// For every corner k: dots[k] = <go, rows[k]> and grad_rows[k][0:D] += w[k] * go[0:D].
+// Invalid corners point at a zero row and a scratch row, so the loop has no branches.
+template <typename scalar_t>
+inline void backward_four_rows(const scalar_t* go, const scalar_t* const rows[4], scalar_t* const grad_rows[4],
+                               const scalar_t w[4], int64_t D, scalar_t dots[4]) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  Vec dot0(0), dot1(0), dot2(0), dot3(0);
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) {
+    const Vec g = Vec::loadu(go + d);
+    dot0 = at::vec::fmadd(g, Vec::loadu(rows[0] + d), dot0);
+    dot1 = at::vec::fmadd(g, Vec::loadu(rows[1] + d), dot1);
+    dot2 = at::vec::fmadd(g, Vec::loadu(rows[2] + d), dot2);
+    dot3 = at::vec::fmadd(g, Vec::loadu(rows[3] + d), dot3);
+    at::vec::fmadd(w0, g, Vec::loadu(grad_rows[0] + d)).store(grad_rows[0] + d);
+    at::vec::fmadd(w1, g, Vec::loadu(grad_rows[1] + d)).store(grad_rows[1] + d);
+    at::vec::fmadd(w2, g, Vec::loadu(grad_rows[2] + d)).store(grad_rows[2] + d);
+    at::vec::fmadd(w3, g, Vec::loadu(grad_rows[3] + d)).store(grad_rows[3] + d);
+  }
+  dots[0] = horizontal_sum(dot0);
+  dots[1] = horizontal_sum(dot1);
+  dots[2] = horizontal_sum(dot2);
+  dots[3] = horizontal_sum(dot3);
+  for (; d < D; ++d) {
+    const scalar_t g = go[d];
+    for (int k = 0; k < 4; ++k) {
+      dots[k] += g * rows[k][d];
+      grad_rows[k][d] += w[k] * g;
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& value, const LevelLayout& layout, const at::Tensor& loc, const at::Tensor& attn,
+                    at::Tensor& out, const Dims& dims) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = dims.B, S = dims.S, M = dims.M, D = dims.D, Q = dims.Q, P = dims.P, L = dims.L;
+  const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
+  const scalar_t* loc_ptr = loc.const_data_ptr<scalar_t>();
+  const scalar_t* attn_ptr = attn.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  // Enough (b, q) rows per task that tiny problems stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M * P * D));
+
+  at::parallel_for(0, B * Q, grain, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zero_row(D, scalar_t(0));
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / Q;
+      const scalar_t* value_b = value_ptr + b * S * M * D;
+      for (int64_t m = 0; m < M; ++m) {
+        scalar_t* out_row = out_ptr + (bq * M + m) * D;
+        const scalar_t* loc_row = loc_ptr + (bq * M + m) * P * 2;
+        const scalar_t* attn_row = attn_ptr + (bq * M + m) * P;
+        int64_t p = 0;
+        for (int64_t l = 0; l < L; ++l) {
+          const int H = layout.height[l], W = layout.width[l];
+          const scalar_t* value_level = value_b + (layout.start[l] * M + m) * D;
+          for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+            BilinearCorners<acc_t> c;
+            bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                                    /*with_grad=*/false, c);
+            if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) continue;
+            const acc_t a = static_cast<acc_t>(attn_row[p]);
+            const scalar_t* rows[4];
+            scalar_t w[4];
+            for (int k = 0; k < 4; ++k) {
+              rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row.data();
+              w[k] = static_cast<scalar_t>(a * c.weight[k]);
+            }
+            accumulate_four_rows(out_row, rows, w, D);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const LevelLayout& layout,
+                     const at::Tensor& loc, const at::Tensor& attn, at::Tensor& grad_value, at::Tensor& grad_loc,
+                     at::Tensor& grad_attn, const Dims& dims) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = dims.B, S = dims.S, M = dims.M, D = dims.D, Q = dims.Q, P = dims.P, L = dims.L;
+  const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
+  const scalar_t* loc_ptr = loc.const_data_ptr<scalar_t>();
+  const scalar_t* attn_ptr = attn.const_data_ptr<scalar_t>();
+  scalar_t* grad_value_ptr = grad_value.mutable_data_ptr<scalar_t>();
+  scalar_t* grad_loc_ptr = grad_loc.mutable_data_ptr<scalar_t>();
+  scalar_t* grad_attn_ptr = grad_attn.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zero_row(D, scalar_t(0));
+    std::vector<scalar_t> scratch_row(D, scalar_t(0));  // gradient sink of invalid corners
+    for (int64_t bm = begin; bm < end; ++bm) {
+      const int64_t b = bm / M, m = bm % M;
+      const scalar_t* value_bm = value_ptr + (b * S * M + m) * D;
+      scalar_t* grad_value_bm = grad_value_ptr + (b * S * M + m) * D;
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+        const scalar_t* go = go_ptr + row * D;
+        const scalar_t* loc_row = loc_ptr + row * P * 2;
+        const scalar_t* attn_row = attn_ptr + row * P;
+        scalar_t* grad_loc_row = grad_loc_ptr + row * P * 2;
+        scalar_t* grad_attn_row = grad_attn_ptr + row * P;
+        int64_t p = 0;
+        for (int64_t l = 0; l < L; ++l) {
+          const int H = layout.height[l], W = layout.width[l];
+          const int64_t level_offset = layout.start[l] * M * D;
+          for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+            BilinearCorners<acc_t> c;
+            bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                                    /*with_grad=*/true, c);
+            if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) {
+              grad_attn_row[p] = scalar_t(0);
+              grad_loc_row[2 * p] = scalar_t(0);
+              grad_loc_row[2 * p + 1] = scalar_t(0);
+              continue;
+            }
+            const acc_t a = static_cast<acc_t>(attn_row[p]);
+            const scalar_t* rows[4];
+            scalar_t* grad_rows[4];
+            scalar_t w[4];
+            for (int k = 0; k < 4; ++k) {
+              const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
+              rows[k] = c.valid[k] ? value_bm + offset : zero_row.data();
+              grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_row.data();
+              w[k] = static_cast<scalar_t>(a * c.weight[k]);
+            }
+            scalar_t dots[4];
+            backward_four_rows(go, rows, grad_rows, w, D, dots);
+            acc_t dots_acc[4];
+            for (int k = 0; k < 4; ++k) dots_acc[k] = c.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+            const PointGrads<acc_t> g = point_grads<acc_t>(c, dots_acc, a);
+            grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+            grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+            grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::IntArrayRef num_points_list) {
+  constexpr const char* op = "dfine::ms_deform_attn_forward";
+  const Dims dims =
+      check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
+  check_cpu_dtype(op, value);
+  at::Tensor out = at::zeros({dims.B, dims.Q, dims.M * dims.D}, value.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor loc_c = sampling_locations.contiguous();
+  const at::Tensor attn_c = attention_weights.contiguous();
+  const LevelLayout layout = level_layout(spatial_shapes, num_points_list);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    forward_kernel<scalar_t>(value_c, layout, loc_c, attn_c, out, dims);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points_list) {
+  constexpr const char* op = "dfine::ms_deform_attn_backward";
+  const Dims dims =
+      check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
+  check_grad_output(op, grad_output, value, dims);
+  check_cpu_dtype(op, value);
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
+  at::Tensor grad_loc = at::zeros(sampling_locations.sizes(), value.options());
+  at::Tensor grad_attn = at::zeros(attention_weights.sizes(), value.options());
+  if (dims.B * dims.Q * dims.M * dims.P == 0 || dims.D == 0) {
+    return {grad_value, grad_loc, grad_attn};
+  }
+  const at::Tensor go_c = grad_output.contiguous();
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor loc_c = sampling_locations.contiguous();
+  const at::Tensor attn_c = attention_weights.contiguous();
+  const LevelLayout layout = level_layout(spatial_shapes, num_points_list);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    backward_kernel<scalar_t>(go_c, value_c, layout, loc_c, attn_c, grad_value, grad_loc, grad_attn, dims);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+}  // namespace msda
+}  // namespace dfine
+
+TORCH_LIBRARY_FRAGMENT(dfine, m) {
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor sampling_locations, "
+      "Tensor attention_weights, int[] num_points_list) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor sampling_locations, Tensor attention_weights, int[] num_points_list) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dfine, CPU, m) {
+  m.impl("ms_deform_attn_forward", &dfine::msda::ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &dfine::msda::ms_deform_attn_backward_cpu);
+}
