@@ -14,7 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -161,7 +161,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const at::Tensor loc_c = sampling_locations.contiguous();
   const at::Tensor attn_c = attention_weights.contiguous();
   const int64_t total = out.numel();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     forward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
         value_c.const_data_ptr<scalar_t>(), shapes_c.const_data_ptr<int64_t>(), loc_c.const_data_ptr<scalar_t>(),
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor shapes_c = spatial_shapes.contiguous();
     const at::Tensor loc_c = sampling_locations.contiguous();
     const at::Tensor attn_c = attention_weights.contiguous();
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using grad_value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       backward_kernel<scalar_t, grad_value_t><<<num_blocks(total), kThreads, 0, stream>>>(
