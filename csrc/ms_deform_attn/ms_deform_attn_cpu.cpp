@@ -1,6 +1,6 @@
 // CPU kernels of multi-scale deformable attention (float32 and float64) and the op schemas.
 //
-// Forward: tasks own ranges of (b, q) and write out[b, q, :] only.
+// Forward: tasks own (b, m, range of q) and write out[b, q, m*D:(m+1)*D] for their q only.
 // Backward: tasks own (b, m) pairs, hence grad_value[b, :, m, :] and the grad_loc / grad_attn slots
 // of (b, *, m, *) exclusively: no atomics, and a fixed summation order, so the result is bit-identical
 // from run to run and for any number of threads. Nothing but the inputs is saved for backward.
@@ -9,7 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -104,6 +103,32 @@ void check_grad_output(const char* op, const at::Tensor& grad_output, const at::
 
 namespace {
 
+// The extension is compiled for baseline x86-64 (portable), where at::vec::Vectorized falls back to
+// plain loops that gcc turns into 128-bit SSE. The task loops are therefore compiled twice: once
+// for the baseline and once with AVX2 enabled (same source, always-inlined helpers), and the AVX2
+// copy is picked at run time when the CPU has it. Without FMA contraction (ISO C++ mode) both copies
+// round identically. About 2x faster on the D-FINE shapes.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
+#define DFINE_CPU_DISPATCH_AVX2 1
+#define DFINE_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define DFINE_CPU_DISPATCH_AVX2 0
+#endif
+#if defined(__GNUC__)
+#define DFINE_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define DFINE_ALWAYS_INLINE
+#endif
+
+bool cpu_has_avx2() {
+#if DFINE_CPU_DISPATCH_AVX2
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void check_cpu_dtype(const char* op, const at::Tensor& value) {
   TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, op,
               ": the CPU kernel supports float32 and float64 tensors, got value of dtype ", value.scalar_type(),
@@ -133,174 +158,269 @@ LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_p
 
 // out[0:D] += sum_k w[k] * rows[k][0:D]
 template <typename scalar_t>
-inline void accumulate_four_rows(scalar_t* out, const scalar_t* const rows[4], const scalar_t w[4], int64_t D) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
-  int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) {
-    Vec acc = Vec::loadu(out + d);
-    acc = at::vec::fmadd(w0, Vec::loadu(rows[0] + d), acc);
-    acc = at::vec::fmadd(w1, Vec::loadu(rows[1] + d), acc);
-    acc = at::vec::fmadd(w2, Vec::loadu(rows[2] + d), acc);
-    acc = at::vec::fmadd(w3, Vec::loadu(rows[3] + d), acc);
-    acc.store(out + d);
+DFINE_ALWAYS_INLINE inline void accumulate_four_rows(scalar_t* __restrict__ out, const scalar_t* const rows[4],
+                                                     const scalar_t w[4], int64_t D) {
+  const scalar_t* __restrict__ r0 = rows[0];
+  const scalar_t* __restrict__ r1 = rows[1];
+  const scalar_t* __restrict__ r2 = rows[2];
+  const scalar_t* __restrict__ r3 = rows[3];
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
   }
-  for (; d < D; ++d) {
-    out[d] += w[0] * rows[0][d] + w[1] * rows[1][d] + w[2] * rows[2][d] + w[3] * rows[3][d];
-  }
-}
-
-template <typename scalar_t>
-inline scalar_t horizontal_sum(const at::vec::Vectorized<scalar_t>& v) {
-  scalar_t lanes[at::vec::Vectorized<scalar_t>::size()];
-  v.store(lanes);
-  scalar_t s = scalar_t(0);
-  for (int64_t i = 0; i < at::vec::Vectorized<scalar_t>::size(); ++i) s += lanes[i];
-  return s;
 }
 
 // For every corner k: dots[k] = <go, rows[k]> and grad_rows[k][0:D] += w[k] * go[0:D].
-// Invalid corners point at a zero row and a scratch row, so the loop has no branches.
+// Invalid corners point at a zero row and their own scratch row, so the loop has no branches and
+// no two written rows alias. The dot products keep kLanes partial sums (a fixed order, so results
+// are reproducible) that gcc maps onto SIMD registers.
 template <typename scalar_t>
-inline void backward_four_rows(const scalar_t* go, const scalar_t* const rows[4], scalar_t* const grad_rows[4],
-                               const scalar_t w[4], int64_t D, scalar_t dots[4]) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
-  Vec dot0(0), dot1(0), dot2(0), dot3(0);
+DFINE_ALWAYS_INLINE inline void backward_four_rows(const scalar_t* __restrict__ go, const scalar_t* const rows[4],
+                                                   scalar_t* const grad_rows[4], const scalar_t w[4], int64_t D,
+                                                   scalar_t dots[4]) {
+  constexpr int64_t kLanes = 32 / sizeof(scalar_t);
+  const scalar_t* __restrict__ r0 = rows[0];
+  const scalar_t* __restrict__ r1 = rows[1];
+  const scalar_t* __restrict__ r2 = rows[2];
+  const scalar_t* __restrict__ r3 = rows[3];
+  scalar_t* __restrict__ g0 = grad_rows[0];
+  scalar_t* __restrict__ g1 = grad_rows[1];
+  scalar_t* __restrict__ g2 = grad_rows[2];
+  scalar_t* __restrict__ g3 = grad_rows[3];
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  scalar_t s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {}, s3[kLanes] = {};
   int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) {
-    const Vec g = Vec::loadu(go + d);
-    dot0 = at::vec::fmadd(g, Vec::loadu(rows[0] + d), dot0);
-    dot1 = at::vec::fmadd(g, Vec::loadu(rows[1] + d), dot1);
-    dot2 = at::vec::fmadd(g, Vec::loadu(rows[2] + d), dot2);
-    dot3 = at::vec::fmadd(g, Vec::loadu(rows[3] + d), dot3);
-    at::vec::fmadd(w0, g, Vec::loadu(grad_rows[0] + d)).store(grad_rows[0] + d);
-    at::vec::fmadd(w1, g, Vec::loadu(grad_rows[1] + d)).store(grad_rows[1] + d);
-    at::vec::fmadd(w2, g, Vec::loadu(grad_rows[2] + d)).store(grad_rows[2] + d);
-    at::vec::fmadd(w3, g, Vec::loadu(grad_rows[3] + d)).store(grad_rows[3] + d);
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const scalar_t g = go[d + i];
+      s0[i] += g * r0[d + i];
+      s1[i] += g * r1[d + i];
+      s2[i] += g * r2[d + i];
+      s3[i] += g * r3[d + i];
+      g0[d + i] += w0 * g;
+      g1[d + i] += w1 * g;
+      g2[d + i] += w2 * g;
+      g3[d + i] += w3 * g;
+    }
   }
-  dots[0] = horizontal_sum(dot0);
-  dots[1] = horizontal_sum(dot1);
-  dots[2] = horizontal_sum(dot2);
-  dots[3] = horizontal_sum(dot3);
-  for (; d < D; ++d) {
+  for (int64_t i = 0; d < D; ++d, ++i) {  // tail: D not a multiple of kLanes
     const scalar_t g = go[d];
-    for (int k = 0; k < 4; ++k) {
-      dots[k] += g * rows[k][d];
-      grad_rows[k][d] += w[k] * g;
+    s0[i] += g * r0[d];
+    s1[i] += g * r1[d];
+    s2[i] += g * r2[d];
+    s3[i] += g * r3[d];
+    g0[d] += w0 * g;
+    g1[d] += w1 * g;
+    g2[d] += w2 * g;
+    g3[d] += w3 * g;
+  }
+  scalar_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (int64_t i = 0; i < kLanes; ++i) {
+    t0 += s0[i];
+    t1 += s1[i];
+    t2 += s2[i];
+    t3 += s3[i];
+  }
+  dots[0] = t0;
+  dots[1] = t1;
+  dots[2] = t2;
+  dots[3] = t3;
+}
+
+// Pointers and sizes of one forward call.
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* value;
+  const scalar_t* loc;
+  const scalar_t* attn;
+  scalar_t* out;
+  const LevelLayout* layout;
+  Dims dims;
+  int64_t q_chunk, chunks_per_bm;
+};
+
+// Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
+// value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
+// by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P, L = args.dims.L;
+  const LevelLayout& layout = *args.layout;
+  const std::vector<scalar_t> zero_row(D, scalar_t(0));
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bm = task / args.chunks_per_bm;
+    const int64_t b = bm / M, m = bm % M;
+    const int64_t q_begin = (task % args.chunks_per_bm) * args.q_chunk;
+    const int64_t q_end = std::min(Q, q_begin + args.q_chunk);
+    const scalar_t* value_bm = args.value + (b * S * M + m) * D;
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+      scalar_t* out_row = args.out + row * D;
+      const scalar_t* loc_row = args.loc + row * P * 2;
+      const scalar_t* attn_row = args.attn + row * P;
+      int64_t p = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        const int H = layout.height[l], W = layout.width[l];
+        const scalar_t* value_level = value_bm + layout.start[l] * M * D;
+        for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+          BilinearCorners<acc_t> c;
+          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                                  /*with_grad=*/false, c);
+          if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) continue;
+          const acc_t a = static_cast<acc_t>(attn_row[p]);
+          const scalar_t* rows[4];
+          scalar_t w[4];
+          for (int k = 0; k < 4; ++k) {
+            rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row.data();
+            w[k] = static_cast<scalar_t>(a * c.weight[k]);
+          }
+          accumulate_four_rows(out_row, rows, w, D);
+        }
+      }
     }
   }
 }
+
+template <typename scalar_t>
+void forward_tasks_default(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  forward_tasks(args, begin, end);
+}
+
+#if DFINE_CPU_DISPATCH_AVX2
+template <typename scalar_t>
+DFINE_TARGET_AVX2 void forward_tasks_avx2(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  forward_tasks(args, begin, end);
+}
+#endif
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& value, const LevelLayout& layout, const at::Tensor& loc, const at::Tensor& attn,
                     at::Tensor& out, const Dims& dims) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = dims.B, S = dims.S, M = dims.M, D = dims.D, Q = dims.Q, P = dims.P, L = dims.L;
-  const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
-  const scalar_t* loc_ptr = loc.const_data_ptr<scalar_t>();
-  const scalar_t* attn_ptr = attn.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  // Enough (b, q) rows per task that tiny problems stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M * P * D));
+  ForwardArgs<scalar_t> args;
+  args.value = value.const_data_ptr<scalar_t>();
+  args.loc = loc.const_data_ptr<scalar_t>();
+  args.attn = attn.const_data_ptr<scalar_t>();
+  args.out = out.mutable_data_ptr<scalar_t>();
+  args.layout = &layout;
+  args.dims = dims;
+  args.q_chunk = std::max<int64_t>(1, std::min<int64_t>(dims.Q, 16384 / std::max<int64_t>(1, dims.P * dims.D)));
+  args.chunks_per_bm = (dims.Q + args.q_chunk - 1) / args.q_chunk;
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, dims.B * dims.M * args.chunks_per_bm, 1, [&](int64_t begin, int64_t end) {
+#if DFINE_CPU_DISPATCH_AVX2
+    if (avx2) return forward_tasks_avx2(args, begin, end);
+#endif
+    (void)avx2;
+    forward_tasks_default(args, begin, end);
+  });
+}
 
-  at::parallel_for(0, B * Q, grain, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zero_row(D, scalar_t(0));
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / Q;
-      const scalar_t* value_b = value_ptr + b * S * M * D;
-      for (int64_t m = 0; m < M; ++m) {
-        scalar_t* out_row = out_ptr + (bq * M + m) * D;
-        const scalar_t* loc_row = loc_ptr + (bq * M + m) * P * 2;
-        const scalar_t* attn_row = attn_ptr + (bq * M + m) * P;
-        int64_t p = 0;
-        for (int64_t l = 0; l < L; ++l) {
-          const int H = layout.height[l], W = layout.width[l];
-          const scalar_t* value_level = value_b + (layout.start[l] * M + m) * D;
-          for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
-            BilinearCorners<acc_t> c;
-            bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                                    /*with_grad=*/false, c);
-            if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) continue;
-            const acc_t a = static_cast<acc_t>(attn_row[p]);
-            const scalar_t* rows[4];
-            scalar_t w[4];
-            for (int k = 0; k < 4; ++k) {
-              rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row.data();
-              w[k] = static_cast<scalar_t>(a * c.weight[k]);
-            }
-            accumulate_four_rows(out_row, rows, w, D);
+// Pointers and sizes of one backward call.
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* value;
+  const scalar_t* loc;
+  const scalar_t* attn;
+  scalar_t* grad_value;
+  scalar_t* grad_loc;
+  scalar_t* grad_attn;
+  const LevelLayout* layout;
+  Dims dims;
+};
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P, L = args.dims.L;
+  const LevelLayout& layout = *args.layout;
+  const std::vector<scalar_t> zero_row(D, scalar_t(0));
+  std::vector<scalar_t> scratch_rows(4 * D, scalar_t(0));  // gradient sinks of invalid corners
+  for (int64_t bm = begin; bm < end; ++bm) {
+    const int64_t b = bm / M, m = bm % M;
+    const scalar_t* value_bm = args.value + (b * S * M + m) * D;
+    scalar_t* grad_value_bm = args.grad_value + (b * S * M + m) * D;
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+      const scalar_t* go = args.grad_out + row * D;
+      const scalar_t* loc_row = args.loc + row * P * 2;
+      const scalar_t* attn_row = args.attn + row * P;
+      scalar_t* grad_loc_row = args.grad_loc + row * P * 2;
+      scalar_t* grad_attn_row = args.grad_attn + row * P;
+      int64_t p = 0;
+      for (int64_t l = 0; l < L; ++l) {
+        const int H = layout.height[l], W = layout.width[l];
+        const int64_t level_offset = layout.start[l] * M * D;
+        for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+          BilinearCorners<acc_t> c;
+          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                                  /*with_grad=*/true, c);
+          if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) {
+            grad_attn_row[p] = scalar_t(0);
+            grad_loc_row[2 * p] = scalar_t(0);
+            grad_loc_row[2 * p + 1] = scalar_t(0);
+            continue;
           }
+          const acc_t a = static_cast<acc_t>(attn_row[p]);
+          const scalar_t* rows[4];
+          scalar_t* grad_rows[4];
+          scalar_t w[4];
+          for (int k = 0; k < 4; ++k) {
+            const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
+            rows[k] = c.valid[k] ? value_bm + offset : zero_row.data();
+            grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_rows.data() + k * D;
+            w[k] = static_cast<scalar_t>(a * c.weight[k]);
+          }
+          scalar_t dots[4];
+          backward_four_rows(go, rows, grad_rows, w, D, dots);
+          acc_t dots_acc[4];
+          for (int k = 0; k < 4; ++k) dots_acc[k] = c.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+          const PointGrads<acc_t> g = point_grads<acc_t>(c, dots_acc, a);
+          grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+          grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+          grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
         }
       }
     }
-  });
+  }
 }
+
+template <typename scalar_t>
+void backward_tasks_default(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  backward_tasks(args, begin, end);
+}
+
+#if DFINE_CPU_DISPATCH_AVX2
+template <typename scalar_t>
+DFINE_TARGET_AVX2 void backward_tasks_avx2(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  backward_tasks(args, begin, end);
+}
+#endif
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const LevelLayout& layout,
                      const at::Tensor& loc, const at::Tensor& attn, at::Tensor& grad_value, at::Tensor& grad_loc,
                      at::Tensor& grad_attn, const Dims& dims) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = dims.B, S = dims.S, M = dims.M, D = dims.D, Q = dims.Q, P = dims.P, L = dims.L;
-  const scalar_t* go_ptr = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
-  const scalar_t* loc_ptr = loc.const_data_ptr<scalar_t>();
-  const scalar_t* attn_ptr = attn.const_data_ptr<scalar_t>();
-  scalar_t* grad_value_ptr = grad_value.mutable_data_ptr<scalar_t>();
-  scalar_t* grad_loc_ptr = grad_loc.mutable_data_ptr<scalar_t>();
-  scalar_t* grad_attn_ptr = grad_attn.mutable_data_ptr<scalar_t>();
-
-  at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zero_row(D, scalar_t(0));
-    std::vector<scalar_t> scratch_row(D, scalar_t(0));  // gradient sink of invalid corners
-    for (int64_t bm = begin; bm < end; ++bm) {
-      const int64_t b = bm / M, m = bm % M;
-      const scalar_t* value_bm = value_ptr + (b * S * M + m) * D;
-      scalar_t* grad_value_bm = grad_value_ptr + (b * S * M + m) * D;
-      for (int64_t q = 0; q < Q; ++q) {
-        const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
-        const scalar_t* go = go_ptr + row * D;
-        const scalar_t* loc_row = loc_ptr + row * P * 2;
-        const scalar_t* attn_row = attn_ptr + row * P;
-        scalar_t* grad_loc_row = grad_loc_ptr + row * P * 2;
-        scalar_t* grad_attn_row = grad_attn_ptr + row * P;
-        int64_t p = 0;
-        for (int64_t l = 0; l < L; ++l) {
-          const int H = layout.height[l], W = layout.width[l];
-          const int64_t level_offset = layout.start[l] * M * D;
-          for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
-            BilinearCorners<acc_t> c;
-            bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                                    /*with_grad=*/true, c);
-            if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) {
-              grad_attn_row[p] = scalar_t(0);
-              grad_loc_row[2 * p] = scalar_t(0);
-              grad_loc_row[2 * p + 1] = scalar_t(0);
-              continue;
-            }
-            const acc_t a = static_cast<acc_t>(attn_row[p]);
-            const scalar_t* rows[4];
-            scalar_t* grad_rows[4];
-            scalar_t w[4];
-            for (int k = 0; k < 4; ++k) {
-              const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
-              rows[k] = c.valid[k] ? value_bm + offset : zero_row.data();
-              grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_row.data();
-              w[k] = static_cast<scalar_t>(a * c.weight[k]);
-            }
-            scalar_t dots[4];
-            backward_four_rows(go, rows, grad_rows, w, D, dots);
-            acc_t dots_acc[4];
-            for (int k = 0; k < 4; ++k) dots_acc[k] = c.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
-            const PointGrads<acc_t> g = point_grads<acc_t>(c, dots_acc, a);
-            grad_attn_row[p] = static_cast<scalar_t>(g.attn);
-            grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
-            grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
-          }
-        }
-      }
-    }
+  BackwardArgs<scalar_t> args;
+  args.grad_out = grad_out.const_data_ptr<scalar_t>();
+  args.value = value.const_data_ptr<scalar_t>();
+  args.loc = loc.const_data_ptr<scalar_t>();
+  args.attn = attn.const_data_ptr<scalar_t>();
+  args.grad_value = grad_value.mutable_data_ptr<scalar_t>();
+  args.grad_loc = grad_loc.mutable_data_ptr<scalar_t>();
+  args.grad_attn = grad_attn.mutable_data_ptr<scalar_t>();
+  args.layout = &layout;
+  args.dims = dims;
+  const bool avx2 = cpu_has_avx2();
+  // Each (b, m) task does Q * P samples of D; small problems stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dims.Q * dims.P * dims.D));
+  at::parallel_for(0, dims.B * dims.M, grain, [&](int64_t begin, int64_t end) {
+#if DFINE_CPU_DISPATCH_AVX2
+    if (avx2) return backward_tasks_avx2(args, begin, end);
+#endif
+    (void)avx2;
+    backward_tasks_default(args, begin, end);
   });
 }
 

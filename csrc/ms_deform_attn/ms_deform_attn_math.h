@@ -37,8 +37,13 @@ struct BilinearCorners {
   acc_t dweight_dloc_y[4];  // d weight / d loc_y, loc_y normalised (includes the factor H)
 };
 
-DFINE_HOST_DEVICE inline float floor_value(float v) { return ::floorf(v); }
-DFINE_HOST_DEVICE inline double floor_value(double v) { return ::floor(v); }
+// floor(v) as an int for |v| < 2^31 (callers guarantee -1 < v < size): truncate, then step down
+// for negative non-integers. Exact, and cheaper on baseline x86-64 than a libm floorf call.
+template <typename acc_t>
+DFINE_HOST_DEVICE inline int floor_to_int(acc_t v) {
+  const int t = static_cast<int>(v);
+  return t - (static_cast<acc_t>(t) > v ? 1 : 0);
+}
 
 // Corners, weights and (when with_grad) weight derivatives of one sampling location on an
 // H x W level. Far-away and NaN locations are rejected before any float -> int conversion.
@@ -56,14 +61,14 @@ DFINE_UNROLL
   const acc_t x = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
   const acc_t y = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
   // x <= -1 or x >= W leaves no corner inside the map. NaN fails every comparison and lands here
-  // too, and |x| is bounded by W + 1 afterwards, so the int conversion below cannot overflow.
+  // too, and |x| is bounded by W + 1 afterwards, so the int conversion in floor_to_int cannot overflow.
   if (!(x > acc_t(-1) && x < static_cast<acc_t>(W) && y > acc_t(-1) && y < static_cast<acc_t>(H))) {
     return;
   }
-  const acc_t x_floor = floor_value(x);
-  const acc_t y_floor = floor_value(y);
-  const int x0 = static_cast<int>(x_floor);
-  const int y0 = static_cast<int>(y_floor);
+  const int x0 = floor_to_int(x);
+  const int y0 = floor_to_int(y);
+  const acc_t x_floor = static_cast<acc_t>(x0);
+  const acc_t y_floor = static_cast<acc_t>(y0);
   const acc_t fx = x - x_floor;  // distance to the left column, in [0, 1)
   const acc_t fy = y - y_floor;
   const acc_t gx = acc_t(1) - fx;
