@@ -23,11 +23,15 @@ must report 8 MiB extra.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 

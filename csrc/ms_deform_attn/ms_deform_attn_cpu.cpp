@@ -157,69 +157,106 @@ LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_p
 }
 
 // out[0:D] += sum_k w[k] * rows[k][0:D]
+// 32-byte SIMD vectors via the GCC/Clang vector extension: one AVX2 register in the AVX2 clone, two
+// SSE registers in the baseline one. (at::vec::Vectorized needs torch's per-CPU-capability build to
+// get real intrinsics; in an extension built for baseline x86-64 it is a plain array, and its
+// code in the AVX2 clone measured 1.5x slower than these loops.)
 template <typename scalar_t>
-DFINE_ALWAYS_INLINE inline void accumulate_four_rows(scalar_t* __restrict__ out, const scalar_t* const rows[4],
-                                                     const scalar_t w[4], int64_t D) {
-  const scalar_t* __restrict__ r0 = rows[0];
-  const scalar_t* __restrict__ r1 = rows[1];
-  const scalar_t* __restrict__ r2 = rows[2];
-  const scalar_t* __restrict__ r3 = rows[3];
+struct SimdType;
+template <>
+struct SimdType<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct SimdType<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename scalar_t>
+using Simd = typename SimdType<scalar_t>::type;
+
+template <typename scalar_t>
+constexpr int64_t simd_width() {
+  return static_cast<int64_t>(32 / sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline Simd<scalar_t> simd_load(const scalar_t* p) {
+  Simd<scalar_t> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void simd_store(scalar_t* p, const Simd<scalar_t>& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline scalar_t simd_sum(const Simd<scalar_t>& v) {
+  scalar_t s = scalar_t(0);
+  for (int64_t i = 0; i < simd_width<scalar_t>(); ++i) s += v[i];
+  return s;
+}
+
+// out[0:D] += sum_k w[k] * rows[k][0:D]
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void accumulate_four_rows(scalar_t* out, const scalar_t* const rows[4], const scalar_t w[4],
+                                                     int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) {
+    Simd<scalar_t> acc = simd_load(out + d);
+    acc += w0 * simd_load(rows[0] + d);
+    acc += w1 * simd_load(rows[1] + d);
+    acc += w2 * simd_load(rows[2] + d);
+    acc += w3 * simd_load(rows[3] + d);
+    simd_store(out + d, acc);
+  }
+  for (; d < D; ++d) {
+    scalar_t acc = out[d];
+    acc += w0 * rows[0][d];
+    acc += w1 * rows[1][d];
+    acc += w2 * rows[2][d];
+    acc += w3 * rows[3][d];
+    out[d] = acc;
   }
 }
 
 // For every corner k: dots[k] = <go, rows[k]> and grad_rows[k][0:D] += w[k] * go[0:D].
 // Invalid corners point at a zero row and their own scratch row, so the loop has no branches and
-// no two written rows alias. The dot products keep kLanes partial sums (a fixed order, so results
-// are reproducible) that gcc maps onto SIMD registers.
+// no two written rows alias. Dot products keep one partial sum per SIMD lane, added up in a fixed
+// order, so results are reproducible.
 template <typename scalar_t>
-DFINE_ALWAYS_INLINE inline void backward_four_rows(const scalar_t* __restrict__ go, const scalar_t* const rows[4],
+DFINE_ALWAYS_INLINE inline void backward_four_rows(const scalar_t* go, const scalar_t* const rows[4],
                                                    scalar_t* const grad_rows[4], const scalar_t w[4], int64_t D,
                                                    scalar_t dots[4]) {
-  constexpr int64_t kLanes = 32 / sizeof(scalar_t);
-  const scalar_t* __restrict__ r0 = rows[0];
-  const scalar_t* __restrict__ r1 = rows[1];
-  const scalar_t* __restrict__ r2 = rows[2];
-  const scalar_t* __restrict__ r3 = rows[3];
-  scalar_t* __restrict__ g0 = grad_rows[0];
-  scalar_t* __restrict__ g1 = grad_rows[1];
-  scalar_t* __restrict__ g2 = grad_rows[2];
-  scalar_t* __restrict__ g3 = grad_rows[3];
+  constexpr int64_t kWidth = simd_width<scalar_t>();
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-  scalar_t s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {}, s3[kLanes] = {};
+  Simd<scalar_t> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    for (int64_t i = 0; i < kLanes; ++i) {
-      const scalar_t g = go[d + i];
-      s0[i] += g * r0[d + i];
-      s1[i] += g * r1[d + i];
-      s2[i] += g * r2[d + i];
-      s3[i] += g * r3[d + i];
-      g0[d + i] += w0 * g;
-      g1[d + i] += w1 * g;
-      g2[d + i] += w2 * g;
-      g3[d + i] += w3 * g;
-    }
+  for (; d + kWidth <= D; d += kWidth) {
+    const Simd<scalar_t> g = simd_load(go + d);
+    s0 += g * simd_load(rows[0] + d);
+    s1 += g * simd_load(rows[1] + d);
+    s2 += g * simd_load(rows[2] + d);
+    s3 += g * simd_load(rows[3] + d);
+    simd_store(grad_rows[0] + d, simd_load(grad_rows[0] + d) + w0 * g);
+    simd_store(grad_rows[1] + d, simd_load(grad_rows[1] + d) + w1 * g);
+    simd_store(grad_rows[2] + d, simd_load(grad_rows[2] + d) + w2 * g);
+    simd_store(grad_rows[3] + d, simd_load(grad_rows[3] + d) + w3 * g);
   }
-  for (int64_t i = 0; d < D; ++d, ++i) {  // tail: D not a multiple of kLanes
+  scalar_t t0 = simd_sum<scalar_t>(s0), t1 = simd_sum<scalar_t>(s1), t2 = simd_sum<scalar_t>(s2), t3 = simd_sum<scalar_t>(s3);
+  for (; d < D; ++d) {  // tail: D not a multiple of the SIMD width
     const scalar_t g = go[d];
-    s0[i] += g * r0[d];
-    s1[i] += g * r1[d];
-    s2[i] += g * r2[d];
-    s3[i] += g * r3[d];
-    g0[d] += w0 * g;
-    g1[d] += w1 * g;
-    g2[d] += w2 * g;
-    g3[d] += w3 * g;
-  }
-  scalar_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-  for (int64_t i = 0; i < kLanes; ++i) {
-    t0 += s0[i];
-    t1 += s1[i];
-    t2 += s2[i];
-    t3 += s3[i];
+    t0 += g * rows[0][d];
+    t1 += g * rows[1][d];
+    t2 += g * rows[2][d];
+    t3 += g * rows[3][d];
+    grad_rows[0][d] += w0 * g;
+    grad_rows[1][d] += w1 * g;
+    grad_rows[2][d] += w2 * g;
+    grad_rows[3][d] += w3 * g;
   }
   dots[0] = t0;
   dots[1] = t1;
@@ -242,41 +279,79 @@ struct ForwardArgs {
 // Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
 // value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
 // by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
+// The rows and weights of one sampling point, computed one query ahead of their use so that the
+// prefetches issued for the rows overlap with the work on the current query (the gathers are the
+// bottleneck: each point touches 4 rows scattered over value[b, :, m, :]).
+template <typename scalar_t>
+struct PointPlan {
+  const scalar_t* rows[4];
+  scalar_t weight[4];
+  bool any_valid;
+};
+
+DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
+// Plans the P points of query row (b, q, m): corners, attention-scaled weights, prefetches.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>& args, int64_t row,
+                                                    const scalar_t* value_bm, const scalar_t* zero_row,
+                                                    PointPlan<scalar_t>* plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P, L = args.dims.L;
+  const LevelLayout& layout = *args.layout;
+  const scalar_t* loc_row = args.loc + row * P * 2;
+  const scalar_t* attn_row = args.attn + row * P;
+  int64_t p = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int H = layout.height[l], W = layout.width[l];
+    const scalar_t* value_level = value_bm + layout.start[l] * M * D;
+    for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+      BilinearCorners<acc_t> c;
+      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                              /*with_grad=*/false, c);
+      const acc_t a = static_cast<acc_t>(attn_row[p]);
+      PointPlan<scalar_t>& pp = plan[p];
+      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
+      for (int k = 0; k < 4; ++k) {
+        pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
+        pp.weight[k] = static_cast<scalar_t>(a * c.weight[k]);
+        if (c.valid[k]) prefetch_row(pp.rows[k], D * static_cast<int64_t>(sizeof(scalar_t)));
+      }
+    }
+  }
+}
+
+// Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
+// value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
+// by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P, L = args.dims.L;
-  const LevelLayout& layout = *args.layout;
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
+  std::vector<PointPlan<scalar_t>> plans(2 * P);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bm = task / args.chunks_per_bm;
     const int64_t b = bm / M, m = bm % M;
     const int64_t q_begin = (task % args.chunks_per_bm) * args.q_chunk;
     const int64_t q_end = std::min(Q, q_begin + args.q_chunk);
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
+    plan_forward_points(args, (b * Q + q_begin) * M + m, value_bm, zero_row.data(), plans.data());
     for (int64_t q = q_begin; q < q_end; ++q) {
       const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+      const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) & 1) * P;
+      if (q + 1 < q_end) {
+        plan_forward_points(args, row + M, value_bm, zero_row.data(), plans.data() + ((q + 1 - q_begin) & 1) * P);
+      }
       scalar_t* out_row = args.out + row * D;
-      const scalar_t* loc_row = args.loc + row * P * 2;
-      const scalar_t* attn_row = args.attn + row * P;
-      int64_t p = 0;
-      for (int64_t l = 0; l < L; ++l) {
-        const int H = layout.height[l], W = layout.width[l];
-        const scalar_t* value_level = value_bm + layout.start[l] * M * D;
-        for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
-          BilinearCorners<acc_t> c;
-          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                                  /*with_grad=*/false, c);
-          if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) continue;
-          const acc_t a = static_cast<acc_t>(attn_row[p]);
-          const scalar_t* rows[4];
-          scalar_t w[4];
-          for (int k = 0; k < 4; ++k) {
-            rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row.data();
-            w[k] = static_cast<scalar_t>(a * c.weight[k]);
-          }
-          accumulate_four_rows(out_row, rows, w, D);
-        }
+      for (int64_t p = 0; p < P; ++p) {
+        if (current[p].any_valid) accumulate_four_rows(out_row, current[p].rows, current[p].weight, D);
       }
     }
   }
@@ -331,56 +406,93 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t>
+struct BackwardPointPlan {
+  BilinearCorners<at::opmath_type<scalar_t>> corners;
+  at::opmath_type<scalar_t> attn;
+  const scalar_t* rows[4];
+  scalar_t* grad_rows[4];
+  scalar_t weight[4];
+  bool any_valid;
+};
+
+// Plans the P points of query row (b, q, m) for backward and prefetches their value and grad rows.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t>& args, int64_t row,
+                                                     const scalar_t* value_bm, scalar_t* grad_value_bm,
+                                                     const scalar_t* zero_row, scalar_t* scratch_rows,
+                                                     BackwardPointPlan<scalar_t>* plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P, L = args.dims.L;
+  const LevelLayout& layout = *args.layout;
+  const scalar_t* loc_row = args.loc + row * P * 2;
+  const scalar_t* attn_row = args.attn + row * P;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t p = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int H = layout.height[l], W = layout.width[l];
+    const int64_t level_offset = layout.start[l] * M * D;
+    for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+      BackwardPointPlan<scalar_t>& pp = plan[p];
+      BilinearCorners<acc_t>& c = pp.corners;
+      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                              /*with_grad=*/true, c);
+      pp.attn = static_cast<acc_t>(attn_row[p]);
+      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
+        pp.rows[k] = c.valid[k] ? value_bm + offset : zero_row;
+        pp.grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_rows + k * D;
+        pp.weight[k] = static_cast<scalar_t>(pp.attn * c.weight[k]);
+        if (c.valid[k]) {
+          prefetch_row(pp.rows[k], row_bytes);
+          prefetch_row(pp.grad_rows[k], row_bytes);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P, L = args.dims.L;
-  const LevelLayout& layout = *args.layout;
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
   std::vector<scalar_t> scratch_rows(4 * D, scalar_t(0));  // gradient sinks of invalid corners
+  std::vector<BackwardPointPlan<scalar_t>> plans(2 * P);
   for (int64_t bm = begin; bm < end; ++bm) {
     const int64_t b = bm / M, m = bm % M;
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
     scalar_t* grad_value_bm = args.grad_value + (b * S * M + m) * D;
+    if (Q > 0) {
+      plan_backward_points(args, b * Q * M + m, value_bm, grad_value_bm, zero_row.data(), scratch_rows.data(),
+                           plans.data());
+    }
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+      const BackwardPointPlan<scalar_t>* current = plans.data() + (q & 1) * P;
+      if (q + 1 < Q) {
+        plan_backward_points(args, row + M, value_bm, grad_value_bm, zero_row.data(), scratch_rows.data(),
+                             plans.data() + ((q + 1) & 1) * P);
+      }
       const scalar_t* go = args.grad_out + row * D;
-      const scalar_t* loc_row = args.loc + row * P * 2;
-      const scalar_t* attn_row = args.attn + row * P;
       scalar_t* grad_loc_row = args.grad_loc + row * P * 2;
       scalar_t* grad_attn_row = args.grad_attn + row * P;
-      int64_t p = 0;
-      for (int64_t l = 0; l < L; ++l) {
-        const int H = layout.height[l], W = layout.width[l];
-        const int64_t level_offset = layout.start[l] * M * D;
-        for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
-          BilinearCorners<acc_t> c;
-          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                                  /*with_grad=*/true, c);
-          if (!(c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3])) {
-            grad_attn_row[p] = scalar_t(0);
-            grad_loc_row[2 * p] = scalar_t(0);
-            grad_loc_row[2 * p + 1] = scalar_t(0);
-            continue;
-          }
-          const acc_t a = static_cast<acc_t>(attn_row[p]);
-          const scalar_t* rows[4];
-          scalar_t* grad_rows[4];
-          scalar_t w[4];
-          for (int k = 0; k < 4; ++k) {
-            const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
-            rows[k] = c.valid[k] ? value_bm + offset : zero_row.data();
-            grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_rows.data() + k * D;
-            w[k] = static_cast<scalar_t>(a * c.weight[k]);
-          }
-          scalar_t dots[4];
-          backward_four_rows(go, rows, grad_rows, w, D, dots);
-          acc_t dots_acc[4];
-          for (int k = 0; k < 4; ++k) dots_acc[k] = c.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
-          const PointGrads<acc_t> g = point_grads<acc_t>(c, dots_acc, a);
-          grad_attn_row[p] = static_cast<scalar_t>(g.attn);
-          grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
-          grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
+      for (int64_t p = 0; p < P; ++p) {
+        const BackwardPointPlan<scalar_t>& pp = current[p];
+        if (!pp.any_valid) {
+          grad_attn_row[p] = scalar_t(0);
+          grad_loc_row[2 * p] = scalar_t(0);
+          grad_loc_row[2 * p + 1] = scalar_t(0);
+          continue;
         }
+        scalar_t dots[4];
+        backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
+        acc_t dots_acc[4];
+        for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+        const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, dots_acc, pp.attn);
+        grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+        grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+        grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
       }
     }
   }

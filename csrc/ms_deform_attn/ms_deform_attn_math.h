@@ -13,9 +13,16 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DFINE_HOST_DEVICE __host__ __device__
 #define DFINE_UNROLL _Pragma("unroll")
+#define DFINE_FORCE_INLINE __forceinline__
 #else
 #define DFINE_HOST_DEVICE
 #define DFINE_UNROLL
+#if defined(__GNUC__)
+// Inlined even into the CPU kernel's AVX2 clone (see ms_deform_attn_cpu.cpp).
+#define DFINE_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define DFINE_FORCE_INLINE inline
+#endif
 #endif
 
 namespace dfine {
@@ -40,7 +47,7 @@ struct BilinearCorners {
 // floor(v) as an int for |v| < 2^31 (callers guarantee -1 < v < size): truncate, then step down
 // for negative non-integers. Exact, and cheaper on baseline x86-64 than a libm floorf call.
 template <typename acc_t>
-DFINE_HOST_DEVICE inline int floor_to_int(acc_t v) {
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE int floor_to_int(acc_t v) {
   const int t = static_cast<int>(v);
   return t - (static_cast<acc_t>(t) > v ? 1 : 0);
 }
@@ -48,7 +55,7 @@ DFINE_HOST_DEVICE inline int floor_to_int(acc_t v) {
 // Corners, weights and (when with_grad) weight derivatives of one sampling location on an
 // H x W level. Far-away and NaN locations are rejected before any float -> int conversion.
 template <typename acc_t>
-DFINE_HOST_DEVICE inline void bilinear_corners(acc_t loc_x, acc_t loc_y, int H, int W, bool with_grad,
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE void bilinear_corners(acc_t loc_x, acc_t loc_y, int H, int W, bool with_grad,
                                                BilinearCorners<acc_t>& c) {
 DFINE_UNROLL
   for (int k = 0; k < 4; ++k) {
@@ -109,7 +116,7 @@ struct PointGrads {
 };
 
 template <typename acc_t>
-DFINE_HOST_DEVICE inline PointGrads<acc_t> point_grads(const BilinearCorners<acc_t>& c, const acc_t dots[4],
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE PointGrads<acc_t> point_grads(const BilinearCorners<acc_t>& c, const acc_t dots[4],
                                                        acc_t attn) {
   acc_t sampled = acc_t(0);
   acc_t d_x = acc_t(0);
