@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -138,7 +139,7 @@ void check_cpu_dtype(const char* op, const at::Tensor& value) {
 // Start offset of every level inside S, and (H, W) as ints.
 struct LevelLayout {
   std::vector<int> height, width;
-  std::vector<int64_t> start, points;
+  std::vector<int64_t> start, points, first_point;
 };
 
 LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_points_list) {
@@ -150,6 +151,7 @@ LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_p
     layout.height.push_back(static_cast<int>(hw[2 * l]));
     layout.width.push_back(static_cast<int>(hw[2 * l + 1]));
     layout.start.push_back(start);
+    layout.first_point.push_back(layout.first_point.empty() ? 0 : layout.first_point.back() + layout.points.back());
     layout.points.push_back(num_points_list[l]);
     start += hw[2 * l] * hw[2 * l + 1];
   }
@@ -276,9 +278,6 @@ struct ForwardArgs {
   int64_t q_chunk, chunks_per_bm;
 };
 
-// Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
-// value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
-// by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
 // The rows and weights of one sampling point, computed one query ahead of their use so that the
 // prefetches issued for the rows overlap with the work on the current query (the gathers are the
 // bottleneck: each point touches 4 rows scattered over value[b, :, m, :]).
@@ -298,26 +297,26 @@ DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
 #endif
 }
 
-// Plans the P points of query row (b, q, m): corners, attention-scaled weights, prefetches.
+// Plans the points on level l of query row (b, q, m): corners, attention-scaled weights, prefetches.
 template <typename scalar_t>
-DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>& args, int64_t row,
+DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>& args, int64_t row, int64_t l,
                                                     const scalar_t* value_bm, const scalar_t* zero_row,
                                                     PointPlan<scalar_t>* plan) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P, L = args.dims.L;
+  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P;
   const LevelLayout& layout = *args.layout;
   const scalar_t* loc_row = args.loc + row * P * 2;
   const scalar_t* attn_row = args.attn + row * P;
-  int64_t p = 0;
-  for (int64_t l = 0; l < L; ++l) {
+  {
     const int H = layout.height[l], W = layout.width[l];
     const scalar_t* value_level = value_bm + layout.start[l] * M * D;
-    for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
+    for (int64_t j = 0; j < layout.points[l]; ++j) {
+      const int64_t p = layout.first_point[l] + j;
       BilinearCorners<acc_t> c;
       bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
                               /*with_grad=*/false, c);
       const acc_t a = static_cast<acc_t>(attn_row[p]);
-      PointPlan<scalar_t>& pp = plan[p];
+      PointPlan<scalar_t>& pp = plan[j];
       pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
       for (int k = 0; k < 4; ++k) {
         pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
@@ -331,6 +330,9 @@ DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>&
 // Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
 // value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
 // by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
+// Inside a task the loop runs level by level (all queries of the chunk on level 0, then level 1,
+// ...), so the gathered rows come from one level's map at a time (level 0 alone fits in L2);
+// every out row still receives its points in level order.
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
   const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
@@ -342,16 +344,19 @@ DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args,
     const int64_t q_begin = (task % args.chunks_per_bm) * args.q_chunk;
     const int64_t q_end = std::min(Q, q_begin + args.q_chunk);
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
-    plan_forward_points(args, (b * Q + q_begin) * M + m, value_bm, zero_row.data(), plans.data());
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
-      const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) & 1) * P;
-      if (q + 1 < q_end) {
-        plan_forward_points(args, row + M, value_bm, zero_row.data(), plans.data() + ((q + 1 - q_begin) & 1) * P);
-      }
-      scalar_t* out_row = args.out + row * D;
-      for (int64_t p = 0; p < P; ++p) {
-        if (current[p].any_valid) accumulate_four_rows(out_row, current[p].rows, current[p].weight, D);
+    for (int64_t l = 0; l < args.dims.L; ++l) {
+      const int64_t n = args.layout->points[l];
+      plan_forward_points(args, (b * Q + q_begin) * M + m, l, value_bm, zero_row.data(), plans.data());
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+        const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) & 1) * P;
+        if (q + 1 < q_end) {
+          plan_forward_points(args, row + M, l, value_bm, zero_row.data(), plans.data() + ((q + 1 - q_begin) & 1) * P);
+        }
+        scalar_t* out_row = args.out + row * D;
+        for (int64_t j = 0; j < n; ++j) {
+          if (current[j].any_valid) accumulate_four_rows(out_row, current[j].rows, current[j].weight, D);
+        }
       }
     }
   }
@@ -415,31 +420,31 @@ struct BackwardPointPlan {
   bool any_valid;
 };
 
-// Plans the P points of query row (b, q, m) for backward and prefetches their value and grad rows.
+// Plans the points on level l of query row (b, q, m) for backward; prefetches value and grad rows.
 template <typename scalar_t>
-DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t>& args, int64_t row,
-                                                     const scalar_t* value_bm, scalar_t* grad_value_bm,
+DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t>& args, int64_t row, int64_t l,
+                                                     const scalar_t* value_bm, scalar_t* grad_value_bm, int64_t row_stride,
                                                      const scalar_t* zero_row, scalar_t* scratch_rows,
                                                      BackwardPointPlan<scalar_t>* plan) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P, L = args.dims.L;
+  const int64_t D = args.dims.D, P = args.dims.P;
   const LevelLayout& layout = *args.layout;
   const scalar_t* loc_row = args.loc + row * P * 2;
   const scalar_t* attn_row = args.attn + row * P;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  int64_t p = 0;
-  for (int64_t l = 0; l < L; ++l) {
+  {
     const int H = layout.height[l], W = layout.width[l];
-    const int64_t level_offset = layout.start[l] * M * D;
-    for (int64_t j = 0; j < layout.points[l]; ++j, ++p) {
-      BackwardPointPlan<scalar_t>& pp = plan[p];
+    const int64_t level_offset = layout.start[l] * row_stride;
+    for (int64_t j = 0; j < layout.points[l]; ++j) {
+      const int64_t p = layout.first_point[l] + j;
+      BackwardPointPlan<scalar_t>& pp = plan[j];
       BilinearCorners<acc_t>& c = pp.corners;
       bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
                               /*with_grad=*/true, c);
       pp.attn = static_cast<acc_t>(attn_row[p]);
       pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
       for (int k = 0; k < 4; ++k) {
-        const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * M * D;
+        const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * row_stride;
         pp.rows[k] = c.valid[k] ? value_bm + offset : zero_row;
         pp.grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_rows + k * D;
         pp.weight[k] = static_cast<scalar_t>(pp.attn * c.weight[k]);
@@ -463,21 +468,22 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
     const int64_t b = bm / M, m = bm % M;
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
     scalar_t* grad_value_bm = args.grad_value + (b * S * M + m) * D;
-    if (Q > 0) {
-      plan_backward_points(args, b * Q * M + m, value_bm, grad_value_bm, zero_row.data(), scratch_rows.data(),
-                           plans.data());
-    }
+    // Level by level (as in the forward): the gathered and scattered rows of one level at a time.
+    for (int64_t l = 0; l < args.dims.L && Q > 0; ++l) {
+    const int64_t n = args.layout->points[l];
+    plan_backward_points(args, b * Q * M + m, l, value_bm, grad_value_bm, M * D, zero_row.data(), scratch_rows.data(),
+                         plans.data());
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
       const BackwardPointPlan<scalar_t>* current = plans.data() + (q & 1) * P;
       if (q + 1 < Q) {
-        plan_backward_points(args, row + M, value_bm, grad_value_bm, zero_row.data(), scratch_rows.data(),
+        plan_backward_points(args, row + M, l, value_bm, grad_value_bm, M * D, zero_row.data(), scratch_rows.data(),
                              plans.data() + ((q + 1) & 1) * P);
       }
       const scalar_t* go = args.grad_out + row * D;
-      scalar_t* grad_loc_row = args.grad_loc + row * P * 2;
-      scalar_t* grad_attn_row = args.grad_attn + row * P;
-      for (int64_t p = 0; p < P; ++p) {
+      scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * args.layout->first_point[l];
+      scalar_t* grad_attn_row = args.grad_attn + row * P + args.layout->first_point[l];
+      for (int64_t p = 0; p < n; ++p) {
         const BackwardPointPlan<scalar_t>& pp = current[p];
         if (!pp.any_valid) {
           grad_attn_row[p] = scalar_t(0);
@@ -494,6 +500,7 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
         grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
       }
+    }
     }
   }
 }
@@ -563,12 +570,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
   check_grad_output(op, grad_output, value, dims);
   check_cpu_dtype(op, value);
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
-  at::Tensor grad_loc = at::zeros(sampling_locations.sizes(), value.options());
-  at::Tensor grad_attn = at::zeros(attention_weights.sizes(), value.options());
   if (dims.B * dims.Q * dims.M * dims.P == 0 || dims.D == 0) {
-    return {grad_value, grad_loc, grad_attn};
+    return {at::zeros(value.sizes(), value.options()), at::zeros(sampling_locations.sizes(), value.options()),
+            at::zeros(attention_weights.sizes(), value.options())};
   }
+  // grad_value is accumulated into (zeroed in one parallel pass: zeroing each task's strided rows
+  // inside the tasks measured 2x slower); every grad_loc / grad_attn element is written by one task.
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
+  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), value.options());
+  at::Tensor grad_attn = at::empty(attention_weights.sizes(), value.options());
   const at::Tensor go_c = grad_output.contiguous();
   const at::Tensor value_c = value.contiguous();
   const at::Tensor loc_c = sampling_locations.contiguous();
