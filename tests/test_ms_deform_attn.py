@@ -406,3 +406,38 @@ def test_reference_matches_a_direct_bilinear_formula():
             if 0 <= yy < H and 0 <= xx < W:
                 expected += wy * wx * grid[yy, xx]
     assert torch.allclose(out.reshape(D), 0.5 * expected)
+
+
+_BASELINE_SCRIPT = """
+import sys, torch
+from dfine.ops.ms_deform_attn import ms_deform_attn
+value, ss, loc, attn, points = torch.load(sys.argv[1])
+leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+out = ms_deform_attn(leaves[0], ss, leaves[1], leaves[2], points, backend="cpp")
+grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+torch.save([out.detach(), *grads], sys.argv[2])
+"""
+
+
+def test_cpp_baseline_and_avx2_copies_agree_bitwise(tmp_path):
+    """The CPU kernel has a baseline-x86-64 and an AVX2 copy picked at run time; the baseline copy
+    (what CPUs without AVX2 run) is forced with DFINE_CPU_DISABLE_AVX2=1 in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    require_backend("cpp")
+    inputs = make_inputs(2, 9, 3, 13, [(6, 5), (3, 3)], [3, 2], seed=81)
+    torch.save(list(inputs), tmp_path / "inputs.pt")
+    results = []
+    for disable in ("0", "1"):
+        out_file = tmp_path / f"out_{disable}.pt"
+        env = dict(os.environ, DFINE_CPU_DISABLE_AVX2=disable)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(out_file)],
+                       check=True, env=env, cwd=root, capture_output=True)
+        results.append(torch.load(out_file))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref = ms_deform_attn_reference(*inputs)
+    assert (results[1][0] - ref).abs().max().item() <= FWD_ATOL

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -124,9 +125,14 @@ namespace {
 #define DFINE_ALWAYS_INLINE
 #endif
 
+// DFINE_CPU_DISABLE_AVX2=1 forces the baseline copy (read once; the tests compare both copies).
 bool cpu_has_avx2() {
 #if DFINE_CPU_DISPATCH_AVX2
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = [] {
+    const char* disable = std::getenv("DFINE_CPU_DISABLE_AVX2");
+    if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
+    return static_cast<bool>(__builtin_cpu_supports("avx2"));
+  }();
   return has;
 #else
   return false;
