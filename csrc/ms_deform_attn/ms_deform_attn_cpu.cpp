@@ -340,6 +340,44 @@ DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>&
   }
 }
 
+// out[0:D] += the n planned points. Blocks of 4 SIMD vectors of out stay in registers across the
+// points; every element still adds point by point, corner by corner, in the same order as
+// accumulate_four_rows (which handles the last, partial block).
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void accumulate_points(scalar_t* out, const PointPlan<scalar_t>* points, int64_t n,
+                                                  int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  int64_t d0 = 0;
+  for (; d0 + 4 * kWidth <= D; d0 += 4 * kWidth) {
+    Simd<scalar_t> acc0 = simd_load(out + d0), acc1 = simd_load(out + d0 + kWidth);
+    Simd<scalar_t> acc2 = simd_load(out + d0 + 2 * kWidth), acc3 = simd_load(out + d0 + 3 * kWidth);
+    for (int64_t j = 0; j < n; ++j) {
+      const PointPlan<scalar_t>& pp = points[j];
+      if (!pp.any_valid) continue;
+      for (int k = 0; k < 4; ++k) {
+        const scalar_t w = pp.weight[k];
+        const scalar_t* r = pp.rows[k] + d0;
+        acc0 += w * simd_load(r);
+        acc1 += w * simd_load(r + kWidth);
+        acc2 += w * simd_load(r + 2 * kWidth);
+        acc3 += w * simd_load(r + 3 * kWidth);
+      }
+    }
+    simd_store(out + d0, acc0);
+    simd_store(out + d0 + kWidth, acc1);
+    simd_store(out + d0 + 2 * kWidth, acc2);
+    simd_store(out + d0 + 3 * kWidth, acc3);
+  }
+  if (d0 < D) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (!points[j].any_valid) continue;
+      const scalar_t* rows[4] = {points[j].rows[0] + d0, points[j].rows[1] + d0, points[j].rows[2] + d0,
+                                 points[j].rows[3] + d0};
+      accumulate_four_rows(out + d0, rows, points[j].weight, D - d0);
+    }
+  }
+}
+
 // Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
 // value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
 // by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
@@ -366,10 +404,7 @@ DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args,
         if (q + 1 < q_end) {
           plan_forward_points(args, row + M, l, value_bm, zero_row.data(), plans.data() + ((q + 1 - q_begin) & 1) * P);
         }
-        scalar_t* out_row = args.out + row * D;
-        for (int64_t j = 0; j < n; ++j) {
-          if (current[j].any_valid) accumulate_four_rows(out_row, current[j].rows, current[j].weight, D);
-        }
+        accumulate_points(args.out + row * D, current, n, D);
       }
     }
   }
