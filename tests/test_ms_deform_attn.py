@@ -372,8 +372,7 @@ def test_auto_backend_picks_cpp_on_cpu():
     assert torch.equal(auto, ms_deform_attn(*inputs, backend="cpp"))
     value, ss, loc, attn, points = inputs
     out = ms_deform_attn(value.requires_grad_(), ss, loc, attn, points)
-    assert "ms_deform_attn_forward" in type(out.grad_fn).__name__ or "BackwardCFunction" in type(out.grad_fn).__name__
-    assert "GridSampler" not in str(out.grad_fn.next_functions)
+    assert "dfine_ms_deform_attn_forward" in out.grad_fn.name()  # the C++ op's autograd node
 
 
 def test_explicit_cpp_without_extension_says_how_to_build(monkeypatch):
