@@ -4,7 +4,7 @@
 // Backward: tasks own (b, m) pairs, hence grad_value[b, :, m, :] and the grad_loc / grad_attn slots
 // of (b, *, m, *) exclusively: no atomics, and a fixed summation order, so the result is bit-identical
 // from run to run and for any number of threads. Nothing but the inputs is saved for backward.
-// Both run level by level inside a task and plan the points of the next query ahead of time, with
+// Both run level by level inside a task and plan the points of a few queries ahead of time, with
 // prefetches (the gathers from value and the scatters into grad_value are the bottleneck).
 // The inner loops run over D in 32-byte SIMD vectors (GCC/Clang vector extension; D need not be a
 // multiple of the width), in a baseline and an AVX2 copy chosen at run time (see below).
@@ -291,9 +291,10 @@ struct ForwardArgs {
   int64_t q_chunk, chunks_per_bm;
 };
 
-// The rows and weights of one sampling point, computed one query ahead of their use so that the
-// prefetches issued for the rows overlap with the work on the current query (the gathers are the
-// bottleneck: each point touches 4 rows scattered over value[b, :, m, :]).
+// The rows and weights of one sampling point, computed kPlanAhead queries ahead of their use so that
+// the prefetches issued for the rows overlap with the work on the queries before (the gathers are
+// the bottleneck: each point touches 4 rows scattered over value[b, :, m, :]).
+constexpr int64_t kPlanAhead = 4;
 template <typename scalar_t>
 struct PointPlan {
   const scalar_t* rows[4];
@@ -304,6 +305,16 @@ struct PointPlan {
 DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
 #if defined(__GNUC__)
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
+// Same, for rows about to be written (read-modify-write of grad_value).
+DFINE_ALWAYS_INLINE inline void prefetch_row_for_write(void* row, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<char*>(row) + off, 1);
 #else
   (void)row;
   (void)bytes;
@@ -388,7 +399,7 @@ template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
   const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
-  std::vector<PointPlan<scalar_t>> plans(2 * P);
+  std::vector<PointPlan<scalar_t>> plans((kPlanAhead + 1) * P);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bm = task / args.chunks_per_bm;
     const int64_t b = bm / M, m = bm % M;
@@ -397,12 +408,16 @@ DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args,
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
     for (int64_t l = 0; l < args.dims.L; ++l) {
       const int64_t n = args.layout->points[l];
-      plan_forward_points(args, (b * Q + q_begin) * M + m, l, value_bm, zero_row.data(), plans.data());
+      for (int64_t q = q_begin; q < std::min(q_end, q_begin + kPlanAhead); ++q) {
+        plan_forward_points(args, (b * Q + q) * M + m, l, value_bm, zero_row.data(),
+                            plans.data() + ((q - q_begin) % (kPlanAhead + 1)) * P);
+      }
       for (int64_t q = q_begin; q < q_end; ++q) {
         const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
-        const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) & 1) * P;
-        if (q + 1 < q_end) {
-          plan_forward_points(args, row + M, l, value_bm, zero_row.data(), plans.data() + ((q + 1 - q_begin) & 1) * P);
+        const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) % (kPlanAhead + 1)) * P;
+        if (q + kPlanAhead < q_end) {
+          plan_forward_points(args, row + kPlanAhead * M, l, value_bm, zero_row.data(),
+                              plans.data() + ((q + kPlanAhead - q_begin) % (kPlanAhead + 1)) * P);
         }
         accumulate_points(args.out + row * D, current, n, D);
       }
@@ -498,7 +513,7 @@ DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t
         pp.weight[k] = static_cast<scalar_t>(pp.attn * c.weight[k]);
         if (c.valid[k]) {
           prefetch_row(pp.rows[k], row_bytes);
-          prefetch_row(pp.grad_rows[k], row_bytes);
+          prefetch_row_for_write(pp.grad_rows[k], row_bytes);
         }
       }
     }
@@ -511,7 +526,7 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
   const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
   std::vector<scalar_t> scratch_rows(4 * D, scalar_t(0));  // gradient sinks of invalid corners
-  std::vector<BackwardPointPlan<scalar_t>> plans(2 * P);
+  std::vector<BackwardPointPlan<scalar_t>> plans((kPlanAhead + 1) * P);
   for (int64_t bm = begin; bm < end; ++bm) {
     const int64_t b = bm / M, m = bm % M;
     const scalar_t* value_bm = args.value + (b * S * M + m) * D;
@@ -519,14 +534,16 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
     // Level by level (as in the forward): the gathered and scattered rows of one level at a time.
     for (int64_t l = 0; l < args.dims.L && Q > 0; ++l) {
     const int64_t n = args.layout->points[l];
-    plan_backward_points(args, b * Q * M + m, l, value_bm, grad_value_bm, M * D, zero_row.data(), scratch_rows.data(),
-                         plans.data());
+    for (int64_t q = 0; q < std::min(Q, kPlanAhead); ++q) {
+      plan_backward_points(args, (b * Q + q) * M + m, l, value_bm, grad_value_bm, M * D, zero_row.data(),
+                           scratch_rows.data(), plans.data() + (q % (kPlanAhead + 1)) * P);
+    }
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
-      const BackwardPointPlan<scalar_t>* current = plans.data() + (q & 1) * P;
-      if (q + 1 < Q) {
-        plan_backward_points(args, row + M, l, value_bm, grad_value_bm, M * D, zero_row.data(), scratch_rows.data(),
-                             plans.data() + ((q + 1) & 1) * P);
+      const BackwardPointPlan<scalar_t>* current = plans.data() + (q % (kPlanAhead + 1)) * P;
+      if (q + kPlanAhead < Q) {
+        plan_backward_points(args, row + kPlanAhead * M, l, value_bm, grad_value_bm, M * D, zero_row.data(),
+                             scratch_rows.data(), plans.data() + ((q + kPlanAhead) % (kPlanAhead + 1)) * P);
       }
       const scalar_t* go = args.grad_out + row * D;
       scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * args.layout->first_point[l];
