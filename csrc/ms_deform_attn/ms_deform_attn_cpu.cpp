@@ -167,7 +167,6 @@ LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_p
   return layout;
 }
 
-// out[0:D] += sum_k w[k] * rows[k][0:D]
 // 32-byte SIMD vectors via the GCC/Clang vector extension: one AVX2 register in the AVX2 clone, two
 // SSE registers in the baseline one. (at::vec::Vectorized needs torch's per-CPU-capability build to
 // get real intrinsics; in an extension built for baseline x86-64 it is a plain array, and its
