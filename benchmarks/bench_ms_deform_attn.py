@@ -1,6 +1,7 @@
 """Speed and memory of ms_deform_attn on CPU: reference vs torch.compile(reference) vs the C++ kernel.
 
-    python benchmarks/bench_ms_deform_attn.py            # markdown table (about 2-3 minutes)
+    python benchmarks/bench_ms_deform_attn.py            # markdown table (~15 s; ~1 min more the
+                                                         # first time, while torch.compile builds)
     python -m pytest benchmarks/bench_ms_deform_attn.py --benchmark-only
 
 Shapes (fp32, torch.set_num_threads(2)):
@@ -19,6 +20,12 @@ results still alive at the end (the output, and for fwd+bwd the three gradients)
 beyond inputs, output and gradients": the intermediates a backend needs. The method is validated in
 ``_check_memory_method``: a function that allocates a known 8 MiB temporary besides its output
 must report 8 MiB extra.
+
+Reading the numbers: on this 2-core CPU torch.compile(reference) is slower than the eager reference
+(inductor's generated code for the grid_sample decomposition does not vectorise well here). In the
+cpp fwd+bwd time about 9 ms at the training shape is allocating and zeroing the 34 MiB grad_value
+(page faults of a fresh buffer), which the reference pays as well; timings on a shared machine vary
+by about +-30%, so run it twice.
 """
 
 from __future__ import annotations
