@@ -1,0 +1,673 @@
+// CPU kernels of multi-scale deformable attention (float32 and float64) and the op schemas.
+//
+// Forward: tasks own (b, m, range of q) and write out[b, q, m*D:(m+1)*D] for their q only.
+// Backward: tasks own (b, m) pairs, hence grad_value[b, :, m, :] and the grad_loc / grad_attn slots
+// of (b, *, m, *) exclusively: no atomics, and a fixed summation order, so the result is bit-identical
+// from run to run and for any number of threads. Nothing but the inputs is saved for backward.
+// Both run level by level inside a task and plan the points of a few queries ahead of time, with
+// prefetches (the gathers from value and the scatters into grad_value are the bottleneck).
+// The inner loops run over D in 32-byte SIMD vectors (GCC/Clang vector extension; D need not be a
+// multiple of the width), in a baseline and an AVX2 copy chosen at run time (see below).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_math.h"
+
+namespace dfine {
+namespace msda {
+
+Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                          const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                          at::IntArrayRef num_points_list, bool check_level_sizes) {
+  TORCH_CHECK(value.dim() == 4, op, ": value must have shape [B, S, M, D] (4 dims), got ", value.sizes());
+  TORCH_CHECK(at::isFloatingType(value.scalar_type()), op,
+              ": value must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+              value.scalar_type());
+  TORCH_CHECK(sampling_locations.dim() == 5 && sampling_locations.size(4) == 2, op,
+              ": sampling_locations must have shape [B, Q, M, P, 2] (5 dims), got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 4, op, ": attention_weights must have shape [B, Q, M, P] (4 dims), got ",
+              attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
+              ": spatial_shapes must have shape [L, 2] (rows of (H, W)), got ", spatial_shapes.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, op, ": spatial_shapes must be an int64 tensor, got ",
+              spatial_shapes.scalar_type());
+
+  Dims d;
+  d.B = value.size(0);
+  d.S = value.size(1);
+  d.M = value.size(2);
+  d.D = value.size(3);
+  d.Q = sampling_locations.size(1);
+  d.P = sampling_locations.size(3);
+  d.L = spatial_shapes.size(0);
+  TORCH_CHECK(sampling_locations.size(0) == d.B && sampling_locations.size(2) == d.M, op,
+              ": sampling_locations must have shape [B=", d.B, ", Q, M=", d.M, ", P, 2] to match value [B, S, M, D]=",
+              value.sizes(), ", got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.size(0) == d.B && attention_weights.size(1) == d.Q &&
+                  attention_weights.size(2) == d.M && attention_weights.size(3) == d.P,
+              op, ": attention_weights must have shape [B, Q, M, P]=[", d.B, ", ", d.Q, ", ", d.M, ", ", d.P,
+              "], got ", attention_weights.sizes());
+
+  const at::Tensor* same_dtype[2] = {&sampling_locations, &attention_weights};
+  const char* same_dtype_names[2] = {"sampling_locations", "attention_weights"};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(same_dtype[i]->scalar_type() == value.scalar_type(), op, ": ", same_dtype_names[i], " has dtype ",
+                same_dtype[i]->scalar_type(), " but value has ", value.scalar_type(), "; they must match");
+    TORCH_CHECK(same_dtype[i]->device() == value.device(), op, ": ", same_dtype_names[i], " is on ",
+                same_dtype[i]->device(), " but value is on ", value.device(), "; they must match");
+  }
+  TORCH_CHECK(spatial_shapes.device() == value.device(), op, ": spatial_shapes is on ", spatial_shapes.device(),
+              " but value is on ", value.device(), "; they must match");
+
+  TORCH_CHECK(!num_points_list.empty(), op, ": num_points_list must be a non-empty list of ints >= 1");
+  TORCH_CHECK(static_cast<int64_t>(num_points_list.size()) == d.L, op, ": num_points_list has ",
+              num_points_list.size(), " entries but spatial_shapes [L, 2] has L=", d.L, " levels; they must match");
+  int64_t total_points = 0;
+  for (int64_t p : num_points_list) {
+    TORCH_CHECK(p >= 1, op, ": every entry of num_points_list must be >= 1, got ", num_points_list);
+    total_points += p;
+  }
+  TORCH_CHECK(total_points == d.P, op, ": sum(num_points_list)=", total_points,
+              " must equal P=", d.P, ", the number of points in sampling_locations [B, Q, M, P, 2]");
+
+  if (check_level_sizes) {
+    const at::Tensor shapes = spatial_shapes.contiguous();
+    const int64_t* hw = shapes.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t l = 0; l < d.L; ++l) {
+      TORCH_CHECK(hw[2 * l] >= 1 && hw[2 * l + 1] >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got ",
+                  "(", hw[2 * l], ", ", hw[2 * l + 1], ") at level ", l);
+      TORCH_CHECK(hw[2 * l] * hw[2 * l + 1] <= (int64_t{1} << 30), op, ": level ", l, " of spatial_shapes is too large (",
+                  hw[2 * l], " x ", hw[2 * l + 1], ")");
+      total += hw[2 * l] * hw[2 * l + 1];
+    }
+    TORCH_CHECK(total == d.S, op, ": spatial_shapes sum to sum(H*W)=", total, " positions but value has S=", d.S,
+                " (value is [B, S, M, D]=", value.sizes(), ")");
+  }
+  return d;
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& value, const Dims& d) {
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == d.B && grad_output.size(1) == d.Q &&
+                  grad_output.size(2) == d.M * d.D,
+              op, ": grad_output must have shape [B, Q, M*D]=[", d.B, ", ", d.Q, ", ", d.M * d.D, "], got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), op, ": grad_output has dtype ",
+              grad_output.scalar_type(), " but value has ", value.scalar_type(), "; they must match");
+  TORCH_CHECK(grad_output.device() == value.device(), op, ": grad_output is on ", grad_output.device(),
+              " but value is on ", value.device(), "; they must match");
+}
+
+namespace {
+
+// The extension is compiled for baseline x86-64 (portable binary), i.e. 128-bit SSE only. The task
+// loops are therefore compiled twice: once for the baseline and once with AVX2 enabled (same source,
+// always-inlined helpers), and the AVX2 copy is picked at run time when the CPU has it. Neither copy
+// uses FMA (not enabled, and ISO C++ mode turns off contraction), and both add the same 8 (float)
+// or 4 (double) lanes in the same order, so they round identically. ~1.7x faster on D-FINE shapes.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
+#define DFINE_CPU_DISPATCH_AVX2 1
+#define DFINE_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define DFINE_CPU_DISPATCH_AVX2 0
+#endif
+#if defined(__GNUC__)
+#define DFINE_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define DFINE_ALWAYS_INLINE
+#endif
+
+// DFINE_CPU_DISABLE_AVX2=1 forces the baseline copy (read once; the tests compare both copies).
+bool cpu_has_avx2() {
+#if DFINE_CPU_DISPATCH_AVX2
+  static const bool has = [] {
+    const char* disable = std::getenv("DFINE_CPU_DISABLE_AVX2");
+    if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
+    return static_cast<bool>(__builtin_cpu_supports("avx2"));
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+void check_cpu_dtype(const char* op, const at::Tensor& value) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64 tensors, got value of dtype ", value.scalar_type(),
+              " (use backend='reference' or cast to float32)");
+}
+
+// Start offset of every level inside S, and (H, W) as ints.
+struct LevelLayout {
+  std::vector<int> height, width;
+  std::vector<int64_t> start, points, first_point;
+};
+
+LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_points_list) {
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  LevelLayout layout;
+  int64_t start = 0;
+  for (int64_t l = 0; l < shapes.size(0); ++l) {
+    layout.height.push_back(static_cast<int>(hw[2 * l]));
+    layout.width.push_back(static_cast<int>(hw[2 * l + 1]));
+    layout.start.push_back(start);
+    layout.first_point.push_back(layout.first_point.empty() ? 0 : layout.first_point.back() + layout.points.back());
+    layout.points.push_back(num_points_list[l]);
+    start += hw[2 * l] * hw[2 * l + 1];
+  }
+  return layout;
+}
+
+// 32-byte SIMD vectors via the GCC/Clang vector extension: one AVX2 register in the AVX2 clone, two
+// SSE registers in the baseline one. (at::vec::Vectorized needs torch's per-CPU-capability build to
+// get real intrinsics; in an extension built for baseline x86-64 it is a plain array, and its
+// code in the AVX2 clone measured 1.5x slower than these loops.)
+#if defined(__GNUC__) && !defined(__clang__)
+// The helpers below return 32-byte vectors; they are always inlined, so no call ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+template <typename scalar_t>
+struct SimdType;
+template <>
+struct SimdType<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct SimdType<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename scalar_t>
+using Simd = typename SimdType<scalar_t>::type;
+
+template <typename scalar_t>
+constexpr int64_t simd_width() {
+  return static_cast<int64_t>(32 / sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline Simd<scalar_t> simd_load(const scalar_t* p) {
+  Simd<scalar_t> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void simd_store(scalar_t* p, const Simd<scalar_t>& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline scalar_t simd_sum(const Simd<scalar_t>& v) {
+  scalar_t s = scalar_t(0);
+  for (int64_t i = 0; i < simd_width<scalar_t>(); ++i) s += v[i];
+  return s;
+}
+
+// out[0:D] += sum_k w[k] * rows[k][0:D]
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void accumulate_four_rows(scalar_t* out, const scalar_t* const rows[4], const scalar_t w[4],
+                                                     int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) {
+    Simd<scalar_t> acc = simd_load(out + d);
+    acc += w0 * simd_load(rows[0] + d);
+    acc += w1 * simd_load(rows[1] + d);
+    acc += w2 * simd_load(rows[2] + d);
+    acc += w3 * simd_load(rows[3] + d);
+    simd_store(out + d, acc);
+  }
+  for (; d < D; ++d) {
+    scalar_t acc = out[d];
+    acc += w0 * rows[0][d];
+    acc += w1 * rows[1][d];
+    acc += w2 * rows[2][d];
+    acc += w3 * rows[3][d];
+    out[d] = acc;
+  }
+}
+
+// For every corner k: dots[k] = <go, rows[k]> and grad_rows[k][0:D] += w[k] * go[0:D].
+// Invalid corners point at a zero row and their own scratch row, so the loop has no branches and
+// no two written rows alias. Dot products keep one partial sum per SIMD lane, added up in a fixed
+// order, so results are reproducible.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void backward_four_rows(const scalar_t* go, const scalar_t* const rows[4],
+                                                   scalar_t* const grad_rows[4], const scalar_t w[4], int64_t D,
+                                                   scalar_t dots[4]) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  Simd<scalar_t> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) {
+    const Simd<scalar_t> g = simd_load(go + d);
+    s0 += g * simd_load(rows[0] + d);
+    s1 += g * simd_load(rows[1] + d);
+    s2 += g * simd_load(rows[2] + d);
+    s3 += g * simd_load(rows[3] + d);
+    simd_store(grad_rows[0] + d, simd_load(grad_rows[0] + d) + w0 * g);
+    simd_store(grad_rows[1] + d, simd_load(grad_rows[1] + d) + w1 * g);
+    simd_store(grad_rows[2] + d, simd_load(grad_rows[2] + d) + w2 * g);
+    simd_store(grad_rows[3] + d, simd_load(grad_rows[3] + d) + w3 * g);
+  }
+  scalar_t t0 = simd_sum<scalar_t>(s0), t1 = simd_sum<scalar_t>(s1), t2 = simd_sum<scalar_t>(s2), t3 = simd_sum<scalar_t>(s3);
+  for (; d < D; ++d) {  // tail: D not a multiple of the SIMD width
+    const scalar_t g = go[d];
+    t0 += g * rows[0][d];
+    t1 += g * rows[1][d];
+    t2 += g * rows[2][d];
+    t3 += g * rows[3][d];
+    grad_rows[0][d] += w0 * g;
+    grad_rows[1][d] += w1 * g;
+    grad_rows[2][d] += w2 * g;
+    grad_rows[3][d] += w3 * g;
+  }
+  dots[0] = t0;
+  dots[1] = t1;
+  dots[2] = t2;
+  dots[3] = t3;
+}
+
+// Pointers and sizes of one forward call.
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* value;
+  const scalar_t* loc;
+  const scalar_t* attn;
+  scalar_t* out;
+  const LevelLayout* layout;
+  Dims dims;
+  int64_t q_chunk, chunks_per_bm;
+};
+
+// The rows and weights of one sampling point, computed kPlanAhead queries ahead of their use so that
+// the prefetches issued for the rows overlap with the work on the queries before (the gathers are
+// the bottleneck: each point touches 4 rows scattered over value[b, :, m, :]).
+constexpr int64_t kPlanAhead = 4;
+template <typename scalar_t>
+struct PointPlan {
+  const scalar_t* rows[4];
+  scalar_t weight[4];
+  bool any_valid;
+};
+
+DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
+// Same, for rows about to be written (read-modify-write of grad_value).
+DFINE_ALWAYS_INLINE inline void prefetch_row_for_write(void* row, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<char*>(row) + off, 1);
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
+// Plans the points on level l of query row (b, q, m): corners, attention-scaled weights, prefetches.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>& args, int64_t row, int64_t l,
+                                                    const scalar_t* value_bm, const scalar_t* zero_row,
+                                                    PointPlan<scalar_t>* plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = args.dims.M, D = args.dims.D, P = args.dims.P;
+  const LevelLayout& layout = *args.layout;
+  const scalar_t* loc_row = args.loc + row * P * 2;
+  const scalar_t* attn_row = args.attn + row * P;
+  {
+    const int H = layout.height[l], W = layout.width[l];
+    const scalar_t* value_level = value_bm + layout.start[l] * M * D;
+    for (int64_t j = 0; j < layout.points[l]; ++j) {
+      const int64_t p = layout.first_point[l] + j;
+      BilinearCorners<acc_t> c;
+      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                              /*with_grad=*/false, c);
+      const acc_t a = static_cast<acc_t>(attn_row[p]);
+      PointPlan<scalar_t>& pp = plan[j];
+      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
+      for (int k = 0; k < 4; ++k) {
+        pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
+        pp.weight[k] = static_cast<scalar_t>(a * c.weight[k]);
+        if (c.valid[k]) prefetch_row(pp.rows[k], D * static_cast<int64_t>(sizeof(scalar_t)));
+      }
+    }
+  }
+}
+
+// out[0:D] += the n planned points. Blocks of 4 SIMD vectors of out stay in registers across the
+// points; every element still adds point by point, corner by corner, in the same order as
+// accumulate_four_rows (which handles the last, partial block).
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void accumulate_points(scalar_t* out, const PointPlan<scalar_t>* points, int64_t n,
+                                                  int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  int64_t d0 = 0;
+  for (; d0 + 4 * kWidth <= D; d0 += 4 * kWidth) {
+    Simd<scalar_t> acc0 = simd_load(out + d0), acc1 = simd_load(out + d0 + kWidth);
+    Simd<scalar_t> acc2 = simd_load(out + d0 + 2 * kWidth), acc3 = simd_load(out + d0 + 3 * kWidth);
+    for (int64_t j = 0; j < n; ++j) {
+      const PointPlan<scalar_t>& pp = points[j];
+      if (!pp.any_valid) continue;
+      for (int k = 0; k < 4; ++k) {
+        const scalar_t w = pp.weight[k];
+        const scalar_t* r = pp.rows[k] + d0;
+        acc0 += w * simd_load(r);
+        acc1 += w * simd_load(r + kWidth);
+        acc2 += w * simd_load(r + 2 * kWidth);
+        acc3 += w * simd_load(r + 3 * kWidth);
+      }
+    }
+    simd_store(out + d0, acc0);
+    simd_store(out + d0 + kWidth, acc1);
+    simd_store(out + d0 + 2 * kWidth, acc2);
+    simd_store(out + d0 + 3 * kWidth, acc3);
+  }
+  if (d0 < D) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (!points[j].any_valid) continue;
+      const scalar_t* rows[4] = {points[j].rows[0] + d0, points[j].rows[1] + d0, points[j].rows[2] + d0,
+                                 points[j].rows[3] + d0};
+      accumulate_four_rows(out + d0, rows, points[j].weight, D - d0);
+    }
+  }
+}
+
+// Tasks are (b, m, range of q), ordered b, m, q: a thread's consecutive tasks share the value slice
+// value[b, :, m, :] (S rows of D, ~1 MiB at D-FINE-L shapes), which then stays in cache; ordering
+// by (b, q) instead gathers from all M heads at once and is about 2x slower (memory bound).
+// Inside a task the loop runs level by level (all queries of the chunk on level 0, then level 1,
+// ...), so the gathered rows come from one level's map at a time (level 0 alone fits in L2);
+// every out row still receives its points in level order.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
+  const std::vector<scalar_t> zero_row(D, scalar_t(0));
+  std::vector<PointPlan<scalar_t>> plans((kPlanAhead + 1) * P);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bm = task / args.chunks_per_bm;
+    const int64_t b = bm / M, m = bm % M;
+    const int64_t q_begin = (task % args.chunks_per_bm) * args.q_chunk;
+    const int64_t q_end = std::min(Q, q_begin + args.q_chunk);
+    const scalar_t* value_bm = args.value + (b * S * M + m) * D;
+    for (int64_t l = 0; l < args.dims.L; ++l) {
+      const int64_t n = args.layout->points[l];
+      for (int64_t q = q_begin; q < std::min(q_end, q_begin + kPlanAhead); ++q) {
+        plan_forward_points(args, (b * Q + q) * M + m, l, value_bm, zero_row.data(),
+                            plans.data() + ((q - q_begin) % (kPlanAhead + 1)) * P);
+      }
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+        const PointPlan<scalar_t>* current = plans.data() + ((q - q_begin) % (kPlanAhead + 1)) * P;
+        if (q + kPlanAhead < q_end) {
+          plan_forward_points(args, row + kPlanAhead * M, l, value_bm, zero_row.data(),
+                              plans.data() + ((q + kPlanAhead - q_begin) % (kPlanAhead + 1)) * P);
+        }
+        accumulate_points(args.out + row * D, current, n, D);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_tasks_default(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  forward_tasks(args, begin, end);
+}
+
+#if DFINE_CPU_DISPATCH_AVX2
+template <typename scalar_t>
+DFINE_TARGET_AVX2 void forward_tasks_avx2(const ForwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  forward_tasks(args, begin, end);
+}
+#endif
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& value, const LevelLayout& layout, const at::Tensor& loc, const at::Tensor& attn,
+                    at::Tensor& out, const Dims& dims) {
+  ForwardArgs<scalar_t> args;
+  args.value = value.const_data_ptr<scalar_t>();
+  args.loc = loc.const_data_ptr<scalar_t>();
+  args.attn = attn.const_data_ptr<scalar_t>();
+  args.out = out.mutable_data_ptr<scalar_t>();
+  args.layout = &layout;
+  args.dims = dims;
+  args.q_chunk = std::max<int64_t>(1, std::min<int64_t>(dims.Q, 16384 / std::max<int64_t>(1, dims.P * dims.D)));
+  args.chunks_per_bm = (dims.Q + args.q_chunk - 1) / args.q_chunk;
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, dims.B * dims.M * args.chunks_per_bm, 1, [&](int64_t begin, int64_t end) {
+#if DFINE_CPU_DISPATCH_AVX2
+    if (avx2) return forward_tasks_avx2(args, begin, end);
+#endif
+    (void)avx2;
+    forward_tasks_default(args, begin, end);
+  });
+}
+
+// Pointers and sizes of one backward call.
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* value;
+  const scalar_t* loc;
+  const scalar_t* attn;
+  scalar_t* grad_value;
+  scalar_t* grad_loc;
+  scalar_t* grad_attn;
+  const LevelLayout* layout;
+  Dims dims;
+};
+
+template <typename scalar_t>
+struct BackwardPointPlan {
+  BilinearCorners<at::opmath_type<scalar_t>> corners;
+  at::opmath_type<scalar_t> attn;
+  const scalar_t* rows[4];
+  scalar_t* grad_rows[4];
+  scalar_t weight[4];
+  bool any_valid;
+};
+
+// Plans the points on level l of query row (b, q, m) for backward; prefetches value and grad rows.
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t>& args, int64_t row, int64_t l,
+                                                     const scalar_t* value_bm, scalar_t* grad_value_bm, int64_t row_stride,
+                                                     const scalar_t* zero_row, scalar_t* scratch_rows,
+                                                     BackwardPointPlan<scalar_t>* plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = args.dims.D, P = args.dims.P;
+  const LevelLayout& layout = *args.layout;
+  const scalar_t* loc_row = args.loc + row * P * 2;
+  const scalar_t* attn_row = args.attn + row * P;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  {
+    const int H = layout.height[l], W = layout.width[l];
+    const int64_t level_offset = layout.start[l] * row_stride;
+    for (int64_t j = 0; j < layout.points[l]; ++j) {
+      const int64_t p = layout.first_point[l] + j;
+      BackwardPointPlan<scalar_t>& pp = plan[j];
+      BilinearCorners<acc_t>& c = pp.corners;
+      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
+                              /*with_grad=*/true, c);
+      pp.attn = static_cast<acc_t>(attn_row[p]);
+      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * row_stride;
+        pp.rows[k] = c.valid[k] ? value_bm + offset : zero_row;
+        pp.grad_rows[k] = c.valid[k] ? grad_value_bm + offset : scratch_rows + k * D;
+        pp.weight[k] = static_cast<scalar_t>(pp.attn * c.weight[k]);
+        if (c.valid[k]) {
+          prefetch_row(pp.rows[k], row_bytes);
+          prefetch_row_for_write(pp.grad_rows[k], row_bytes);
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = args.dims.S, M = args.dims.M, D = args.dims.D, Q = args.dims.Q, P = args.dims.P;
+  const std::vector<scalar_t> zero_row(D, scalar_t(0));
+  std::vector<scalar_t> scratch_rows(4 * D, scalar_t(0));  // gradient sinks of invalid corners
+  std::vector<BackwardPointPlan<scalar_t>> plans((kPlanAhead + 1) * P);
+  for (int64_t bm = begin; bm < end; ++bm) {
+    const int64_t b = bm / M, m = bm % M;
+    const scalar_t* value_bm = args.value + (b * S * M + m) * D;
+    scalar_t* grad_value_bm = args.grad_value + (b * S * M + m) * D;
+    // Level by level (as in the forward): the gathered and scattered rows of one level at a time.
+    for (int64_t l = 0; l < args.dims.L && Q > 0; ++l) {
+    const int64_t n = args.layout->points[l];
+    for (int64_t q = 0; q < std::min(Q, kPlanAhead); ++q) {
+      plan_backward_points(args, (b * Q + q) * M + m, l, value_bm, grad_value_bm, M * D, zero_row.data(),
+                           scratch_rows.data(), plans.data() + (q % (kPlanAhead + 1)) * P);
+    }
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t row = (b * Q + q) * M + m;  // index of (b, q, m)
+      const BackwardPointPlan<scalar_t>* current = plans.data() + (q % (kPlanAhead + 1)) * P;
+      if (q + kPlanAhead < Q) {
+        plan_backward_points(args, row + kPlanAhead * M, l, value_bm, grad_value_bm, M * D, zero_row.data(),
+                             scratch_rows.data(), plans.data() + ((q + kPlanAhead) % (kPlanAhead + 1)) * P);
+      }
+      const scalar_t* go = args.grad_out + row * D;
+      scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * args.layout->first_point[l];
+      scalar_t* grad_attn_row = args.grad_attn + row * P + args.layout->first_point[l];
+      for (int64_t p = 0; p < n; ++p) {
+        const BackwardPointPlan<scalar_t>& pp = current[p];
+        if (!pp.any_valid) {
+          grad_attn_row[p] = scalar_t(0);
+          grad_loc_row[2 * p] = scalar_t(0);
+          grad_loc_row[2 * p + 1] = scalar_t(0);
+          continue;
+        }
+        scalar_t dots[4];
+        backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
+        acc_t dots_acc[4];
+        for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+        const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, dots_acc, pp.attn);
+        grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+        grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+        grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
+      }
+    }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_tasks_default(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  backward_tasks(args, begin, end);
+}
+
+#if DFINE_CPU_DISPATCH_AVX2
+template <typename scalar_t>
+DFINE_TARGET_AVX2 void backward_tasks_avx2(const BackwardArgs<scalar_t>& args, int64_t begin, int64_t end) {
+  backward_tasks(args, begin, end);
+}
+#endif
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const LevelLayout& layout,
+                     const at::Tensor& loc, const at::Tensor& attn, at::Tensor& grad_value, at::Tensor& grad_loc,
+                     at::Tensor& grad_attn, const Dims& dims) {
+  BackwardArgs<scalar_t> args;
+  args.grad_out = grad_out.const_data_ptr<scalar_t>();
+  args.value = value.const_data_ptr<scalar_t>();
+  args.loc = loc.const_data_ptr<scalar_t>();
+  args.attn = attn.const_data_ptr<scalar_t>();
+  args.grad_value = grad_value.mutable_data_ptr<scalar_t>();
+  args.grad_loc = grad_loc.mutable_data_ptr<scalar_t>();
+  args.grad_attn = grad_attn.mutable_data_ptr<scalar_t>();
+  args.layout = &layout;
+  args.dims = dims;
+  const bool avx2 = cpu_has_avx2();
+  // Each (b, m) task does Q * P samples of D; small problems stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dims.Q * dims.P * dims.D));
+  at::parallel_for(0, dims.B * dims.M, grain, [&](int64_t begin, int64_t end) {
+#if DFINE_CPU_DISPATCH_AVX2
+    if (avx2) return backward_tasks_avx2(args, begin, end);
+#endif
+    (void)avx2;
+    backward_tasks_default(args, begin, end);
+  });
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::IntArrayRef num_points_list) {
+  constexpr const char* op = "dfine::ms_deform_attn_forward";
+  const Dims dims =
+      check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
+  check_cpu_dtype(op, value);
+  at::Tensor out = at::zeros({dims.B, dims.Q, dims.M * dims.D}, value.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor loc_c = sampling_locations.contiguous();
+  const at::Tensor attn_c = attention_weights.contiguous();
+  const LevelLayout layout = level_layout(spatial_shapes, num_points_list);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    forward_kernel<scalar_t>(value_c, layout, loc_c, attn_c, out, dims);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points_list) {
+  constexpr const char* op = "dfine::ms_deform_attn_backward";
+  const Dims dims =
+      check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
+  check_grad_output(op, grad_output, value, dims);
+  check_cpu_dtype(op, value);
+  if (dims.B * dims.Q * dims.M * dims.P == 0 || dims.D == 0) {
+    return {at::zeros(value.sizes(), value.options()), at::zeros(sampling_locations.sizes(), value.options()),
+            at::zeros(attention_weights.sizes(), value.options())};
+  }
+  // grad_value is accumulated into (zeroed in one parallel pass: zeroing each task's strided rows
+  // inside the tasks measured 2x slower); every grad_loc / grad_attn element is written by one task.
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
+  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), value.options());
+  at::Tensor grad_attn = at::empty(attention_weights.sizes(), value.options());
+  const at::Tensor go_c = grad_output.contiguous();
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor loc_c = sampling_locations.contiguous();
+  const at::Tensor attn_c = attention_weights.contiguous();
+  const LevelLayout layout = level_layout(spatial_shapes, num_points_list);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    backward_kernel<scalar_t>(go_c, value_c, layout, loc_c, attn_c, grad_value, grad_loc, grad_attn, dims);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+}  // namespace msda
+}  // namespace dfine
+
+TORCH_LIBRARY_FRAGMENT(dfine, m) {
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor sampling_locations, "
+      "Tensor attention_weights, int[] num_points_list) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor sampling_locations, Tensor attention_weights, int[] num_points_list) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dfine, CPU, m) {
+  m.impl("ms_deform_attn_forward", &dfine::msda::ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &dfine::msda::ms_deform_attn_backward_cpu);
+}
