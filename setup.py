@@ -49,7 +49,7 @@ def want_cuda() -> bool:
 def extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if os.environ.get("DFINE_MARCH_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -65,7 +65,7 @@ def extensions():
                 cpp_sources + cuda_sources,
                 include_dirs=include_dirs,
                 define_macros=[("DFINE_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

@@ -1,0 +1,297 @@
+// C++ CPU kernels of the FDR decode and the GO-LSD losses; the op schemas of all of them.
+// One pass over each row (softmax, expectation, top-k statistics, loss or gradient), rows split
+// over threads with at::parallel_for. float32 and float64. The per-row math is in fdr_math.h.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "fdr/fdr_math.h"
+
+namespace dfine {
+namespace {
+
+using namespace dfine::fdr;
+
+constexpr int64_t kGrainRows = 128;
+
+void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [N=", rows, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but pred_corners has ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but pred_corners is on ",
+              like.device());
+}
+
+void check_decode_args(const at::Tensor& pred, const at::Tensor& project, const at::Tensor& ref, int64_t topk,
+                       const char* op) {
+  TORCH_CHECK(pred.dim() == 2, op, ": pred_corners must have shape [R, 4*(K+1)], got ", pred.sizes());
+  TORCH_CHECK(project.dim() == 1 && project.size(0) >= 2 && project.size(0) <= kMaxBins, op,
+              ": project must have shape [K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", project.sizes());
+  TORCH_CHECK(pred.size(1) == 4 * project.size(0), op, ": pred_corners must have shape [R, 4*(K+1)=",
+              4 * project.size(0), "], got ", pred.sizes());
+  TORCH_CHECK(ref.dim() == 2 && ref.size(0) == pred.size(0) && ref.size(1) == 4, op,
+              ": ref_boxes must have shape [R=", pred.size(0), ", 4], got ", ref.sizes());
+  TORCH_CHECK(topk >= 1 && topk <= kMaxTopk && topk <= project.size(0), op, ": lqe_topk must be in [1, ",
+              std::min<int64_t>(kMaxTopk, project.size(0)), "], got ", topk);
+  for (const at::Tensor* t : {&project, &ref}) {
+    TORCH_CHECK(t->scalar_type() == pred.scalar_type(), op, ": project/ref_boxes must have the dtype of ",
+                "pred_corners (", pred.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == pred.device(), op, ": all tensors must be on the device of pred_corners");
+  }
+}
+
+void check_loss_pred(const at::Tensor& pred, const char* op) {
+  TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 2 && pred.size(1) <= kMaxBins, op,
+              ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", pred.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// fdr_decode
+
+std::tuple<at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& project,
+                                                          const at::Tensor& ref_boxes, double reg_scale,
+                                                          int64_t lqe_topk) {
+  const char* op = "fdr_decode_forward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const int64_t rows = z.size(0);
+  const int n = static_cast<int>(W.size(0));
+  const int k = static_cast<int>(lqe_topk);
+  at::Tensor boxes = at::empty({rows, 4}, z.options());
+  at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* rp = ref.data_ptr<scalar_t>();
+    scalar_t* bp = boxes.data_ptr<scalar_t>();
+    scalar_t* sp = stats.data_ptr<scalar_t>();
+    const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
+    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        fdr_decode_row_forward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, bp + r * 4,
+                                         sp + r * 4 * (k + 1));
+      }
+    });
+  });
+  return {boxes, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& grad_boxes, const at::Tensor& grad_stats,
+                                                           const at::Tensor& pred_corners, const at::Tensor& project,
+                                                           const at::Tensor& ref_boxes, double reg_scale,
+                                                           int64_t lqe_topk) {
+  const char* op = "fdr_decode_backward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
+  const int64_t rows = pred_corners.size(0);
+  TORCH_CHECK(grad_boxes.sizes() == ref_boxes.sizes(), op, ": grad_boxes must have shape ", ref_boxes.sizes());
+  TORCH_CHECK(grad_stats.dim() == 3 && grad_stats.size(0) == rows && grad_stats.size(1) == 4 &&
+                  grad_stats.size(2) == lqe_topk + 1,
+              op, ": grad_stats must have shape [R, 4, lqe_topk + 1], got ", grad_stats.sizes());
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const at::Tensor gb = grad_boxes.to(z.scalar_type()).contiguous();
+  const at::Tensor gs = grad_stats.to(z.scalar_type()).contiguous();
+  const int n = static_cast<int>(W.size(0));
+  const int k = static_cast<int>(lqe_topk);
+  at::Tensor grad_z = at::empty_like(z);
+  at::Tensor grad_ref = at::empty_like(ref);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* rp = ref.data_ptr<scalar_t>();
+    const scalar_t* gbp = gb.data_ptr<scalar_t>();
+    const scalar_t* gsp = gs.data_ptr<scalar_t>();
+    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
+    scalar_t* grp = grad_ref.data_ptr<scalar_t>();
+    const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
+    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        fdr_decode_row_backward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, gbp + r * 4,
+                                          gsp + r * 4 * (k + 1), gzp + r * 4 * n, grp + r * 4);
+      }
+    });
+  });
+  return {grad_z, grad_ref};
+}
+
+// ---------------------------------------------------------------------------------------------
+// FGL
+
+at::Tensor fgl_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& target_bins,
+                                const at::Tensor& weight_left, const at::Tensor& weight_right,
+                                const c10::optional<at::Tensor>& weight) {
+  const char* op = "fgl_loss_forward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_loss_pred(pred_corners, op);
+  const int64_t rows = pred_corners.size(0);
+  check_rows(target_bins, rows, pred_corners, op, "target_bins");
+  check_rows(weight_left, rows, pred_corners, op, "weight_left");
+  check_rows(weight_right, rows, pred_corners, op, "weight_right");
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
+  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous();
+  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
+  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+  const int n = static_cast<int>(z.size(1));
+  at::Tensor out = at::empty({rows}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const scalar_t* wlp = wl.data_ptr<scalar_t>();
+    const scalar_t* wrp = wr.data_ptr<scalar_t>();
+    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t loss = fgl_row_loss<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r]);
+        op_[r] = wp ? loss * wp[r] : loss;
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor fgl_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                 const at::Tensor& target_bins, const at::Tensor& weight_left,
+                                 const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
+  const char* op = "fgl_loss_backward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_loss_pred(pred_corners, op);
+  const int64_t rows = pred_corners.size(0);
+  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
+  check_rows(target_bins, rows, pred_corners, op, "target_bins");
+  check_rows(weight_left, rows, pred_corners, op, "weight_left");
+  check_rows(weight_right, rows, pred_corners, op, "weight_right");
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
+  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous(), g = grad_rows.contiguous();
+  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
+  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+  const int n = static_cast<int>(z.size(1));
+  at::Tensor grad_z = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* wlp = wl.data_ptr<scalar_t>();
+    const scalar_t* wrp = wr.data_ptr<scalar_t>();
+    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+        fgl_row_backward<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], scale, gzp + r * n);
+      }
+    });
+  });
+  return grad_z;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DDF
+
+void check_ddf_args(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
+  check_float_cpu(pred, op, "pred_corners");
+  check_loss_pred(pred, op);
+  TORCH_CHECK(teacher.sizes() == pred.sizes(), op, ": teacher_corners must have shape ", pred.sizes(), ", got ",
+              teacher.sizes());
+  TORCH_CHECK(teacher.scalar_type() == pred.scalar_type(), op, ": teacher_corners must have dtype ",
+              pred.scalar_type(), ", got ", teacher.scalar_type());
+  TORCH_CHECK(teacher.device() == pred.device(), op, ": teacher_corners must be on ", pred.device());
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+}
+
+at::Tensor ddf_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& teacher_corners,
+                                const c10::optional<at::Tensor>& weight, double temperature) {
+  const char* op = "ddf_loss_forward";
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  const int64_t rows = pred_corners.size(0);
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
+  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous();
+  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+  const int n = static_cast<int>(zs.size(1));
+  at::Tensor out = at::empty({rows}, zs.options());
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_forward", [&] {
+    const scalar_t* sp = zs.data_ptr<scalar_t>();
+    const scalar_t* tp = zt.data_ptr<scalar_t>();
+    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const scalar_t temp = static_cast<scalar_t>(temperature);
+    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t loss = ddf_row_loss<scalar_t>(sp + r * n, tp + r * n, n, temp);
+        op_[r] = wp ? wp[r] * loss : loss;
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                 const at::Tensor& teacher_corners, const c10::optional<at::Tensor>& weight,
+                                 double temperature) {
+  const char* op = "ddf_loss_backward";
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  const int64_t rows = pred_corners.size(0);
+  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
+  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous(), g = grad_rows.contiguous();
+  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+  const int n = static_cast<int>(zs.size(1));
+  at::Tensor grad_z = at::empty_like(zs);
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_backward", [&] {
+    const scalar_t* sp = zs.data_ptr<scalar_t>();
+    const scalar_t* tp = zt.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
+    const scalar_t temp = static_cast<scalar_t>(temperature);
+    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+        ddf_row_backward<scalar_t>(sp + r * n, tp + r * n, n, temp, scale, gzp + r * n);
+      }
+    });
+  });
+  return grad_z;
+}
+
+}  // namespace
+}  // namespace dfine
+
+TORCH_LIBRARY_FRAGMENT(dfine, m) {
+  m.def(
+      "fdr_decode_forward(Tensor pred_corners, Tensor project, Tensor ref_boxes, float reg_scale, int lqe_topk) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "fdr_decode_backward(Tensor grad_boxes, Tensor grad_stats, Tensor pred_corners, Tensor project, "
+      "Tensor ref_boxes, float reg_scale, int lqe_topk) -> (Tensor, Tensor)");
+  m.def(
+      "fgl_loss_forward(Tensor pred_corners, Tensor target_bins, Tensor weight_left, Tensor weight_right, "
+      "Tensor? weight) -> Tensor");
+  m.def(
+      "fgl_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor target_bins, Tensor weight_left, "
+      "Tensor weight_right, Tensor? weight) -> Tensor");
+  m.def("ddf_loss_forward(Tensor pred_corners, Tensor teacher_corners, Tensor? weight, float temperature) -> Tensor");
+  m.def(
+      "ddf_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor teacher_corners, Tensor? weight, "
+      "float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dfine, CPU, m) {
+  m.impl("fdr_decode_forward", &dfine::fdr_decode_forward_cpu);
+  m.impl("fdr_decode_backward", &dfine::fdr_decode_backward_cpu);
+  m.impl("fgl_loss_forward", &dfine::fgl_loss_forward_cpu);
+  m.impl("fgl_loss_backward", &dfine::fgl_loss_backward_cpu);
+  m.impl("ddf_loss_forward", &dfine::ddf_loss_forward_cpu);
+  m.impl("ddf_loss_backward", &dfine::ddf_loss_backward_cpu);
+}

@@ -1,0 +1,259 @@
+// Per-row math of the FDR decode and of the GO-LSD losses (FGL, DDF), shared by the C++ CPU kernels
+// (fdr_cpu.cpp) and the CUDA kernels (fdr_cuda.cu): whatever ships to GPUs is tested through the CPU
+// kernel. A "row" is the K+1 bin logits of one box edge (losses) or the 4 edges of one box (decode).
+// All functions are numerically stable (max subtraction) and need no workspace beyond fixed arrays.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define DFINE_HD __host__ __device__ __forceinline__
+#define DFINE_SIMD_SUM(acc)
+#else
+#define DFINE_HD inline __attribute__((always_inline))
+// Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
+#define DFINE_PRAGMA(x) _Pragma(#x)
+#define DFINE_SIMD_SUM(acc) DFINE_PRAGMA(omp simd reduction(+ : acc))
+#endif
+
+namespace dfine {
+namespace fdr {
+
+constexpr int kMaxBins = 64;  // K + 1 <= 64 (D-FINE uses 33)
+constexpr int kMaxTopk = 8;   // LQE uses k = 4
+
+// exp(x) for x <= 0 (every exponent here is a logit minus its row maximum).
+DFINE_HD double exp_nonpos(double x) { return ::exp(x); }
+
+DFINE_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  // Branch-free expf (Cephes polynomial, ~1 ulp) so that loops over the bins vectorise on the CPU.
+  const float lowest = -87.33654f;  // below this the result is under FLT_MIN: return 0
+  const float xc = x < lowest ? lowest : x;
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (no -ffast-math here, so it is kept as written)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  const float y = poly * scale;
+  return x < lowest ? 0.0f : y;
+#endif
+}
+
+DFINE_HD double log_(double x) { return ::log(x); }
+DFINE_HD float log_(float x) { return ::logf(x); }
+
+// e[j] = exp(z[j] - max), returns sum_j e[j]; the maximum is written to `max_out`.
+template <typename T>
+DFINE_HD T edge_exp(const T* z, int n, T* e, T& max_out) {
+  T m = z[0];
+  for (int j = 1; j < n; ++j) m = z[j] > m ? z[j] : m;
+  T sum = T(0);
+  DFINE_SIMD_SUM(sum)
+  for (int j = 0; j < n; ++j) {
+    const T v = exp_nonpos(z[j] - m);
+    e[j] = v;
+    sum += v;
+  }
+  max_out = m;
+  return sum;
+}
+
+// p = softmax(z); returns sum_j p[j] * W[j] (the expected distance of the edge).
+template <typename T>
+DFINE_HD T edge_softmax_expectation(const T* z, const T* W, int n, T* p) {
+  T m;
+  const T inv = T(1) / edge_exp(z, n, p, m);
+  T acc = T(0);
+  DFINE_SIMD_SUM(acc)
+  for (int j = 0; j < n; ++j) {
+    p[j] *= inv;
+    acc += p[j] * W[j];
+  }
+  return acc;
+}
+
+// The k largest of p[0..n) in descending order (ties: the lower index first) and their indices.
+template <typename T>
+DFINE_HD void topk_small(const T* p, int n, int k, T* vals, int* idx) {
+  for (int i = 0; i < k; ++i) {
+    vals[i] = T(-1);  // probabilities are >= 0, so -1 is below all of them
+    idx[i] = 0;
+  }
+  for (int j = 0; j < n; ++j) {
+    const T v = p[j];
+    if (!(v > vals[k - 1])) continue;
+    int pos = k - 1;
+    while (pos > 0 && vals[pos - 1] < v) {
+      vals[pos] = vals[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    vals[pos] = v;
+    idx[pos] = j;
+  }
+}
+
+// distance2bbox: reference (cx, cy, w, h) and distances (l, t, r, b) -> box (cx, cy, w, h).
+template <typename T>
+DFINE_HD void distance_to_box(const T* ref, const T* d, T rs, T* box) {
+  const T half = T(0.5) * rs;
+  const T unit_w = ref[2] / rs, unit_h = ref[3] / rs;
+  const T x1 = ref[0] - (half + d[0]) * unit_w;
+  const T y1 = ref[1] - (half + d[1]) * unit_h;
+  const T x2 = ref[0] + (half + d[2]) * unit_w;
+  const T y2 = ref[1] + (half + d[3]) * unit_h;
+  box[0] = (x1 + x2) / T(2);
+  box[1] = (y1 + y2) / T(2);
+  box[2] = x2 - x1;
+  box[3] = y2 - y1;
+}
+
+// One box: z = 4 * n logits (edges l, t, r, b) -> box (cx, cy, w, h) and stats [4, k + 1].
+template <typename T>
+DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref, T rs, int k, T* box,
+                                     T* stats) {
+  T p[kMaxBins];
+  T d[4];
+  T vals[kMaxTopk];
+  int idx[kMaxTopk];
+  for (int e = 0; e < 4; ++e) {
+    d[e] = edge_softmax_expectation(z + e * n, W, n, p);
+    topk_small(p, n, k, vals, idx);
+    T total = T(0);
+    for (int i = 0; i < k; ++i) {
+      stats[e * (k + 1) + i] = vals[i];
+      total += vals[i];
+    }
+    stats[e * (k + 1) + k] = total / T(k);
+  }
+  distance_to_box(ref, d, rs, box);
+}
+
+// Gradients of one box: given d(boxes) and d(stats), write d(z) [4 * n] and d(ref) [4].
+template <typename T>
+DFINE_HD void fdr_decode_row_backward(const T* z, const T* W, int n, const T* ref, T rs, int k,
+                                      const T* grad_box, const T* grad_stats, T* grad_z, T* grad_ref) {
+  T p[4 * kMaxBins];
+  T d[4];
+  for (int e = 0; e < 4; ++e) d[e] = edge_softmax_expectation(z + e * n, W, n, p + e * kMaxBins);
+  // box = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
+  const T half = T(0.5) * rs;
+  const T unit_w = ref[2] / rs, unit_h = ref[3] / rs;
+  const T gx1 = T(0.5) * grad_box[0] - grad_box[2], gx2 = T(0.5) * grad_box[0] + grad_box[2];
+  const T gy1 = T(0.5) * grad_box[1] - grad_box[3], gy2 = T(0.5) * grad_box[1] + grad_box[3];
+  const T grad_d[4] = {-gx1 * unit_w, -gy1 * unit_h, gx2 * unit_w, gy2 * unit_h};
+  grad_ref[0] = gx1 + gx2;
+  grad_ref[1] = gy1 + gy2;
+  grad_ref[2] = (gx2 * (half + d[2]) - gx1 * (half + d[0])) / rs;
+  grad_ref[3] = (gy2 * (half + d[3]) - gy1 * (half + d[1])) / rs;
+  T vals[kMaxTopk];
+  int idx[kMaxTopk];
+  T grad_p[kMaxBins];
+  for (int e = 0; e < 4; ++e) {
+    const T* pe = p + e * kMaxBins;
+    for (int j = 0; j < n; ++j) grad_p[j] = grad_d[e] * W[j];
+    topk_small(pe, n, k, vals, idx);
+    const T* gs = grad_stats + e * (k + 1);
+    const T grad_mean = gs[k] / T(k);
+    for (int i = 0; i < k; ++i) grad_p[idx[i]] += gs[i] + grad_mean;
+    T dot = T(0);
+    DFINE_SIMD_SUM(dot)
+    for (int j = 0; j < n; ++j) dot += pe[j] * grad_p[j];
+    T* gz = grad_z + e * n;
+    for (int j = 0; j < n; ++j) gz[j] = pe[j] * (grad_p[j] - dot);
+  }
+}
+
+// FGL: the left bin is target.long() as published, kept inside [0, n - 2] so the right bin exists.
+template <typename T>
+DFINE_HD int fgl_left_bin(T target, int n) {
+  if (!(target > T(0))) return 0;  // also NaN
+  if (target >= T(n - 2)) return n - 2;
+  return static_cast<int>(target);
+}
+
+// CE(z, a) * wl + CE(z, a + 1) * wr for one row (without the row weight).
+template <typename T>
+DFINE_HD T fgl_row_loss(const T* z, int n, T target, T wl, T wr) {
+  T e[kMaxBins];
+  T m;
+  const T log_sum = log_(edge_exp(z, n, e, m));
+  const int a = fgl_left_bin(target, n);
+  return (log_sum - (z[a] - m)) * wl + (log_sum - (z[a + 1] - m)) * wr;
+}
+
+// d(loss)/dz for one row, scaled by g (= grad of the row loss times the row weight).
+template <typename T>
+DFINE_HD void fgl_row_backward(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
+  T e[kMaxBins];
+  T m;
+  const T scale = g * (wl + wr) / edge_exp(z, n, e, m);
+  for (int j = 0; j < n; ++j) grad_z[j] = scale * e[j];
+  const int a = fgl_left_bin(target, n);
+  grad_z[a] -= g * wl;
+  grad_z[a + 1] -= g * wr;
+}
+
+// Both tempered softmaxes of one DDF row. a = pred / T, b = teacher / T; ea = exp(a - max a),
+// eb = exp(b - max b); returns through the references the maxima and the log of the sums.
+template <typename T>
+DFINE_HD void ddf_row_softmaxes(const T* zs, const T* zt, int n, T temperature, T* a, T* b, T* ea, T* eb,
+                                T& max_a, T& max_b, T& sum_a, T& sum_b) {
+  for (int j = 0; j < n; ++j) {
+    a[j] = zs[j] / temperature;
+    b[j] = zt[j] / temperature;
+  }
+  sum_a = edge_exp(a, n, ea, max_a);
+  sum_b = edge_exp(b, n, eb, max_b);
+}
+
+// T^2 * sum_j p_j (log p_j - log q_j), p the teacher's softmax; p_j = 0 contributes 0. The
+// log-ratio is the difference of the two log-softmaxes computed by identical code, so it is
+// exactly 0 for every bin when pred == teacher.
+template <typename T>
+DFINE_HD T ddf_row_loss(const T* zs, const T* zt, int n, T temperature) {
+  T a[kMaxBins], b[kMaxBins], ea[kMaxBins], eb[kMaxBins];
+  T max_a, max_b, sum_a, sum_b;
+  ddf_row_softmaxes(zs, zt, n, temperature, a, b, ea, eb, max_a, max_b, sum_a, sum_b);
+  const T log_sum_a = log_(sum_a), log_sum_b = log_(sum_b);
+  const T inv_b = T(1) / sum_b;
+  T kl = T(0);
+  DFINE_SIMD_SUM(kl)
+  for (int j = 0; j < n; ++j) {
+    const T p = eb[j] * inv_b;
+    const T log_ratio = ((b[j] - max_b) - log_sum_b) - ((a[j] - max_a) - log_sum_a);
+    kl += p > T(0) ? p * log_ratio : T(0);
+  }
+  return temperature * temperature * kl;
+}
+
+// d(loss)/d(pred) for one row scaled by g: T * (q_j * sum(p) - p_j).
+template <typename T>
+DFINE_HD void ddf_row_backward(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
+  T a[kMaxBins], b[kMaxBins], ea[kMaxBins], eb[kMaxBins];
+  T max_a, max_b, sum_a, sum_b;
+  ddf_row_softmaxes(zs, zt, n, temperature, a, b, ea, eb, max_a, max_b, sum_a, sum_b);
+  const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
+  T sum_p = T(0);
+  DFINE_SIMD_SUM(sum_p)
+  for (int j = 0; j < n; ++j) sum_p += eb[j] * inv_b;
+  const T scale = g * temperature;
+  for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sum_p - eb[j] * inv_b);
+}
+
+}  // namespace fdr
+}  // namespace dfine
