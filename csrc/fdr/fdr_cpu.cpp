@@ -5,6 +5,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+// The branch-free exp of fdr_math.h vectorises only when float compares may be if-converted,
+// i.e. without -ftrapping-math; no code here relies on floating-point traps.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "fdr/fdr_math.h"
 
 namespace dfine {
@@ -13,6 +19,46 @@ namespace {
 using namespace dfine::fdr;
 
 constexpr int64_t kGrainRows = 128;
+constexpr int kDfineBins = 33;  // reg_max = 32: loops over a compile-time count of bins unroll fully
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DFINE_X86 1
+#endif
+
+// The row loops are compiled twice: for the baseline ISA of the build and for AVX2 + FMA, picked
+// at run time (the row math is always_inline, so it is generated for the ISA of the loop).
+#ifdef DFINE_X86
+template <typename Body>
+__attribute__((target("avx2,fma"))) void rows_avx2(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; ++r) body(r);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename Body>
+void rows_baseline(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; ++r) body(r);
+}
+
+// body(r) for every row r, rows split over threads.
+template <typename Body>
+void for_each_row(int64_t rows, int64_t grain, const Body& body) {
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#ifdef DFINE_X86
+    if (cpu_has_avx2()) {
+      rows_avx2(begin, end, body);
+      return;
+    }
+#endif
+    rows_baseline(begin, end, body);
+  });
+}
+
+#define DFINE_ROW_BODY [&](int64_t r) __attribute__((always_inline))
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
@@ -54,7 +100,7 @@ void check_loss_pred(const at::Tensor& pred, const char* op) {
 // ---------------------------------------------------------------------------------------------
 // fdr_decode
 
-std::tuple<at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& project,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& project,
                                                           const at::Tensor& ref_boxes, double reg_scale,
                                                           int64_t lqe_topk) {
   const char* op = "fdr_decode_forward";
@@ -66,27 +112,32 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred
   const int k = static_cast<int>(lqe_topk);
   at::Tensor boxes = at::empty({rows, 4}, z.options());
   at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
+  at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* wp = W.data_ptr<scalar_t>();
     const scalar_t* rp = ref.data_ptr<scalar_t>();
     scalar_t* bp = boxes.data_ptr<scalar_t>();
     scalar_t* sp = stats.data_ptr<scalar_t>();
+    uint8_t* ip = topk_index.data_ptr<uint8_t>();
     const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
-    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        fdr_decode_row_forward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, bp + r * 4,
-                                         sp + r * 4 * (k + 1));
+    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+      if (n == kDfineBins) {
+        fdr_decode_row_forward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, bp + r * 4,
+                                         sp + r * 4 * (k + 1), ip + r * 4 * k);
+      } else {
+        fdr_decode_row_forward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, bp + r * 4, sp + r * 4 * (k + 1),
+                                         ip + r * 4 * k);
       }
     });
   });
-  return {boxes, stats};
+  return {boxes, stats, topk_index};
 }
 
 std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& grad_boxes, const at::Tensor& grad_stats,
                                                            const at::Tensor& pred_corners, const at::Tensor& project,
-                                                           const at::Tensor& ref_boxes, double reg_scale,
-                                                           int64_t lqe_topk) {
+                                                           const at::Tensor& ref_boxes, const at::Tensor& topk_index,
+                                                           double reg_scale, int64_t lqe_topk) {
   const char* op = "fdr_decode_backward";
   check_float_cpu(pred_corners, op, "pred_corners");
   check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
@@ -95,7 +146,12 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
   TORCH_CHECK(grad_stats.dim() == 3 && grad_stats.size(0) == rows && grad_stats.size(1) == 4 &&
                   grad_stats.size(2) == lqe_topk + 1,
               op, ": grad_stats must have shape [R, 4, lqe_topk + 1], got ", grad_stats.sizes());
+  TORCH_CHECK(topk_index.scalar_type() == at::kByte && topk_index.dim() == 3 && topk_index.size(0) == rows &&
+                  topk_index.size(1) == 4 && topk_index.size(2) == lqe_topk,
+              op, ": topk_index must be a uint8 tensor [R, 4, lqe_topk] (from fdr_decode_forward), got ",
+              topk_index.scalar_type(), " ", topk_index.sizes());
   const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const at::Tensor ti = topk_index.contiguous();
   const at::Tensor gb = grad_boxes.to(z.scalar_type()).contiguous();
   const at::Tensor gs = grad_stats.to(z.scalar_type()).contiguous();
   const int n = static_cast<int>(W.size(0));
@@ -110,10 +166,14 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
     const scalar_t* gsp = gs.data_ptr<scalar_t>();
     scalar_t* gzp = grad_z.data_ptr<scalar_t>();
     scalar_t* grp = grad_ref.data_ptr<scalar_t>();
+    const uint8_t* ip = ti.data_ptr<uint8_t>();
     const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
-    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        fdr_decode_row_backward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, gbp + r * 4,
+    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+      if (n == kDfineBins) {
+        fdr_decode_row_backward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, ip + r * 4 * k,
+                                          gbp + r * 4, gsp + r * 4 * (k + 1), gzp + r * 4 * kDfineBins, grp + r * 4);
+      } else {
+        fdr_decode_row_backward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, ip + r * 4 * k, gbp + r * 4,
                                           gsp + r * 4 * (k + 1), gzp + r * 4 * n, grp + r * 4);
       }
     });
@@ -148,11 +208,11 @@ at::Tensor fgl_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor
     const scalar_t* wrp = wr.data_ptr<scalar_t>();
     const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t loss = fgl_row_loss<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r]);
-        op_[r] = wp ? loss * wp[r] : loss;
-      }
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t loss = n == kDfineBins
+                                ? fgl_row_loss<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r])
+                                : fgl_row_loss<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r]);
+      op_[r] = wp ? loss * wp[r] : loss;
     });
   });
   return out;
@@ -184,9 +244,11 @@ at::Tensor fgl_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& 
     const scalar_t* wrp = wr.data_ptr<scalar_t>();
     const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
     scalar_t* gzp = grad_z.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+      if (n == kDfineBins) {
+        fgl_row_backward<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], scale, gzp + r * kDfineBins);
+      } else {
         fgl_row_backward<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], scale, gzp + r * n);
       }
     });
@@ -225,11 +287,11 @@ at::Tensor ddf_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor
     const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const scalar_t temp = static_cast<scalar_t>(temperature);
-    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t loss = ddf_row_loss<scalar_t>(sp + r * n, tp + r * n, n, temp);
-        op_[r] = wp ? wp[r] * loss : loss;
-      }
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t loss = n == kDfineBins
+                                ? ddf_row_loss<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp)
+                                : ddf_row_loss<scalar_t>(sp + r * n, tp + r * n, n, temp);
+      op_[r] = wp ? wp[r] * loss : loss;
     });
   });
   return out;
@@ -255,9 +317,12 @@ at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& 
     const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
     scalar_t* gzp = grad_z.data_ptr<scalar_t>();
     const scalar_t temp = static_cast<scalar_t>(temperature);
-    at::parallel_for(0, rows, kGrainRows * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
+      if (n == kDfineBins) {
+        ddf_row_backward<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, scale,
+                                   gzp + r * kDfineBins);
+      } else {
         ddf_row_backward<scalar_t>(sp + r * n, tp + r * n, n, temp, scale, gzp + r * n);
       }
     });
@@ -271,10 +336,10 @@ at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(dfine, m) {
   m.def(
       "fdr_decode_forward(Tensor pred_corners, Tensor project, Tensor ref_boxes, float reg_scale, int lqe_topk) "
-      "-> (Tensor, Tensor)");
+      "-> (Tensor boxes, Tensor lqe_stats, Tensor topk_index)");
   m.def(
       "fdr_decode_backward(Tensor grad_boxes, Tensor grad_stats, Tensor pred_corners, Tensor project, "
-      "Tensor ref_boxes, float reg_scale, int lqe_topk) -> (Tensor, Tensor)");
+      "Tensor ref_boxes, Tensor topk_index, float reg_scale, int lqe_topk) -> (Tensor, Tensor)");
   m.def(
       "fgl_loss_forward(Tensor pred_corners, Tensor target_bins, Tensor weight_left, Tensor weight_right, "
       "Tensor? weight) -> Tensor");

@@ -11,11 +11,15 @@
 #if defined(__CUDACC__)
 #define DFINE_HD __host__ __device__ __forceinline__
 #define DFINE_SIMD_SUM(acc)
+#define DFINE_SIMD_MAX(acc)
+#define DFINE_SIMD_MIN(acc)
 #else
 #define DFINE_HD inline __attribute__((always_inline))
 // Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
 #define DFINE_PRAGMA(x) _Pragma(#x)
 #define DFINE_SIMD_SUM(acc) DFINE_PRAGMA(omp simd reduction(+ : acc))
+#define DFINE_SIMD_MAX(acc) DFINE_PRAGMA(omp simd reduction(max : acc))
+#define DFINE_SIMD_MIN(acc) DFINE_PRAGMA(omp simd reduction(min : acc))
 #endif
 
 namespace dfine {
@@ -60,6 +64,7 @@ DFINE_HD float log_(float x) { return ::logf(x); }
 template <typename T>
 DFINE_HD T edge_exp(const T* z, int n, T* e, T& max_out) {
   T m = z[0];
+  DFINE_SIMD_MAX(m)
   for (int j = 1; j < n; ++j) m = z[j] > m ? z[j] : m;
   T sum = T(0);
   DFINE_SIMD_SUM(sum)
@@ -87,23 +92,34 @@ DFINE_HD T edge_softmax_expectation(const T* z, const T* W, int n, T* p) {
 }
 
 // The k largest of p[0..n) in descending order (ties: the lower index first) and their indices.
+// Pass i takes the largest (value, -index) pair below the one found in pass i - 1: two
+// branch-free sweeps over the bins per pass, without writes, so they vectorise.
 template <typename T>
 DFINE_HD void topk_small(const T* p, int n, int k, T* vals, int* idx) {
+  T prev_v = T(0);
+  int prev_i = -1;
   for (int i = 0; i < k; ++i) {
-    vals[i] = T(-1);  // probabilities are >= 0, so -1 is below all of them
-    idx[i] = 0;
-  }
-  for (int j = 0; j < n; ++j) {
-    const T v = p[j];
-    if (!(v > vals[k - 1])) continue;
-    int pos = k - 1;
-    while (pos > 0 && vals[pos - 1] < v) {
-      vals[pos] = vals[pos - 1];
-      idx[pos] = idx[pos - 1];
-      --pos;
+    T m = T(-1);  // probabilities are >= 0
+    DFINE_SIMD_MAX(m)
+    for (int j = 0; j < n; ++j) {
+      const T v = p[j];
+      const bool eligible = i == 0 || v < prev_v || (v == prev_v && j > prev_i);
+      const T c = eligible ? v : T(-1);
+      m = c > m ? c : m;
     }
-    vals[pos] = v;
-    idx[pos] = j;
+    int first = n;
+    DFINE_SIMD_MIN(first)
+    for (int j = 0; j < n; ++j) {
+      const T v = p[j];
+      const bool eligible = i == 0 || v < prev_v || (v == prev_v && j > prev_i);
+      const int candidate = (eligible && v == m) ? j : n;
+      first = candidate < first ? candidate : first;
+    }
+    if (first >= n) first = prev_i + 1 < n ? prev_i + 1 : 0;  // only with NaN probabilities
+    vals[i] = m;
+    idx[i] = first;
+    prev_v = m;
+    prev_i = first;
   }
 }
 
@@ -122,10 +138,11 @@ DFINE_HD void distance_to_box(const T* ref, const T* d, T rs, T* box) {
   box[3] = y2 - y1;
 }
 
-// One box: z = 4 * n logits (edges l, t, r, b) -> box (cx, cy, w, h) and stats [4, k + 1].
+// One box: z = 4 * n logits (edges l, t, r, b) -> box (cx, cy, w, h), stats [4, k + 1] and the
+// bins of the top-k probabilities [4, k] (kept for the backward pass, which then needs no top-k).
 template <typename T>
-DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref, T rs, int k, T* box,
-                                     T* stats) {
+DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref, T rs, int k, T* box, T* stats,
+                                     uint8_t* topk_index) {
   T p[kMaxBins];
   T d[4];
   T vals[kMaxTopk];
@@ -136,6 +153,7 @@ DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref
     T total = T(0);
     for (int i = 0; i < k; ++i) {
       stats[e * (k + 1) + i] = vals[i];
+      topk_index[e * k + i] = static_cast<uint8_t>(idx[i]);
       total += vals[i];
     }
     stats[e * (k + 1) + k] = total / T(k);
@@ -146,7 +164,8 @@ DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref
 // Gradients of one box: given d(boxes) and d(stats), write d(z) [4 * n] and d(ref) [4].
 template <typename T>
 DFINE_HD void fdr_decode_row_backward(const T* z, const T* W, int n, const T* ref, T rs, int k,
-                                      const T* grad_box, const T* grad_stats, T* grad_z, T* grad_ref) {
+                                      const uint8_t* topk_index, const T* grad_box, const T* grad_stats, T* grad_z,
+                                      T* grad_ref) {
   T p[4 * kMaxBins];
   T d[4];
   for (int e = 0; e < 4; ++e) d[e] = edge_softmax_expectation(z + e * n, W, n, p + e * kMaxBins);
@@ -160,16 +179,13 @@ DFINE_HD void fdr_decode_row_backward(const T* z, const T* W, int n, const T* re
   grad_ref[1] = gy1 + gy2;
   grad_ref[2] = (gx2 * (half + d[2]) - gx1 * (half + d[0])) / rs;
   grad_ref[3] = (gy2 * (half + d[3]) - gy1 * (half + d[1])) / rs;
-  T vals[kMaxTopk];
-  int idx[kMaxTopk];
   T grad_p[kMaxBins];
   for (int e = 0; e < 4; ++e) {
     const T* pe = p + e * kMaxBins;
     for (int j = 0; j < n; ++j) grad_p[j] = grad_d[e] * W[j];
-    topk_small(pe, n, k, vals, idx);
     const T* gs = grad_stats + e * (k + 1);
     const T grad_mean = gs[k] / T(k);
-    for (int i = 0; i < k; ++i) grad_p[idx[i]] += gs[i] + grad_mean;
+    for (int i = 0; i < k; ++i) grad_p[topk_index[e * k + i]] += gs[i] + grad_mean;
     T dot = T(0);
     DFINE_SIMD_SUM(dot)
     for (int j = 0; j < n; ++j) dot += pe[j] * grad_p[j];

@@ -252,9 +252,9 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
     proj = project.to(compute)
     rs = _reg_scale_float(reg_scale)
     if which == "cpp":
-        boxes, stats = torch.ops.dfine.fdr_decode_forward(corners2, proj, ref2, rs, lqe_topk)
+        boxes, stats, _ = torch.ops.dfine.fdr_decode_forward(corners2, proj, ref2, rs, lqe_topk)
     else:
-        boxes, stats = torch.ops.dfine.fdr_decode_triton(corners2, proj, ref2, rs, lqe_topk)
+        boxes, stats, _ = torch.ops.dfine.fdr_decode_triton(corners2, proj, ref2, rs, lqe_topk)
     boxes = boxes.reshape(*lead, 4).to(dtype)
     stats = stats.reshape(*lead, 4, lqe_topk + 1).to(dtype)
     return boxes, stats
@@ -266,18 +266,35 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
 
 def _fdr_fake_outputs(pred_corners, ref_boxes, lqe_topk):
     rows = pred_corners.shape[0]
-    return pred_corners.new_empty((rows, 4)), pred_corners.new_empty((rows, 4, lqe_topk + 1))
+    return (
+        pred_corners.new_empty((rows, 4)),
+        pred_corners.new_empty((rows, 4, lqe_topk + 1)),
+        pred_corners.new_empty((rows, 4, lqe_topk), dtype=torch.uint8),
+    )
 
 
 def _fdr_setup_context(ctx, inputs, output):
     pred_corners, project, ref_boxes, reg_scale, lqe_topk = inputs
-    ctx.save_for_backward(pred_corners, project, ref_boxes)  # inputs only: backward recomputes the softmax
+    # Inputs and the top-k bins (4 * k bytes per box) only: backward recomputes the softmax.
+    ctx.save_for_backward(pred_corners, project, ref_boxes, output[2])
+    ctx.mark_non_differentiable(output[2])
     ctx.reg_scale = reg_scale
     ctx.lqe_topk = lqe_topk
 
 
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
+def _make_fdr_backward(backward_op):
+    def _backward(ctx, grad_boxes, grad_stats, grad_index):
+        pred_corners, project, ref_boxes, topk_index = ctx.saved_tensors
+        if grad_boxes is None:
+            grad_boxes = torch.zeros_like(ref_boxes)
+        if grad_stats is None:
+            grad_stats = pred_corners.new_zeros((pred_corners.shape[0], 4, ctx.lqe_topk + 1))
+        grad_corners, grad_ref = backward_op(
+            grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, ctx.reg_scale, ctx.lqe_topk
+        )
+        return grad_corners, None, grad_ref, None, None
+
+    return _backward
 
 
 def _register_cpp_autograd():
@@ -286,21 +303,14 @@ def _register_cpp_autograd():
         return _fdr_fake_outputs(pred_corners, ref_boxes, lqe_topk)
 
     @torch.library.register_fake("dfine::fdr_decode_backward")
-    def _backward_fake(grad_boxes, grad_stats, pred_corners, project, ref_boxes, reg_scale, lqe_topk):
+    def _backward_fake(grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk):
         return torch.empty_like(pred_corners), torch.empty_like(ref_boxes)
 
-    def _backward(ctx, grad_boxes, grad_stats):
-        pred_corners, project, ref_boxes = ctx.saved_tensors
-        rows = pred_corners.shape[0]
-        grad_boxes = _zeros_if_none(grad_boxes, ref_boxes)
-        if grad_stats is None:
-            grad_stats = pred_corners.new_zeros((rows, 4, ctx.lqe_topk + 1))
-        grad_corners, grad_ref = torch.ops.dfine.fdr_decode_backward(
-            grad_boxes, grad_stats, pred_corners, project, ref_boxes, ctx.reg_scale, ctx.lqe_topk
-        )
-        return grad_corners, None, grad_ref, None, None
-
-    torch.library.register_autograd("dfine::fdr_decode_forward", _backward, setup_context=_fdr_setup_context)
+    torch.library.register_autograd(
+        "dfine::fdr_decode_forward",
+        _make_fdr_backward(torch.ops.dfine.fdr_decode_backward),
+        setup_context=_fdr_setup_context,
+    )
 
 
 def _cpp_op_defined(name: str) -> bool:
@@ -317,7 +327,7 @@ if _cpp_op_defined("fdr_decode_forward"):
 
 @torch.library.custom_op("dfine::fdr_decode_triton", mutates_args=())
 def _triton_forward(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: torch.Tensor,
-                    reg_scale: float, lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    reg_scale: float, lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from kernels.fdr_decode import fdr_decode_forward_triton
 
     return fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
@@ -330,30 +340,23 @@ def _(pred_corners, project, ref_boxes, reg_scale, lqe_topk):
 
 @torch.library.custom_op("dfine::fdr_decode_triton_backward", mutates_args=())
 def _triton_backward(grad_boxes: torch.Tensor, grad_stats: torch.Tensor, pred_corners: torch.Tensor,
-                     project: torch.Tensor, ref_boxes: torch.Tensor, reg_scale: float,
+                     project: torch.Tensor, ref_boxes: torch.Tensor, topk_index: torch.Tensor, reg_scale: float,
                      lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
     from kernels.fdr_decode import fdr_decode_backward_triton
 
-    return fdr_decode_backward_triton(grad_boxes, grad_stats, pred_corners, project, ref_boxes, reg_scale, lqe_topk)
+    return fdr_decode_backward_triton(
+        grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk
+    )
 
 
 @_triton_backward.register_fake
-def _(grad_boxes, grad_stats, pred_corners, project, ref_boxes, reg_scale, lqe_topk):
+def _(grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk):
     return torch.empty_like(pred_corners), torch.empty_like(ref_boxes)
 
 
-def _triton_backward_formula(ctx, grad_boxes, grad_stats):
-    pred_corners, project, ref_boxes = ctx.saved_tensors
-    grad_boxes = _zeros_if_none(grad_boxes, ref_boxes)
-    if grad_stats is None:
-        grad_stats = pred_corners.new_zeros((pred_corners.shape[0], 4, ctx.lqe_topk + 1))
-    grad_corners, grad_ref = torch.ops.dfine.fdr_decode_triton_backward(
-        grad_boxes, grad_stats, pred_corners, project, ref_boxes, ctx.reg_scale, ctx.lqe_topk
-    )
-    return grad_corners, None, grad_ref, None, None
-
-
-_triton_forward.register_autograd(_triton_backward_formula, setup_context=_fdr_setup_context)
+_triton_forward.register_autograd(
+    _make_fdr_backward(torch.ops.dfine.fdr_decode_triton_backward), setup_context=_fdr_setup_context
+)
 
 
 # --------------------------------------------------------------------------------------------
