@@ -124,7 +124,7 @@ def test_fdr_targets_zero_size_reference_is_finite():
         assert torch.isfinite(t).all()
     # an edge on the far side of the centre is beyond W[32]; on the near side below W[0]; exactly on
     # the centre the distance is 0 - rs/2 = W[1]
-    expected = torch.tensor([[K - 0.1] * 4, [K - 0.1, 0.0, 0.0, K - 0.1], [1.0] * 4])
+    expected = torch.tensor([[K - 0.1] * 4, [K - 0.1, 0.0, 0.0, 0.0], [1.0] * 4])
     torch.testing.assert_close(target, expected)
     torch.testing.assert_close(weight_left + weight_right, torch.ones_like(target))
 
