@@ -90,8 +90,10 @@ def _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB: 
     eb = tl.exp(b_shift)
     sum_a = tl.sum(ea, axis=1)
     sum_b = tl.sum(eb, axis=1)
+    # padded bins (-inf on both sides) get 0 instead of -inf - -inf
+    a_shift = tl.where(bins[None, :] < NB, a_shift, 0.0)
+    b_shift = tl.where(bins[None, :] < NB, b_shift, 0.0)
     log_ratio = (b_shift - tl.log(sum_b)[:, None]) - (a_shift - tl.log(sum_a)[:, None])
-    log_ratio = tl.where(bins[None, :] < NB, log_ratio, 0.0)  # padded bins: -inf - -inf
     p = eb / sum_b[:, None]
     q = ea / sum_a[:, None]
     return log_ratio, p, q
@@ -104,7 +106,7 @@ def _ddf_forward_kernel(zs_ptr, zt_ptr, w_ptr, out_ptr, R, temperature, HAS_WEIG
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
     log_ratio, p, q = _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB)
-    terms = tl.where(p > 0, p * log_ratio, 0.0)  # xlogy: p = 0 contributes 0 (also on padded bins)
+    terms = p * tl.where(p > 0, log_ratio, 0.0)  # xlogy: p = 0 contributes 0 (also on padded bins)
     loss = temperature * temperature * tl.sum(terms, axis=1)
     if HAS_WEIGHT:
         loss = tl.load(w_ptr + rows, mask=row_mask, other=0.0) * loss
