@@ -1,8 +1,10 @@
 // CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row, the per-row math is
 // the same __host__ __device__ code as the C++ CPU kernels (fdr_math.h). The schemas are defined
 // in fdr_cpu.cpp.
-#include <ATen/cuda/CUDAContext.h>
+// c10 headers only: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers for nothing.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -133,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cuda(const at:
   at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
   at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
   if (rows == 0) return {boxes, stats, topk_index};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward_cuda", [&] {
     fdr_decode_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
@@ -166,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cuda(const at::Tensor& gr
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_ref = at::empty_like(ref);
   if (rows == 0) return {grad_z, grad_ref};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward_cuda", [&] {
     fdr_decode_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), ti.data_ptr<uint8_t>(),
@@ -198,7 +200,7 @@ at::Tensor fgl_loss_forward_cuda(const at::Tensor& pred_corners, const at::Tenso
   const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
   at::Tensor out = at::empty({rows}, z.options());
   if (rows == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_forward_cuda", [&] {
     fgl_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), wl.data_ptr<scalar_t>(), wr.data_ptr<scalar_t>(),
@@ -224,7 +226,7 @@ at::Tensor fgl_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
   at::Tensor grad_z = at::empty_like(z);
   if (rows == 0) return grad_z;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_backward_cuda", [&] {
     fgl_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), wl.data_ptr<scalar_t>(),
@@ -252,7 +254,7 @@ at::Tensor ddf_loss_forward_cuda(const at::Tensor& pred_corners, const at::Tenso
   const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous();
   at::Tensor out = at::empty({rows}, zs.options());
   if (rows == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_forward_cuda", [&] {
     ddf_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(w),
@@ -274,7 +276,7 @@ at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous(), g = grad_rows.contiguous();
   at::Tensor grad_z = at::empty_like(zs);
   if (rows == 0) return grad_z;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_backward_cuda", [&] {
     ddf_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
         g.data_ptr<scalar_t>(), zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(w),
