@@ -157,3 +157,32 @@ def test_bad_inputs_raise_naming_the_argument(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         ddf_loss(**args)
+
+
+def test_fused_second_backward_through_the_graph(fused_backend):
+    # the first backward scales the gradient kept by the forward pass; a second one recomputes it
+    pred, teacher, weight = _inputs(n=20)
+    pred.requires_grad_(True)
+    loss = ddf_loss(pred, teacher, weight, reduction="mean", backend=fused_backend)
+    first, = torch.autograd.grad(loss, pred, retain_graph=True)
+    second, = torch.autograd.grad(loss * 2, pred)
+    want, = torch.autograd.grad(ddf_loss_reference(pred, teacher, weight, reduction="mean"), pred)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(second, 2 * want, rtol=1e-5, atol=4e-6)
+
+
+def test_torch_compile_fullgraph_cpp():
+    require_backend("cpp")
+    pred, teacher, weight = _inputs(n=16)
+
+    def step(p):
+        return ddf_loss(p, teacher, weight, reduction="sum", backend="cpp")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss_compiled = compiled(p1)
+    loss_compiled.backward()
+    loss_eager = step(p2)
+    loss_eager.backward()
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    torch.testing.assert_close(p1.grad, p2.grad)

@@ -167,3 +167,15 @@ def test_bad_inputs_raise_naming_the_argument(change, exc, match):
         fgl_loss(args["pred"], args["target"], args["wl"], args["wr"], args["iou"])
     with pytest.raises(ValueError, match="reduction"):
         fgl_loss(pred, target, wl, wr, reduction="max")
+
+
+def test_fused_second_backward_through_the_graph(fused_backend):
+    # the first backward scales the gradient kept by the forward pass; a second one recomputes it
+    pred, target, wl, wr, iou = _inputs(n=20)
+    pred.requires_grad_(True)
+    loss = fgl_loss(pred, target, wl, wr, iou, backend=fused_backend)
+    first, = torch.autograd.grad(loss, pred, retain_graph=True)
+    second, = torch.autograd.grad(loss * 2, pred)
+    want, = torch.autograd.grad(fgl_loss_reference(pred, target, wl, wr, iou), pred)
+    torch.testing.assert_close(first, want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(second, 2 * want, rtol=2e-6, atol=4e-6)

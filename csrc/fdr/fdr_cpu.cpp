@@ -182,82 +182,85 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
 }
 
 // ---------------------------------------------------------------------------------------------
-// FGL
+// FGL and DDF. The forward ops return the weighted per-row loss [N] and, when compute_grad is
+// set, d(row loss)/d(pred) [N, K+1] from the same pass (backward then only scales its rows);
+// otherwise an empty tensor. The backward ops recompute the gradient from the inputs (used when
+// the forward pass did not keep it, e.g. a second backward through the same graph).
 
-at::Tensor fgl_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& target_bins,
-                                const at::Tensor& weight_left, const at::Tensor& weight_right,
-                                const c10::optional<at::Tensor>& weight) {
-  const char* op = "fgl_loss_forward";
-  check_float_cpu(pred_corners, op, "pred_corners");
-  check_loss_pred(pred_corners, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(target_bins, rows, pred_corners, op, "target_bins");
-  check_rows(weight_left, rows, pred_corners, op, "weight_left");
-  check_rows(weight_right, rows, pred_corners, op, "weight_right");
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
-  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous();
-  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
-  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+at::Tensor optional_rows(const c10::optional<at::Tensor>& weight, int64_t rows, const at::Tensor& like,
+                         const char* op) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  check_rows(*weight, rows, like, op, "weight");
+  return weight->contiguous();
+}
+
+template <typename T>
+const T* optional_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+void check_fgl_args(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                    const char* op) {
+  check_float_cpu(pred, op, "pred_corners");
+  check_loss_pred(pred, op);
+  const int64_t rows = pred.size(0);
+  check_rows(target, rows, pred, op, "target_bins");
+  check_rows(wl, rows, pred, op, "weight_left");
+  check_rows(wr, rows, pred, op, "weight_right");
+}
+
+// rows_out[r] = weight[r] * loss_r; grad_out (if defined) = upstream[r] * weight[r] * d(loss_r)/dz.
+at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                        const at::Tensor& weight, const at::Tensor& upstream, bool want_loss, at::Tensor grad_out) {
+  const at::Tensor z = pred.contiguous(), t = target.contiguous(), l = wl.contiguous(), rgt = wr.contiguous();
+  const int64_t rows = z.size(0);
   const int n = static_cast<int>(z.size(1));
-  at::Tensor out = at::empty({rows}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_forward", [&] {
+  at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cpu", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
-    const scalar_t* wlp = wl.data_ptr<scalar_t>();
-    const scalar_t* wrp = wr.data_ptr<scalar_t>();
-    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const scalar_t* wlp = l.data_ptr<scalar_t>();
+    const scalar_t* wrp = rgt.data_ptr<scalar_t>();
+    const scalar_t* wp = optional_ptr<scalar_t>(weight);
+    const scalar_t* up = optional_ptr<scalar_t>(upstream);
+    scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
     for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t w = wp ? wp[r] : scalar_t(1);
+      const scalar_t g = up ? up[r] * w : w;
+      scalar_t* gz = gzp ? gzp + r * n : nullptr;
       const scalar_t loss = n == kDfineBins
-                                ? fgl_row_loss<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r])
-                                : fgl_row_loss<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r]);
-      op_[r] = wp ? loss * wp[r] : loss;
+                                ? fgl_row<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], g, gz)
+                                : fgl_row<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], g, gz);
+      if (op_) op_[r] = wp ? loss * w : loss;
     });
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& target_bins,
+                                                        const at::Tensor& weight_left, const at::Tensor& weight_right,
+                                                        const c10::optional<at::Tensor>& weight, bool compute_grad) {
+  const char* op = "fgl_loss_forward";
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options()) : at::empty({0}, pred_corners.options());
+  at::Tensor out = fgl_rows_cpu(pred_corners, target_bins, weight_left, weight_right, w, at::Tensor(), true,
+                                compute_grad ? grad : at::Tensor());
+  return {out, grad};
 }
 
 at::Tensor fgl_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
                                  const at::Tensor& target_bins, const at::Tensor& weight_left,
                                  const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
   const char* op = "fgl_loss_backward";
-  check_float_cpu(pred_corners, op, "pred_corners");
-  check_loss_pred(pred_corners, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
-  check_rows(target_bins, rows, pred_corners, op, "target_bins");
-  check_rows(weight_left, rows, pred_corners, op, "weight_left");
-  check_rows(weight_right, rows, pred_corners, op, "weight_right");
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
-  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous(), g = grad_rows.contiguous();
-  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
-  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
-  const int n = static_cast<int>(z.size(1));
-  at::Tensor grad_z = at::empty_like(z);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_backward", [&] {
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* wlp = wl.data_ptr<scalar_t>();
-    const scalar_t* wrp = wr.data_ptr<scalar_t>();
-    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
-    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
-      const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
-      if (n == kDfineBins) {
-        fgl_row_backward<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], scale, gzp + r * kDfineBins);
-      } else {
-        fgl_row_backward<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], scale, gzp + r * n);
-      }
-    });
-  });
-  return grad_z;
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  fgl_rows_cpu(pred_corners, target_bins, weight_left, weight_right, w, grad_rows.contiguous(), false, grad);
+  return grad;
 }
-
-// ---------------------------------------------------------------------------------------------
-// DDF
 
 void check_ddf_args(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
   check_float_cpu(pred, op, "pred_corners");
@@ -270,31 +273,44 @@ void check_ddf_args(const at::Tensor& pred, const at::Tensor& teacher, double te
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
 }
 
-at::Tensor ddf_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& teacher_corners,
-                                const c10::optional<at::Tensor>& weight, double temperature) {
-  const char* op = "ddf_loss_forward";
-  check_ddf_args(pred_corners, teacher_corners, temperature, op);
-  const int64_t rows = pred_corners.size(0);
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
-  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous();
-  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
+at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const at::Tensor& weight,
+                        double temperature, const at::Tensor& upstream, bool want_loss, at::Tensor grad_out) {
+  const at::Tensor zs = pred.contiguous(), zt = teacher.contiguous();
+  const int64_t rows = zs.size(0);
   const int n = static_cast<int>(zs.size(1));
-  at::Tensor out = at::empty({rows}, zs.options());
-  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_forward", [&] {
+  at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cpu", [&] {
     const scalar_t* sp = zs.data_ptr<scalar_t>();
     const scalar_t* tp = zt.data_ptr<scalar_t>();
-    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const scalar_t* wp = optional_ptr<scalar_t>(weight);
+    const scalar_t* up = optional_ptr<scalar_t>(upstream);
+    scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
     const scalar_t temp = static_cast<scalar_t>(temperature);
     for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t w = wp ? wp[r] : scalar_t(1);
+      const scalar_t g = up ? up[r] * w : w;
+      scalar_t* gz = gzp ? gzp + r * n : nullptr;
       const scalar_t loss = n == kDfineBins
-                                ? ddf_row_loss<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp)
-                                : ddf_row_loss<scalar_t>(sp + r * n, tp + r * n, n, temp);
-      op_[r] = wp ? wp[r] * loss : loss;
+                                ? ddf_row<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, g, gz)
+                                : ddf_row<scalar_t>(sp + r * n, tp + r * n, n, temp, g, gz);
+      if (op_) op_[r] = wp ? w * loss : loss;
     });
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_cpu(const at::Tensor& pred_corners,
+                                                        const at::Tensor& teacher_corners,
+                                                        const c10::optional<at::Tensor>& weight, double temperature,
+                                                        bool compute_grad) {
+  const char* op = "ddf_loss_forward";
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options()) : at::empty({0}, pred_corners.options());
+  at::Tensor out = ddf_rows_cpu(pred_corners, teacher_corners, w, temperature, at::Tensor(), true,
+                                compute_grad ? grad : at::Tensor());
+  return {out, grad};
 }
 
 at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
@@ -302,32 +318,11 @@ at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& 
                                  double temperature) {
   const char* op = "ddf_loss_backward";
   check_ddf_args(pred_corners, teacher_corners, temperature, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_weight) check_rows(*weight, rows, pred_corners, op, "weight");
-  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous(), g = grad_rows.contiguous();
-  const at::Tensor w = has_weight ? weight->contiguous() : at::Tensor();
-  const int n = static_cast<int>(zs.size(1));
-  at::Tensor grad_z = at::empty_like(zs);
-  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_backward", [&] {
-    const scalar_t* sp = zs.data_ptr<scalar_t>();
-    const scalar_t* tp = zt.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* wp = has_weight ? w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
-    const scalar_t temp = static_cast<scalar_t>(temperature);
-    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
-      const scalar_t scale = wp ? gp[r] * wp[r] : gp[r];
-      if (n == kDfineBins) {
-        ddf_row_backward<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, scale,
-                                   gzp + r * kDfineBins);
-      } else {
-        ddf_row_backward<scalar_t>(sp + r * n, tp + r * n, n, temp, scale, gzp + r * n);
-      }
-    });
-  });
-  return grad_z;
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  ddf_rows_cpu(pred_corners, teacher_corners, w, temperature, grad_rows.contiguous(), false, grad);
+  return grad;
 }
 
 }  // namespace
@@ -342,11 +337,13 @@ TORCH_LIBRARY_FRAGMENT(dfine, m) {
       "Tensor ref_boxes, Tensor topk_index, float reg_scale, int lqe_topk) -> (Tensor, Tensor)");
   m.def(
       "fgl_loss_forward(Tensor pred_corners, Tensor target_bins, Tensor weight_left, Tensor weight_right, "
-      "Tensor? weight) -> Tensor");
+      "Tensor? weight, bool compute_grad) -> (Tensor rows, Tensor grad_pred)");
   m.def(
       "fgl_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor target_bins, Tensor weight_left, "
       "Tensor weight_right, Tensor? weight) -> Tensor");
-  m.def("ddf_loss_forward(Tensor pred_corners, Tensor teacher_corners, Tensor? weight, float temperature) -> Tensor");
+  m.def(
+      "ddf_loss_forward(Tensor pred_corners, Tensor teacher_corners, Tensor? weight, float temperature, "
+      "bool compute_grad) -> (Tensor rows, Tensor grad_pred)");
   m.def(
       "ddf_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor teacher_corners, Tensor? weight, "
       "float temperature) -> Tensor");

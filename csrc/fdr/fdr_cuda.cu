@@ -70,43 +70,29 @@ __global__ void fdr_decode_backward_kernel(const T* z, const T* W, const T* ref,
   }
 }
 
+// One FGL / DDF row per thread: loss (unless out is null) and, when grad_z is not null,
+// upstream[r] * weight[r] * d(loss)/dz.
 template <typename T>
-__global__ void fgl_forward_kernel(const T* z, const T* target, const T* wl, const T* wr, const T* weight,
-                                   int64_t rows, int n, T* out) {
+__global__ void fgl_rows_kernel(const T* z, const T* target, const T* wl, const T* wr, const T* weight,
+                                const T* upstream, int64_t rows, int n, T* out, T* grad_z) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T loss = fgl_row_loss<T>(z + r * n, n, target[r], wl[r], wr[r]);
-    out[r] = weight ? loss * weight[r] : loss;
+    const T w = weight ? weight[r] : T(1);
+    const T g = upstream ? upstream[r] * w : w;
+    const T loss = fgl_row<T>(z + r * n, n, target[r], wl[r], wr[r], g, grad_z ? grad_z + r * n : nullptr);
+    if (out) out[r] = weight ? loss * w : loss;
   }
 }
 
 template <typename T>
-__global__ void fgl_backward_kernel(const T* grad_rows, const T* z, const T* target, const T* wl, const T* wr,
-                                    const T* weight, int64_t rows, int n, T* grad_z) {
+__global__ void ddf_rows_kernel(const T* zs, const T* zt, const T* weight, const T* upstream, T temperature,
+                                int64_t rows, int n, T* out, T* grad_z) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T scale = weight ? grad_rows[r] * weight[r] : grad_rows[r];
-    fgl_row_backward<T>(z + r * n, n, target[r], wl[r], wr[r], scale, grad_z + r * n);
-  }
-}
-
-template <typename T>
-__global__ void ddf_forward_kernel(const T* zs, const T* zt, const T* weight, T temperature, int64_t rows, int n,
-                                   T* out) {
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T loss = ddf_row_loss<T>(zs + r * n, zt + r * n, n, temperature);
-    out[r] = weight ? weight[r] * loss : loss;
-  }
-}
-
-template <typename T>
-__global__ void ddf_backward_kernel(const T* grad_rows, const T* zs, const T* zt, const T* weight, T temperature,
-                                    int64_t rows, int n, T* grad_z) {
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T scale = weight ? grad_rows[r] * weight[r] : grad_rows[r];
-    ddf_row_backward<T>(zs + r * n, zt + r * n, n, temperature, scale, grad_z + r * n);
+    const T w = weight ? weight[r] : T(1);
+    const T g = upstream ? upstream[r] * w : w;
+    const T loss = ddf_row<T>(zs + r * n, zt + r * n, n, temperature, g, grad_z ? grad_z + r * n : nullptr);
+    if (out) out[r] = weight ? w * loss : loss;
   }
 }
 
@@ -185,56 +171,58 @@ void check_loss_pred(const at::Tensor& pred, const char* op) {
               ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins);
 }
 
-at::Tensor fgl_loss_forward_cuda(const at::Tensor& pred_corners, const at::Tensor& target_bins,
-                                 const at::Tensor& weight_left, const at::Tensor& weight_right,
-                                 const c10::optional<at::Tensor>& weight) {
-  const char* op = "fgl_loss_forward";
-  check_loss_pred(pred_corners, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(target_bins, rows, pred_corners, op, "target_bins");
-  check_rows(weight_left, rows, pred_corners, op, "weight_left");
-  check_rows(weight_right, rows, pred_corners, op, "weight_right");
-  const c10::cuda::CUDAGuard guard(pred_corners.device());
-  const at::Tensor w = optional_rows(weight, rows, pred_corners, op);
-  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous();
-  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
-  at::Tensor out = at::empty({rows}, z.options());
+void check_fgl(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+               const char* op) {
+  check_loss_pred(pred, op);
+  const int64_t rows = pred.size(0);
+  check_rows(target, rows, pred, op, "target_bins");
+  check_rows(wl, rows, pred, op, "weight_left");
+  check_rows(wr, rows, pred, op, "weight_right");
+}
+
+at::Tensor fgl_rows_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                         const at::Tensor& weight, const at::Tensor& upstream, bool want_loss, at::Tensor grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const at::Tensor z = pred.contiguous(), t = target.contiguous(), l = wl.contiguous(), rg = wr.contiguous();
+  const int64_t rows = z.size(0);
+  at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
   if (rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_forward_cuda", [&] {
-    fgl_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), wl.data_ptr<scalar_t>(), wr.data_ptr<scalar_t>(),
-        optional_ptr<scalar_t>(w), rows, static_cast<int>(z.size(1)), out.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cuda", [&] {
+    fgl_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), rg.data_ptr<scalar_t>(),
+        optional_ptr<scalar_t>(weight), optional_ptr<scalar_t>(upstream), rows, static_cast<int>(z.size(1)),
+        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_cuda(const at::Tensor& pred_corners,
+                                                         const at::Tensor& target_bins,
+                                                         const at::Tensor& weight_left,
+                                                         const at::Tensor& weight_right,
+                                                         const c10::optional<at::Tensor>& weight, bool compute_grad) {
+  const char* op = "fgl_loss_forward";
+  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
+                                 : at::empty({0}, pred_corners.options());
+  at::Tensor out = fgl_rows_cuda(pred_corners, target_bins, weight_left, weight_right, w, at::Tensor(), true,
+                                 compute_grad ? grad : at::Tensor());
+  return {out, grad};
 }
 
 at::Tensor fgl_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
                                   const at::Tensor& target_bins, const at::Tensor& weight_left,
                                   const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
   const char* op = "fgl_loss_backward";
-  check_loss_pred(pred_corners, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
-  check_rows(target_bins, rows, pred_corners, op, "target_bins");
-  check_rows(weight_left, rows, pred_corners, op, "weight_left");
-  check_rows(weight_right, rows, pred_corners, op, "weight_right");
-  const c10::cuda::CUDAGuard guard(pred_corners.device());
-  const at::Tensor w = optional_rows(weight, rows, pred_corners, op);
-  const at::Tensor z = pred_corners.contiguous(), t = target_bins.contiguous(), g = grad_rows.contiguous();
-  const at::Tensor wl = weight_left.contiguous(), wr = weight_right.contiguous();
-  at::Tensor grad_z = at::empty_like(z);
-  if (rows == 0) return grad_z;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_backward_cuda", [&] {
-    fgl_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), wl.data_ptr<scalar_t>(),
-        wr.data_ptr<scalar_t>(), optional_ptr<scalar_t>(w), rows, static_cast<int>(z.size(1)),
-        grad_z.data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_z;
+  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  fgl_rows_cuda(pred_corners, target_bins, weight_left, weight_right, w, grad_rows.contiguous(), false, grad);
+  return grad;
 }
 
 void check_ddf(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
@@ -244,24 +232,36 @@ void check_ddf(const at::Tensor& pred, const at::Tensor& teacher, double tempera
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
 }
 
-at::Tensor ddf_loss_forward_cuda(const at::Tensor& pred_corners, const at::Tensor& teacher_corners,
-                                 const c10::optional<at::Tensor>& weight, double temperature) {
-  const char* op = "ddf_loss_forward";
-  check_ddf(pred_corners, teacher_corners, temperature, op);
-  const int64_t rows = pred_corners.size(0);
-  const c10::cuda::CUDAGuard guard(pred_corners.device());
-  const at::Tensor w = optional_rows(weight, rows, pred_corners, op);
-  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous();
-  at::Tensor out = at::empty({rows}, zs.options());
+at::Tensor ddf_rows_cuda(const at::Tensor& pred, const at::Tensor& teacher, const at::Tensor& weight,
+                         double temperature, const at::Tensor& upstream, bool want_loss, at::Tensor grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const at::Tensor zs = pred.contiguous(), zt = teacher.contiguous();
+  const int64_t rows = zs.size(0);
+  at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
   if (rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_forward_cuda", [&] {
-    ddf_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(w),
-        static_cast<scalar_t>(temperature), rows, static_cast<int>(zs.size(1)), out.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cuda", [&] {
+    ddf_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+        optional_ptr<scalar_t>(upstream), static_cast<scalar_t>(temperature), rows, static_cast<int>(zs.size(1)),
+        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_cuda(const at::Tensor& pred_corners,
+                                                         const at::Tensor& teacher_corners,
+                                                         const c10::optional<at::Tensor>& weight, double temperature,
+                                                         bool compute_grad) {
+  const char* op = "ddf_loss_forward";
+  check_ddf(pred_corners, teacher_corners, temperature, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
+                                 : at::empty({0}, pred_corners.options());
+  at::Tensor out = ddf_rows_cuda(pred_corners, teacher_corners, w, temperature, at::Tensor(), true,
+                                 compute_grad ? grad : at::Tensor());
+  return {out, grad};
 }
 
 at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
@@ -269,21 +269,11 @@ at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
                                   double temperature) {
   const char* op = "ddf_loss_backward";
   check_ddf(pred_corners, teacher_corners, temperature, op);
-  const int64_t rows = pred_corners.size(0);
-  check_rows(grad_rows, rows, pred_corners, op, "grad_rows");
-  const c10::cuda::CUDAGuard guard(pred_corners.device());
-  const at::Tensor w = optional_rows(weight, rows, pred_corners, op);
-  const at::Tensor zs = pred_corners.contiguous(), zt = teacher_corners.contiguous(), g = grad_rows.contiguous();
-  at::Tensor grad_z = at::empty_like(zs);
-  if (rows == 0) return grad_z;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_backward_cuda", [&] {
-    ddf_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(w),
-        static_cast<scalar_t>(temperature), rows, static_cast<int>(zs.size(1)), grad_z.data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad_z;
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  ddf_rows_cuda(pred_corners, teacher_corners, w, temperature, grad_rows.contiguous(), false, grad);
+  return grad;
 }
 
 }  // namespace

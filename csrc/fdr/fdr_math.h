@@ -13,6 +13,7 @@
 #define DFINE_SIMD_SUM(acc)
 #define DFINE_SIMD_MAX(acc)
 #define DFINE_SIMD_MIN(acc)
+#define DFINE_SIMD_SUM2(a, b)
 #else
 #define DFINE_HD inline __attribute__((always_inline))
 // Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
@@ -20,6 +21,7 @@
 #define DFINE_SIMD_SUM(acc) DFINE_PRAGMA(omp simd reduction(+ : acc))
 #define DFINE_SIMD_MAX(acc) DFINE_PRAGMA(omp simd reduction(max : acc))
 #define DFINE_SIMD_MIN(acc) DFINE_PRAGMA(omp simd reduction(min : acc))
+#define DFINE_SIMD_SUM2(a, b) DFINE_PRAGMA(omp simd reduction(+ : a, b))
 #endif
 
 namespace dfine {
@@ -202,73 +204,54 @@ DFINE_HD int fgl_left_bin(T target, int n) {
   return static_cast<int>(target);
 }
 
-// CE(z, a) * wl + CE(z, a + 1) * wr for one row (without the row weight).
+// One FGL row: returns CE(z, a) * wl + CE(z, a + 1) * wr (without the row weight) and, when
+// grad_z is not null, writes g * d(loss)/dz from the same exponentials (g = upstream * row weight).
 template <typename T>
-DFINE_HD T fgl_row_loss(const T* z, int n, T target, T wl, T wr) {
+DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
   T e[kMaxBins];
   T m;
-  const T log_sum = log_(edge_exp(z, n, e, m));
+  const T sum = edge_exp(z, n, e, m);
+  const T log_sum = log_(sum);
   const int a = fgl_left_bin(target, n);
+  if (grad_z != nullptr) {
+    const T scale = g * (wl + wr) / sum;
+    for (int j = 0; j < n; ++j) grad_z[j] = scale * e[j];
+    grad_z[a] -= g * wl;
+    grad_z[a + 1] -= g * wr;
+  }
   return (log_sum - (z[a] - m)) * wl + (log_sum - (z[a + 1] - m)) * wr;
 }
 
-// d(loss)/dz for one row, scaled by g (= grad of the row loss times the row weight).
+// One DDF row: returns T^2 * sum_j p_j (log p_j - log q_j), p = softmax(teacher / T) and
+// q = softmax(pred / T), terms with p_j = 0 count 0; when grad_z is not null, writes
+// g * d(loss)/d(pred) = g * T * (q_j * sum(p) - p_j). The log-ratio is the difference of two
+// log-softmaxes computed by identical code, so it is exactly 0 for every bin when pred == teacher.
 template <typename T>
-DFINE_HD void fgl_row_backward(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
-  T e[kMaxBins];
-  T m;
-  const T scale = g * (wl + wr) / edge_exp(z, n, e, m);
-  for (int j = 0; j < n; ++j) grad_z[j] = scale * e[j];
-  const int a = fgl_left_bin(target, n);
-  grad_z[a] -= g * wl;
-  grad_z[a + 1] -= g * wr;
-}
-
-// Both tempered softmaxes of one DDF row. a = pred / T, b = teacher / T; ea = exp(a - max a),
-// eb = exp(b - max b); returns through the references the maxima and the log of the sums.
-template <typename T>
-DFINE_HD void ddf_row_softmaxes(const T* zs, const T* zt, int n, T temperature, T* a, T* b, T* ea, T* eb,
-                                T& max_a, T& max_b, T& sum_a, T& sum_b) {
-  for (int j = 0; j < n; ++j) {
-    a[j] = zs[j] / temperature;
-    b[j] = zt[j] / temperature;
-  }
-  sum_a = edge_exp(a, n, ea, max_a);
-  sum_b = edge_exp(b, n, eb, max_b);
-}
-
-// T^2 * sum_j p_j (log p_j - log q_j), p the teacher's softmax; p_j = 0 contributes 0. The
-// log-ratio is the difference of the two log-softmaxes computed by identical code, so it is
-// exactly 0 for every bin when pred == teacher.
-template <typename T>
-DFINE_HD T ddf_row_loss(const T* zs, const T* zt, int n, T temperature) {
+DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
   T a[kMaxBins], b[kMaxBins], ea[kMaxBins], eb[kMaxBins];
-  T max_a, max_b, sum_a, sum_b;
-  ddf_row_softmaxes(zs, zt, n, temperature, a, b, ea, eb, max_a, max_b, sum_a, sum_b);
+  const T inv_t = T(1) / temperature;
+  for (int j = 0; j < n; ++j) {
+    a[j] = zs[j] * inv_t;
+    b[j] = zt[j] * inv_t;
+  }
+  T max_a, max_b;
+  const T sum_a = edge_exp(a, n, ea, max_a);
+  const T sum_b = edge_exp(b, n, eb, max_b);
   const T log_sum_a = log_(sum_a), log_sum_b = log_(sum_b);
-  const T inv_b = T(1) / sum_b;
-  T kl = T(0);
-  DFINE_SIMD_SUM(kl)
+  const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
+  T kl = T(0), sum_p = T(0);
+  DFINE_SIMD_SUM2(kl, sum_p)
   for (int j = 0; j < n; ++j) {
     const T p = eb[j] * inv_b;
     const T log_ratio = ((b[j] - max_b) - log_sum_b) - ((a[j] - max_a) - log_sum_a);
     kl += p > T(0) ? p * log_ratio : T(0);
+    sum_p += p;
+  }
+  if (grad_z != nullptr) {
+    const T scale = g * temperature;
+    for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sum_p - eb[j] * inv_b);
   }
   return temperature * temperature * kl;
-}
-
-// d(loss)/d(pred) for one row scaled by g: T * (q_j * sum(p) - p_j).
-template <typename T>
-DFINE_HD void ddf_row_backward(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
-  T a[kMaxBins], b[kMaxBins], ea[kMaxBins], eb[kMaxBins];
-  T max_a, max_b, sum_a, sum_b;
-  ddf_row_softmaxes(zs, zt, n, temperature, a, b, ea, eb, max_a, max_b, sum_a, sum_b);
-  const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
-  T sum_p = T(0);
-  DFINE_SIMD_SUM(sum_p)
-  for (int j = 0; j < n; ++j) sum_p += eb[j] * inv_b;
-  const T scale = g * temperature;
-  for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sum_p - eb[j] * inv_b);
 }
 
 }  // namespace fdr

@@ -13,7 +13,7 @@ CUDA on CUDA tensors); ``triton`` - ``torch.ops.dfine.{fgl,ddf}_loss_triton`` (`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +109,20 @@ def _compute_dtype(dtype):
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _rows_arg(t, dtype):
-    return None if t is None else t.reshape(-1).to(dtype)
+    if t is None:
+        return None
+    return _as(t if t.dim() == 1 else t.reshape(-1), dtype)
+
+
+def _keep_gradient(pred_corners) -> bool:
+    """Whether the fused forward should also write d(row loss)/d(pred) (backward then only scales
+    it, in place). Not under torch.compile, whose graphs must not mutate saved tensors."""
+    return pred_corners.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,13 +155,11 @@ def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left:
     if which == "reference":
         return fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight, reduction)
     dtype = _compute_dtype(pred_corners.dtype)
-    args = (pred_corners.to(dtype), _rows_arg(target_bins, dtype), _rows_arg(weight_left, dtype),
-            _rows_arg(weight_right, dtype), _rows_arg(weight, dtype))
-    if which == "cpp":
-        rows = torch.ops.dfine.fgl_loss_forward(*args)
-    else:
-        rows = torch.ops.dfine.fgl_loss_triton(*args)
-    return _reduce(rows.to(pred_corners.dtype), reduction)
+    args = (_as(pred_corners, dtype), _rows_arg(target_bins, dtype), _rows_arg(weight_left, dtype),
+            _rows_arg(weight_right, dtype), _rows_arg(weight, dtype), _keep_gradient(pred_corners))
+    op = torch.ops.dfine.fgl_loss_forward if which == "cpp" else torch.ops.dfine.fgl_loss_triton
+    rows, _ = op(*args)
+    return _reduce(_as(rows, pred_corners.dtype), reduction)
 
 
 def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -185,61 +195,82 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
     if which == "reference":
         return ddf_loss_reference(pred_corners, teacher_corners, weight, temperature, reduction)
     dtype = _compute_dtype(pred_corners.dtype)
-    args = (pred_corners.to(dtype), teacher_corners.detach().to(dtype), _rows_arg(weight, dtype), float(temperature))
-    if which == "cpp":
-        rows = torch.ops.dfine.ddf_loss_forward(*args)
-    else:
-        rows = torch.ops.dfine.ddf_loss_triton(*args)
-    return _reduce(rows.to(pred_corners.dtype), reduction)
+    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype), _rows_arg(weight, dtype),
+            float(temperature), _keep_gradient(pred_corners))
+    op = torch.ops.dfine.ddf_loss_forward if which == "cpp" else torch.ops.dfine.ddf_loss_triton
+    rows, _ = op(*args)
+    return _reduce(_as(rows, pred_corners.dtype), reduction)
 
 
 # --------------------------------------------------------------------------------------------
 # Autograd and fake kernels (C++/CUDA kernels registered by dfine._C; Triton ops defined here).
-# Forward ops return the weighted per-row loss [N]; backward ops take its gradient [N] and return
-# the gradient of pred_corners. Only inputs are saved; the softmax is recomputed in backward.
+# Forward ops return the weighted per-row loss [N] and, if asked (compute_grad), the gradient of
+# every row's loss w.r.t. pred_corners from the same pass; backward scales that gradient's rows by
+# the upstream gradient in place (no second pass, no second [N, K+1] buffer). Without it (second
+# backward through the graph, torch.compile) the backward ops recompute it from the saved inputs.
 
 
 def _fgl_setup_context(ctx, inputs, output):
-    pred, target, wl, wr, weight = inputs
+    pred, target, wl, wr, weight, compute_grad = inputs
     ctx.save_for_backward(pred, target, wl, wr, weight)
+    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
+    ctx.mark_non_differentiable(output[1])
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[4]
 
 
+def _scale_fused_grad(ctx, grad_rows):
+    grad = ctx.fused_grad
+    ctx.fused_grad = None  # used once; a second backward recomputes
+    return grad.mul_(grad_rows.unsqueeze(1))
+
+
 def _make_fgl_backward(forward_op, backward_op):
-    def _backward(ctx, grad_rows):
+    def _backward(ctx, grad_rows, _grad_unused):
         pred, target, wl, wr, weight = ctx.saved_tensors
-        grad_rows = grad_rows.contiguous()
-        grad_pred = backward_op(grad_rows, pred, target, wl, wr, weight)
+        grad_pred = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fused_grad is not None:
+                grad_pred = _scale_fused_grad(ctx, grad_rows)
+            else:
+                grad_pred = backward_op(grad_rows.contiguous(), pred, target, wl, wr, weight)
         grad_weight = None
         if ctx.weight_needs_grad:
-            grad_weight = grad_rows * forward_op(pred, target, wl, wr, None)
-        return grad_pred, None, None, None, grad_weight
+            grad_weight = grad_rows * forward_op(pred, target, wl, wr, None, False)[0]
+        return grad_pred, None, None, None, grad_weight, None
 
     return _backward
 
 
 def _ddf_setup_context(ctx, inputs, output):
-    pred, teacher, weight, temperature = inputs
+    pred, teacher, weight, temperature, compute_grad = inputs
     ctx.save_for_backward(pred, teacher, weight)
     ctx.temperature = temperature
+    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
+    ctx.mark_non_differentiable(output[1])
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
 
 
 def _make_ddf_backward(forward_op, backward_op):
-    def _backward(ctx, grad_rows):
+    def _backward(ctx, grad_rows, _grad_unused):
         pred, teacher, weight = ctx.saved_tensors
-        grad_rows = grad_rows.contiguous()
-        grad_pred = backward_op(grad_rows, pred, teacher, weight, ctx.temperature)
+        grad_pred = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fused_grad is not None:
+                grad_pred = _scale_fused_grad(ctx, grad_rows)
+            else:
+                grad_pred = backward_op(grad_rows.contiguous(), pred, teacher, weight, ctx.temperature)
         grad_weight = None
         if ctx.weight_needs_grad:
-            grad_weight = grad_rows * forward_op(pred, teacher, None, ctx.temperature)
-        return grad_pred, None, grad_weight, None
+            grad_weight = grad_rows * forward_op(pred, teacher, None, ctx.temperature, False)[0]
+        return grad_pred, None, grad_weight, None, None
 
     return _backward
 
 
-def _rows_fake(pred, *args):
-    return pred.new_empty((pred.shape[0],))
+def _forward_fake(pred, *args):
+    compute_grad = args[-1]
+    grad = torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
+    return pred.new_empty((pred.shape[0],)), grad
 
 
 def _grad_fake(grad_rows, pred, *args):
@@ -248,7 +279,7 @@ def _grad_fake(grad_rows, pred, *args):
 
 def _register_cpp_autograd():
     for name in ("fgl_loss_forward", "ddf_loss_forward"):
-        torch.library.register_fake(f"dfine::{name}")(_rows_fake)
+        torch.library.register_fake(f"dfine::{name}")(_forward_fake)
     for name in ("fgl_loss_backward", "ddf_loss_backward"):
         torch.library.register_fake(f"dfine::{name}")(_grad_fake)
     ops = torch.ops.dfine
@@ -268,13 +299,17 @@ if extension_available() and hasattr(torch.ops.dfine, "fgl_loss_forward"):
 
 @torch.library.custom_op("dfine::fgl_loss_triton", mutates_args=())
 def _fgl_triton(pred: torch.Tensor, target: torch.Tensor, weight_left: torch.Tensor, weight_right: torch.Tensor,
-                weight: Optional[torch.Tensor]) -> torch.Tensor:
-    from kernels.golsd_losses import fgl_loss_forward_triton
+                weight: Optional[torch.Tensor], compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from kernels.golsd_losses import fgl_loss_backward_triton, fgl_loss_forward_triton
 
-    return fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight)
+    rows = fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    ones = torch.ones_like(rows)
+    return rows, fgl_loss_backward_triton(ones, pred, target, weight_left, weight_right, weight)
 
 
-_fgl_triton.register_fake(_rows_fake)
+_fgl_triton.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("dfine::fgl_loss_triton_backward", mutates_args=())
@@ -295,13 +330,16 @@ _fgl_triton.register_autograd(
 
 @torch.library.custom_op("dfine::ddf_loss_triton", mutates_args=())
 def _ddf_triton(pred: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor],
-                temperature: float) -> torch.Tensor:
-    from kernels.golsd_losses import ddf_loss_forward_triton
+                temperature: float, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from kernels.golsd_losses import ddf_loss_backward_triton, ddf_loss_forward_triton
 
-    return ddf_loss_forward_triton(pred, teacher, weight, temperature)
+    rows = ddf_loss_forward_triton(pred, teacher, weight, temperature)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    return rows, ddf_loss_backward_triton(torch.ones_like(rows), pred, teacher, weight, temperature)
 
 
-_ddf_triton.register_fake(_rows_fake)
+_ddf_triton.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("dfine::ddf_loss_triton_backward", mutates_args=())
