@@ -215,6 +215,7 @@ def _fgl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(pred, target, wl, wr, weight)
     ctx.fused_grad = output[1] if output[1].numel() > 0 else None
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no [N, K+1] zeros for the gradient output's (absent) gradient
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[4]
 
 
@@ -226,6 +227,8 @@ def _scale_fused_grad(ctx, grad_rows):
 
 def _make_fgl_backward(forward_op, backward_op):
     def _backward(ctx, grad_rows, _grad_unused):
+        if grad_rows is None:
+            return None, None, None, None, None, None
         pred, target, wl, wr, weight = ctx.saved_tensors
         grad_pred = None
         if ctx.needs_input_grad[0]:
@@ -247,11 +250,14 @@ def _ddf_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.fused_grad = output[1] if output[1].numel() > 0 else None
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
 
 
 def _make_ddf_backward(forward_op, backward_op):
     def _backward(ctx, grad_rows, _grad_unused):
+        if grad_rows is None:
+            return None, None, None, None, None
         pred, teacher, weight = ctx.saved_tensors
         grad_pred = None
         if ctx.needs_input_grad[0]:
