@@ -14,6 +14,7 @@
 #define DFINE_SIMD_MAX(acc)
 #define DFINE_SIMD_MIN(acc)
 #define DFINE_SIMD_SUM2(a, b)
+#define DFINE_SIMD_MAX2(a, b)
 #else
 #define DFINE_HD inline __attribute__((always_inline))
 // Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
@@ -22,6 +23,7 @@
 #define DFINE_SIMD_MAX(acc) DFINE_PRAGMA(omp simd reduction(max : acc))
 #define DFINE_SIMD_MIN(acc) DFINE_PRAGMA(omp simd reduction(min : acc))
 #define DFINE_SIMD_SUM2(a, b) DFINE_PRAGMA(omp simd reduction(+ : a, b))
+#define DFINE_SIMD_MAX2(a, b) DFINE_PRAGMA(omp simd reduction(max : a, b))
 #endif
 
 namespace dfine {
@@ -228,22 +230,34 @@ DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
 // log-softmaxes computed by identical code, so it is exactly 0 for every bin when pred == teacher.
 template <typename T>
 DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
-  T a[kMaxBins], b[kMaxBins], ea[kMaxBins], eb[kMaxBins];
+  T ea[kMaxBins], eb[kMaxBins];
   const T inv_t = T(1) / temperature;
-  for (int j = 0; j < n; ++j) {
-    a[j] = zs[j] * inv_t;
-    b[j] = zt[j] * inv_t;
+  // max(z * inv_t) == max(z) * inv_t exactly (rounding is monotone), so the scaled logits are
+  // never stored: a_j = zs_j * inv_t and b_j = zt_j * inv_t are recomputed where needed.
+  T max_s = zs[0], max_t = zt[0];
+  DFINE_SIMD_MAX2(max_s, max_t)
+  for (int j = 1; j < n; ++j) {
+    max_s = zs[j] > max_s ? zs[j] : max_s;
+    max_t = zt[j] > max_t ? zt[j] : max_t;
   }
-  T max_a, max_b;
-  const T sum_a = edge_exp(a, n, ea, max_a);
-  const T sum_b = edge_exp(b, n, eb, max_b);
+  const T max_a = max_s * inv_t, max_b = max_t * inv_t;
+  T sum_a = T(0), sum_b = T(0);
+  DFINE_SIMD_SUM2(sum_a, sum_b)
+  for (int j = 0; j < n; ++j) {
+    const T va = exp_nonpos(zs[j] * inv_t - max_a);
+    const T vb = exp_nonpos(zt[j] * inv_t - max_b);
+    ea[j] = va;
+    eb[j] = vb;
+    sum_a += va;
+    sum_b += vb;
+  }
   const T log_sum_a = log_(sum_a), log_sum_b = log_(sum_b);
   const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
   T kl = T(0), sum_p = T(0);
   DFINE_SIMD_SUM2(kl, sum_p)
   for (int j = 0; j < n; ++j) {
     const T p = eb[j] * inv_b;
-    const T log_ratio = ((b[j] - max_b) - log_sum_b) - ((a[j] - max_a) - log_sum_a);
+    const T log_ratio = ((zt[j] * inv_t - max_b) - log_sum_b) - ((zs[j] * inv_t - max_a) - log_sum_a);
     kl += p > T(0) ? p * log_ratio : T(0);
     sum_p += p;
   }
