@@ -15,6 +15,8 @@
 #define DFINE_SIMD_MIN(acc)
 #define DFINE_SIMD_SUM2(a, b)
 #define DFINE_SIMD_MAX2(a, b)
+#define DFINE_SIMD_MAX4(a, b, c, d)
+#define DFINE_SIMD_MIN4(a, b, c, d)
 #else
 #define DFINE_HD inline __attribute__((always_inline))
 // Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
@@ -24,6 +26,8 @@
 #define DFINE_SIMD_MIN(acc) DFINE_PRAGMA(omp simd reduction(min : acc))
 #define DFINE_SIMD_SUM2(a, b) DFINE_PRAGMA(omp simd reduction(+ : a, b))
 #define DFINE_SIMD_MAX2(a, b) DFINE_PRAGMA(omp simd reduction(max : a, b))
+#define DFINE_SIMD_MAX4(a, b, c, d) DFINE_PRAGMA(omp simd reduction(max : a, b, c, d))
+#define DFINE_SIMD_MIN4(a, b, c, d) DFINE_PRAGMA(omp simd reduction(min : a, b, c, d))
 #endif
 
 namespace dfine {
@@ -127,6 +131,62 @@ DFINE_HD void topk_small(const T* p, int n, int k, T* vals, int* idx) {
   }
 }
 
+// topk_small for the 4 edges of a box at once (p: 4 rows of stride kMaxBins; vals/idx: [4][k]).
+// The four edges' reductions are independent, so running them in the same sweeps lets the CPU
+// overlap them instead of waiting for one horizontal reduction after the other.
+DFINE_HD bool topk_eligible(float v, int j, float prev_v, int prev_i, bool first) {
+  return first || v < prev_v || (v == prev_v && j > prev_i);
+}
+DFINE_HD bool topk_eligible(double v, int j, double prev_v, int prev_i, bool first) {
+  return first || v < prev_v || (v == prev_v && j > prev_i);
+}
+
+template <typename T>
+DFINE_HD void topk_small_4edges(const T* p, int n, int k, T* vals, int* idx) {
+  const T* p0 = p;
+  const T* p1 = p + kMaxBins;
+  const T* p2 = p + 2 * kMaxBins;
+  const T* p3 = p + 3 * kMaxBins;
+  T pv0 = T(0), pv1 = T(0), pv2 = T(0), pv3 = T(0);
+  int pi0 = -1, pi1 = -1, pi2 = -1, pi3 = -1;
+  for (int i = 0; i < k; ++i) {
+    const bool first = i == 0;
+    T m0 = T(-1), m1 = T(-1), m2 = T(-1), m3 = T(-1);
+    DFINE_SIMD_MAX4(m0, m1, m2, m3)
+    for (int j = 0; j < n; ++j) {
+      const T c0 = topk_eligible(p0[j], j, pv0, pi0, first) ? p0[j] : T(-1);
+      const T c1 = topk_eligible(p1[j], j, pv1, pi1, first) ? p1[j] : T(-1);
+      const T c2 = topk_eligible(p2[j], j, pv2, pi2, first) ? p2[j] : T(-1);
+      const T c3 = topk_eligible(p3[j], j, pv3, pi3, first) ? p3[j] : T(-1);
+      m0 = c0 > m0 ? c0 : m0;
+      m1 = c1 > m1 ? c1 : m1;
+      m2 = c2 > m2 ? c2 : m2;
+      m3 = c3 > m3 ? c3 : m3;
+    }
+    int f0 = n, f1 = n, f2 = n, f3 = n;
+    DFINE_SIMD_MIN4(f0, f1, f2, f3)
+    for (int j = 0; j < n; ++j) {
+      const int c0 = (p0[j] == m0 && topk_eligible(p0[j], j, pv0, pi0, first)) ? j : n;
+      const int c1 = (p1[j] == m1 && topk_eligible(p1[j], j, pv1, pi1, first)) ? j : n;
+      const int c2 = (p2[j] == m2 && topk_eligible(p2[j], j, pv2, pi2, first)) ? j : n;
+      const int c3 = (p3[j] == m3 && topk_eligible(p3[j], j, pv3, pi3, first)) ? j : n;
+      f0 = c0 < f0 ? c0 : f0;
+      f1 = c1 < f1 ? c1 : f1;
+      f2 = c2 < f2 ? c2 : f2;
+      f3 = c3 < f3 ? c3 : f3;
+    }
+    // f == n only with NaN probabilities: keep the index in range
+    f0 = f0 < n ? f0 : (pi0 + 1 < n ? pi0 + 1 : 0);
+    f1 = f1 < n ? f1 : (pi1 + 1 < n ? pi1 + 1 : 0);
+    f2 = f2 < n ? f2 : (pi2 + 1 < n ? pi2 + 1 : 0);
+    f3 = f3 < n ? f3 : (pi3 + 1 < n ? pi3 + 1 : 0);
+    vals[0 * k + i] = m0, idx[0 * k + i] = f0, pv0 = m0, pi0 = f0;
+    vals[1 * k + i] = m1, idx[1 * k + i] = f1, pv1 = m1, pi1 = f1;
+    vals[2 * k + i] = m2, idx[2 * k + i] = f2, pv2 = m2, pi2 = f2;
+    vals[3 * k + i] = m3, idx[3 * k + i] = f3, pv3 = m3, pi3 = f3;
+  }
+}
+
 // distance2bbox: reference (cx, cy, w, h) and distances (l, t, r, b) -> box (cx, cy, w, h).
 template <typename T>
 DFINE_HD void distance_to_box(const T* ref, const T* d, T rs, T* box) {
@@ -147,18 +207,18 @@ DFINE_HD void distance_to_box(const T* ref, const T* d, T rs, T* box) {
 template <typename T>
 DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref, T rs, int k, T* box, T* stats,
                                      uint8_t* topk_index) {
-  T p[kMaxBins];
+  T p[4 * kMaxBins];
   T d[4];
-  T vals[kMaxTopk];
-  int idx[kMaxTopk];
+  T vals[4 * kMaxTopk];
+  int idx[4 * kMaxTopk];
+  for (int e = 0; e < 4; ++e) d[e] = edge_softmax_expectation(z + e * n, W, n, p + e * kMaxBins);
+  topk_small_4edges(p, n, k, vals, idx);
   for (int e = 0; e < 4; ++e) {
-    d[e] = edge_softmax_expectation(z + e * n, W, n, p);
-    topk_small(p, n, k, vals, idx);
     T total = T(0);
     for (int i = 0; i < k; ++i) {
-      stats[e * (k + 1) + i] = vals[i];
-      topk_index[e * k + i] = static_cast<uint8_t>(idx[i]);
-      total += vals[i];
+      stats[e * (k + 1) + i] = vals[e * k + i];
+      topk_index[e * k + i] = static_cast<uint8_t>(idx[e * k + i]);
+      total += vals[e * k + i];
     }
     stats[e * (k + 1) + k] = total / T(k);
   }
