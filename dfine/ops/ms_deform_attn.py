@@ -211,7 +211,8 @@ def _register_cpp_autograd():
     torch.library.register_autograd("dfine::ms_deform_attn_forward", _backward, setup_context=_setup_context)
 
 
-if extension_available():
+# Guarded on the op itself: a build may carry other ops' kernels but not this one's.
+if extension_available() and hasattr(torch.ops.dfine, "ms_deform_attn_forward"):
     _register_cpp_autograd()
 
 

@@ -1,0 +1,136 @@
+"""Benchmark of fdr_decode at D-FINE-L training shapes (CPU, fp32, 2 threads).
+
+One decoder layer decodes B=4 images x (300 + 200 denoising) queries = 2000 boxes of 4 edges x 33
+bins (8000 edge rows); the decoder runs six layers (six calls, one backward). Variants: the plain
+PyTorch reference, torch.compile(reference) and the C++ kernel.
+
+    python benchmarks/bench_fdr_decode.py                      # markdown table
+    python -m pytest benchmarks/bench_fdr_decode.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from _fdr_bench_utils import (  # noqa: E402
+    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_threads, time_ms,
+)
+from dfine.ops import fdr_decode, fdr_decode_reference, weighting_function  # noqa: E402
+
+BATCH, QUERIES, REG_MAX, LAYERS = 4, 300 + 200, 32, 6
+REG_SCALE = 4.0
+
+
+def make_inputs(layers: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    project = weighting_function(REG_MAX, 0.5, REG_SCALE)
+    corners = [(torch.randn(BATCH, QUERIES, 4 * (REG_MAX + 1), generator=gen) * 3).requires_grad_(True)
+               for _ in range(layers)]
+    centre = torch.rand(BATCH, QUERIES, 2, generator=gen) * 0.8 + 0.1
+    size = torch.rand(BATCH, QUERIES, 2, generator=gen) * 0.4 + 0.02
+    ref = torch.cat([centre, size], -1)
+    grad_boxes = torch.randn(BATCH, QUERIES, 4, generator=gen)
+    grad_stats = torch.randn(BATCH, QUERIES, 4, 5, generator=gen)
+    return corners, project, ref, grad_boxes, grad_stats
+
+
+_compiled = {}
+
+
+def decode_fn(variant: str):
+    if variant == "reference":
+        return lambda c, p, r: fdr_decode_reference(c, p, r, REG_SCALE, 4)
+    if variant == "compiled":
+        if "fn" not in _compiled:
+            _compiled["fn"] = torch.compile(lambda c, p, r: fdr_decode_reference(c, p, r, REG_SCALE, 4))
+        return _compiled["fn"]
+    return lambda c, p, r: fdr_decode(c, p, r, REG_SCALE, 4, backend="cpp")
+
+
+def forward_only(variant, inputs):
+    corners, project, ref, _, _ = inputs
+    fn = decode_fn(variant)
+
+    def run():
+        with torch.no_grad():
+            return [fn(c, project, ref) for c in corners]
+
+    return run
+
+
+def forward_backward(variant, inputs):
+    corners, project, ref, grad_boxes, grad_stats = inputs
+    fn = decode_fn(variant)
+
+    def run():
+        outputs, grads = [], []
+        for c in corners:
+            boxes, stats = fn(c, project, ref)
+            outputs += [boxes, stats]
+            grads += [grad_boxes, grad_stats]
+        return torch.autograd.grad(outputs, corners, grads)
+
+    return run
+
+
+VARIANTS = ["reference", "compiled", "cpp"]
+
+
+def _require(variant):
+    if variant == "cpp" and not cpp_available():
+        pytest.skip("dfine._C is not built")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fdr_decode_forward_backward_one_layer(benchmark, variant):
+    _require(variant)
+    setup_threads()
+    run = forward_backward(variant, make_inputs(1))
+    run()  # compile outside the timing
+    benchmark(run)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fdr_decode_forward_one_layer(benchmark, variant):
+    _require(variant)
+    setup_threads()
+    run = forward_only(variant, make_inputs(1))
+    run()
+    benchmark(run)
+
+
+def main():
+    setup_threads()
+    _check_peak_memory()
+    variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]
+    rows = []
+    for layers in (1, LAYERS):
+        inputs = make_inputs(layers)
+        base = {}
+        for variant in variants:
+            fwd, fwd_bwd = forward_only(variant, inputs), forward_backward(variant, inputs)
+            fwd_bwd()  # compile / warm up
+            t_fwd, t_fwd_bwd = time_ms(fwd), time_ms(fwd_bwd)
+            m_fwd, m_fwd_bwd = peak_memory_bytes(fwd), peak_memory_bytes(fwd_bwd)
+            if variant == "reference":
+                base = dict(t_fwd=t_fwd, t_fwd_bwd=t_fwd_bwd, m_fwd_bwd=m_fwd_bwd)
+            rows.append([
+                f"{layers} layer{'s' if layers > 1 else ''} ({layers * BATCH * QUERIES} boxes)", variant,
+                f"{t_fwd:.2f}", f"{t_fwd_bwd:.2f}", f"{base['t_fwd'] / t_fwd:.2f}x",
+                f"{base['t_fwd_bwd'] / t_fwd_bwd:.2f}x", f"{m_fwd / 2**20:.2f}", f"{m_fwd_bwd / 2**20:.2f}",
+                f"{m_fwd_bwd / base['m_fwd_bwd']:.2f}",
+            ])
+    print(f"fdr_decode, CPU fp32, {torch.get_num_threads()} threads, K+1 = {REG_MAX + 1} bins, lqe_topk = 4\n")
+    print(markdown_table(
+        ["shape", "variant", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up", "fwd peak MiB",
+         "fwd+bwd peak MiB", "fwd+bwd memory / reference"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Benchmark of the GO-LSD losses fgl_loss and ddf_loss at D-FINE-L training shapes (CPU, fp32,
+2 threads), plus the accuracy of their fp32 values against an fp64 computation.
+
+One decoder layer has B=4 images x (300 + 200 denoising) queries x 4 edges = 8000 rows of 33 bins;
+six layers = six calls and one backward. Variants: the plain PyTorch reference,
+torch.compile(reference) and the C++ kernel. "peak MiB" is the most memory held at once during the
+call beyond its inputs (outputs and the gradient of pred_corners included).
+
+    python benchmarks/bench_golsd_losses.py                    # markdown table
+    python -m pytest benchmarks/bench_golsd_losses.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from _fdr_bench_utils import (  # noqa: E402
+    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_threads, time_ms,
+)
+from dfine.ops import ddf_loss, ddf_loss_reference, fgl_loss, fgl_loss_reference  # noqa: E402
+
+BATCH, QUERIES, REG_MAX, LAYERS = 4, 300 + 200, 32, 6
+ROWS = BATCH * QUERIES * 4
+
+
+def make_inputs(layers: int, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    bins = REG_MAX + 1
+    preds = [(torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+             for _ in range(layers)]
+    teacher = (torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = (torch.rand(ROWS, generator=gen, dtype=torch.float64) * (REG_MAX - 0.1)).to(dtype)
+    weight_right = target - target.floor()
+    weight_left = 1 - weight_right
+    weight = torch.rand(ROWS, generator=gen, dtype=torch.float64).to(dtype)
+    return dict(preds=preds, teacher=teacher, target=target, wl=weight_left, wr=weight_right, weight=weight)
+
+
+def _fgl(variant):
+    if variant == "reference":
+        return lambda p, x: fgl_loss_reference(p, x["target"], x["wl"], x["wr"], x["weight"], reduction="sum")
+    if variant == "cpp":
+        return lambda p, x: fgl_loss(p, x["target"], x["wl"], x["wr"], x["weight"], reduction="sum", backend="cpp")
+    fn = torch.compile(lambda p, t, wl, wr, w: fgl_loss_reference(p, t, wl, wr, w, reduction="sum"))
+    return lambda p, x: fn(p, x["target"], x["wl"], x["wr"], x["weight"])
+
+
+def _ddf(variant):
+    if variant == "reference":
+        return lambda p, x: ddf_loss_reference(p, x["teacher"], x["weight"], 5.0, reduction="sum")
+    if variant == "cpp":
+        return lambda p, x: ddf_loss(p, x["teacher"], x["weight"], 5.0, reduction="sum", backend="cpp")
+    fn = torch.compile(lambda p, t, w: ddf_loss_reference(p, t, w, 5.0, reduction="sum"))
+    return lambda p, x: fn(p, x["teacher"], x["weight"])
+
+
+LOSSES = {"fgl_loss": _fgl, "ddf_loss": _ddf}
+VARIANTS = ["reference", "compiled", "cpp"]
+_cache = {}
+
+
+def loss_fn(name, variant):
+    key = (name, variant)
+    if key not in _cache:
+        _cache[key] = LOSSES[name](variant)
+    return _cache[key]
+
+
+def forward_only(name, variant, inputs):
+    fn = loss_fn(name, variant)
+
+    def run():
+        with torch.no_grad():
+            return sum(fn(p, inputs) for p in inputs["preds"])
+
+    return run
+
+
+def forward_backward(name, variant, inputs):
+    fn = loss_fn(name, variant)
+
+    def run():
+        total = sum(fn(p, inputs) for p in inputs["preds"])
+        return torch.autograd.grad(total, inputs["preds"])
+
+    return run
+
+
+def _require(variant):
+    if variant == "cpp" and not cpp_available():
+        pytest.skip("dfine._C is not built")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_forward_backward_one_layer(benchmark, name, variant):
+    _require(variant)
+    setup_threads()
+    run = forward_backward(name, variant, make_inputs(1))
+    run()
+    benchmark(run)
+
+
+def accuracy_rows():
+    """Relative error of the fp32 'sum' loss of each variant against the fp64 reference."""
+    x32 = make_inputs(1)
+    x64 = make_inputs(1, dtype=torch.float64)
+    rows = []
+    for name in LOSSES:
+        exact = loss_fn(name, "reference")(x64["preds"][0].detach(), x64).item()
+        for variant in [v for v in ("reference", "cpp") if v != "cpp" or cpp_available()]:
+            got = loss_fn(name, variant)(x32["preds"][0].detach(), x32).double().item()
+            rows.append([name, variant, f"{exact:.10g}", f"{got:.10g}", f"{abs(got - exact) / abs(exact):.2e}"])
+    return rows
+
+
+def main():
+    setup_threads()
+    _check_peak_memory()
+    variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]
+    rows = []
+    for name in LOSSES:
+        for layers in (1, LAYERS):
+            inputs = make_inputs(layers)
+            base = {}
+            for variant in variants:
+                fwd, fwd_bwd = forward_only(name, variant, inputs), forward_backward(name, variant, inputs)
+                fwd_bwd()  # compile / warm up
+                t_fwd, t_fwd_bwd = time_ms(fwd), time_ms(fwd_bwd)
+                m_fwd_bwd = peak_memory_bytes(fwd_bwd)
+                if variant == "reference":
+                    base = dict(t_fwd=t_fwd, t_fwd_bwd=t_fwd_bwd, m_fwd_bwd=m_fwd_bwd)
+                rows.append([
+                    name, f"{layers} x {ROWS} rows", variant, f"{t_fwd:.2f}", f"{t_fwd_bwd:.2f}",
+                    f"{base['t_fwd'] / t_fwd:.2f}x", f"{base['t_fwd_bwd'] / t_fwd_bwd:.2f}x",
+                    f"{m_fwd_bwd / 2**20:.2f}", f"{m_fwd_bwd / base['m_fwd_bwd']:.2f}",
+                ])
+    print(f"GO-LSD losses, CPU fp32, {torch.get_num_threads()} threads, 33 bins, reduction='sum'\n")
+    print(markdown_table(
+        ["loss", "shape", "variant", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up",
+         "fwd+bwd peak MiB", "peak / reference"], rows))
+    print("\nfp32 loss value vs fp64 reference (one layer, reduction='sum')\n")
+    print(markdown_table(["loss", "variant", "fp64 value", "fp32 value", "relative error"], accuracy_rows()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+// C++ CPU kernels of the FDR decode and the GO-LSD losses; the op schemas of all of them.
+// One pass over each row (softmax, expectation, top-k statistics, loss or gradient), rows split
+// over threads with at::parallel_for. float32 and float64. The per-row math is in fdr_math.h.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+// The branch-free exp of fdr_math.h vectorises only when float compares may be if-converted,
+// i.e. without -ftrapping-math; no code here relies on floating-point traps.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include "fdr/fdr_math.h"
+
+namespace dfine {
+namespace {
+
+using namespace dfine::fdr;
+
+constexpr int64_t kGrainRows = 128;
+constexpr int kDfineBins = 33;  // reg_max = 32: loops over a compile-time count of bins unroll fully
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DFINE_X86 1
+#endif
+
+// The row loops are compiled twice: for the baseline ISA of the build and for AVX2 + FMA, picked
+// at run time (the row math is always_inline, so it is generated for the ISA of the loop).
+#ifdef DFINE_X86
+template <typename Body>
+__attribute__((target("avx2,fma"))) void rows_avx2(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; ++r) body(r);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename Body>
+void rows_baseline(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; ++r) body(r);
+}
+
+// body(r) for every row r, rows split over threads.
+template <typename Body>
+void for_each_row(int64_t rows, int64_t grain, const Body& body) {
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#ifdef DFINE_X86
+    if (cpu_has_avx2()) {
+      rows_avx2(begin, end, body);
+      return;
+    }
+#endif
+    rows_baseline(begin, end, body);
+  });
+}
+
+#define DFINE_ROW_BODY [&](int64_t r) __attribute__((always_inline))
+
+void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [N=", rows, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but pred_corners has ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but pred_corners is on ",
+              like.device());
+}
+
+void check_decode_args(const at::Tensor& pred, const at::Tensor& project, const at::Tensor& ref, int64_t topk,
+                       const char* op) {
+  TORCH_CHECK(pred.dim() == 2, op, ": pred_corners must have shape [R, 4*(K+1)], got ", pred.sizes());
+  TORCH_CHECK(project.dim() == 1 && project.size(0) >= 2 && project.size(0) <= kMaxBins, op,
+              ": project must have shape [K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", project.sizes());
+  TORCH_CHECK(pred.size(1) == 4 * project.size(0), op, ": pred_corners must have shape [R, 4*(K+1)=",
+              4 * project.size(0), "], got ", pred.sizes());
+  TORCH_CHECK(ref.dim() == 2 && ref.size(0) == pred.size(0) && ref.size(1) == 4, op,
+              ": ref_boxes must have shape [R=", pred.size(0), ", 4], got ", ref.sizes());
+  TORCH_CHECK(topk >= 1 && topk <= kMaxTopk && topk <= project.size(0), op, ": lqe_topk must be in [1, ",
+              std::min<int64_t>(kMaxTopk, project.size(0)), "], got ", topk);
+  for (const at::Tensor* t : {&project, &ref}) {
+    TORCH_CHECK(t->scalar_type() == pred.scalar_type(), op, ": project/ref_boxes must have the dtype of ",
+                "pred_corners (", pred.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == pred.device(), op, ": all tensors must be on the device of pred_corners");
+  }
+}
+
+void check_loss_pred(const at::Tensor& pred, const char* op) {
+  TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 2 && pred.size(1) <= kMaxBins, op,
+              ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", pred.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// fdr_decode
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& project,
+                                                          const at::Tensor& ref_boxes, double reg_scale,
+                                                          int64_t lqe_topk) {
+  const char* op = "fdr_decode_forward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const int64_t rows = z.size(0);
+  const int n = static_cast<int>(W.size(0));
+  const int k = static_cast<int>(lqe_topk);
+  at::Tensor boxes = at::empty({rows, 4}, z.options());
+  at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
+  at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* rp = ref.data_ptr<scalar_t>();
+    scalar_t* bp = boxes.data_ptr<scalar_t>();
+    scalar_t* sp = stats.data_ptr<scalar_t>();
+    uint8_t* ip = topk_index.data_ptr<uint8_t>();
+    const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
+    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+      if (n == kDfineBins) {
+        fdr_decode_row_forward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, bp + r * 4,
+                                         sp + r * 4 * (k + 1), ip + r * 4 * k);
+      } else {
+        fdr_decode_row_forward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, bp + r * 4, sp + r * 4 * (k + 1),
+                                         ip + r * 4 * k);
+      }
+    });
+  });
+  return {boxes, stats, topk_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& grad_boxes, const at::Tensor& grad_stats,
+                                                           const at::Tensor& pred_corners, const at::Tensor& project,
+                                                           const at::Tensor& ref_boxes, const at::Tensor& topk_index,
+                                                           double reg_scale, int64_t lqe_topk) {
+  const char* op = "fdr_decode_backward";
+  check_float_cpu(pred_corners, op, "pred_corners");
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
+  const int64_t rows = pred_corners.size(0);
+  TORCH_CHECK(grad_boxes.sizes() == ref_boxes.sizes(), op, ": grad_boxes must have shape ", ref_boxes.sizes());
+  TORCH_CHECK(grad_stats.dim() == 3 && grad_stats.size(0) == rows && grad_stats.size(1) == 4 &&
+                  grad_stats.size(2) == lqe_topk + 1,
+              op, ": grad_stats must have shape [R, 4, lqe_topk + 1], got ", grad_stats.sizes());
+  TORCH_CHECK(topk_index.scalar_type() == at::kByte && topk_index.dim() == 3 && topk_index.size(0) == rows &&
+                  topk_index.size(1) == 4 && topk_index.size(2) == lqe_topk,
+              op, ": topk_index must be a uint8 tensor [R, 4, lqe_topk] (from fdr_decode_forward), got ",
+              topk_index.scalar_type(), " ", topk_index.sizes());
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const at::Tensor ti = topk_index.contiguous();
+  const at::Tensor gb = grad_boxes.to(z.scalar_type()).contiguous();
+  const at::Tensor gs = grad_stats.to(z.scalar_type()).contiguous();
+  const int n = static_cast<int>(W.size(0));
+  const int k = static_cast<int>(lqe_topk);
+  at::Tensor grad_z = at::empty_like(z);
+  at::Tensor grad_ref = at::empty_like(ref);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* rp = ref.data_ptr<scalar_t>();
+    const scalar_t* gbp = gb.data_ptr<scalar_t>();
+    const scalar_t* gsp = gs.data_ptr<scalar_t>();
+    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
+    scalar_t* grp = grad_ref.data_ptr<scalar_t>();
+    const uint8_t* ip = ti.data_ptr<uint8_t>();
+    const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
+    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+      if (n == kDfineBins) {
+        fdr_decode_row_backward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, ip + r * 4 * k,
+                                          gbp + r * 4, gsp + r * 4 * (k + 1), gzp + r * 4 * kDfineBins, grp + r * 4);
+      } else {
+        fdr_decode_row_backward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, ip + r * 4 * k, gbp + r * 4,
+                                          gsp + r * 4 * (k + 1), gzp + r * 4 * n, grp + r * 4);
+      }
+    });
+  });
+  return {grad_z, grad_ref};
+}
+
+// ---------------------------------------------------------------------------------------------
+// FGL and DDF. The forward ops return the weighted per-row loss [N] and, when compute_grad is
+// set, d(row loss)/d(pred) [N, K+1] from the same pass (backward then only scales its rows);
+// otherwise an empty tensor. The backward ops recompute the gradient from the inputs (used when
+// the forward pass did not keep it, e.g. a second backward through the same graph).
+
+at::Tensor optional_rows(const c10::optional<at::Tensor>& weight, int64_t rows, const at::Tensor& like,
+                         const char* op) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  check_rows(*weight, rows, like, op, "weight");
+  return weight->contiguous();
+}
+
+template <typename T>
+const T* optional_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+void check_fgl_args(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                    const char* op) {
+  check_float_cpu(pred, op, "pred_corners");
+  check_loss_pred(pred, op);
+  const int64_t rows = pred.size(0);
+  check_rows(target, rows, pred, op, "target_bins");
+  check_rows(wl, rows, pred, op, "weight_left");
+  check_rows(wr, rows, pred, op, "weight_right");
+}
+
+// rows_out[r] = weight[r] * loss_r; grad_out (if defined) = upstream[r] * weight[r] * d(loss_r)/dz.
+at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                        const at::Tensor& weight, const at::Tensor& upstream, bool want_loss, at::Tensor grad_out) {
+  const at::Tensor z = pred.contiguous(), t = target.contiguous(), l = wl.contiguous(), rgt = wr.contiguous();
+  const int64_t rows = z.size(0);
+  const int n = static_cast<int>(z.size(1));
+  at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cpu", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const scalar_t* wlp = l.data_ptr<scalar_t>();
+    const scalar_t* wrp = rgt.data_ptr<scalar_t>();
+    const scalar_t* wp = optional_ptr<scalar_t>(weight);
+    const scalar_t* up = optional_ptr<scalar_t>(upstream);
+    scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t w = wp ? wp[r] : scalar_t(1);
+      const scalar_t g = up ? up[r] * w : w;
+      scalar_t* gz = gzp ? gzp + r * n : nullptr;
+      const scalar_t loss = n == kDfineBins
+                                ? fgl_row<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], g, gz)
+                                : fgl_row<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], g, gz);
+      if (op_) op_[r] = wp ? loss * w : loss;
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_cpu(const at::Tensor& pred_corners, const at::Tensor& target_bins,
+                                                        const at::Tensor& weight_left, const at::Tensor& weight_right,
+                                                        const c10::optional<at::Tensor>& weight, bool compute_grad) {
+  const char* op = "fgl_loss_forward";
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options()) : at::empty({0}, pred_corners.options());
+  at::Tensor out = fgl_rows_cpu(pred_corners, target_bins, weight_left, weight_right, w, at::Tensor(), true,
+                                compute_grad ? grad : at::Tensor());
+  return {out, grad};
+}
+
+at::Tensor fgl_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                 const at::Tensor& target_bins, const at::Tensor& weight_left,
+                                 const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
+  const char* op = "fgl_loss_backward";
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  fgl_rows_cpu(pred_corners, target_bins, weight_left, weight_right, w, grad_rows.contiguous(), false, grad);
+  return grad;
+}
+
+void check_ddf_args(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
+  check_float_cpu(pred, op, "pred_corners");
+  check_loss_pred(pred, op);
+  TORCH_CHECK(teacher.sizes() == pred.sizes(), op, ": teacher_corners must have shape ", pred.sizes(), ", got ",
+              teacher.sizes());
+  TORCH_CHECK(teacher.scalar_type() == pred.scalar_type(), op, ": teacher_corners must have dtype ",
+              pred.scalar_type(), ", got ", teacher.scalar_type());
+  TORCH_CHECK(teacher.device() == pred.device(), op, ": teacher_corners must be on ", pred.device());
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+}
+
+at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const at::Tensor& weight,
+                        double temperature, const at::Tensor& upstream, bool want_loss, at::Tensor grad_out) {
+  const at::Tensor zs = pred.contiguous(), zt = teacher.contiguous();
+  const int64_t rows = zs.size(0);
+  const int n = static_cast<int>(zs.size(1));
+  at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cpu", [&] {
+    const scalar_t* sp = zs.data_ptr<scalar_t>();
+    const scalar_t* tp = zt.data_ptr<scalar_t>();
+    const scalar_t* wp = optional_ptr<scalar_t>(weight);
+    const scalar_t* up = optional_ptr<scalar_t>(upstream);
+    scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
+    const scalar_t temp = static_cast<scalar_t>(temperature);
+    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
+      const scalar_t w = wp ? wp[r] : scalar_t(1);
+      const scalar_t g = up ? up[r] * w : w;
+      scalar_t* gz = gzp ? gzp + r * n : nullptr;
+      const scalar_t loss = n == kDfineBins
+                                ? ddf_row<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, g, gz)
+                                : ddf_row<scalar_t>(sp + r * n, tp + r * n, n, temp, g, gz);
+      if (op_) op_[r] = wp ? w * loss : loss;
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_cpu(const at::Tensor& pred_corners,
+                                                        const at::Tensor& teacher_corners,
+                                                        const c10::optional<at::Tensor>& weight, double temperature,
+                                                        bool compute_grad) {
+  const char* op = "ddf_loss_forward";
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options()) : at::empty({0}, pred_corners.options());
+  at::Tensor out = ddf_rows_cpu(pred_corners, teacher_corners, w, temperature, at::Tensor(), true,
+                                compute_grad ? grad : at::Tensor());
+  return {out, grad};
+}
+
+at::Tensor ddf_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                 const at::Tensor& teacher_corners, const c10::optional<at::Tensor>& weight,
+                                 double temperature) {
+  const char* op = "ddf_loss_backward";
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  ddf_rows_cpu(pred_corners, teacher_corners, w, temperature, grad_rows.contiguous(), false, grad);
+  return grad;
+}
+
+}  // namespace
+}  // namespace dfine
+
+TORCH_LIBRARY_FRAGMENT(dfine, m) {
+  m.def(
+      "fdr_decode_forward(Tensor pred_corners, Tensor project, Tensor ref_boxes, float reg_scale, int lqe_topk) "
+      "-> (Tensor boxes, Tensor lqe_stats, Tensor topk_index)");
+  m.def(
+      "fdr_decode_backward(Tensor grad_boxes, Tensor grad_stats, Tensor pred_corners, Tensor project, "
+      "Tensor ref_boxes, Tensor topk_index, float reg_scale, int lqe_topk) -> (Tensor, Tensor)");
+  m.def(
+      "fgl_loss_forward(Tensor pred_corners, Tensor target_bins, Tensor weight_left, Tensor weight_right, "
+      "Tensor? weight, bool compute_grad) -> (Tensor rows, Tensor grad_pred)");
+  m.def(
+      "fgl_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor target_bins, Tensor weight_left, "
+      "Tensor weight_right, Tensor? weight) -> Tensor");
+  m.def(
+      "ddf_loss_forward(Tensor pred_corners, Tensor teacher_corners, Tensor? weight, float temperature, "
+      "bool compute_grad) -> (Tensor rows, Tensor grad_pred)");
+  m.def(
+      "ddf_loss_backward(Tensor grad_rows, Tensor pred_corners, Tensor teacher_corners, Tensor? weight, "
+      "float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dfine, CPU, m) {
+  m.impl("fdr_decode_forward", &dfine::fdr_decode_forward_cpu);
+  m.impl("fdr_decode_backward", &dfine::fdr_decode_backward_cpu);
+  m.impl("fgl_loss_forward", &dfine::fgl_loss_forward_cpu);
+  m.impl("fgl_loss_backward", &dfine::fgl_loss_backward_cpu);
+  m.impl("ddf_loss_forward", &dfine::ddf_loss_forward_cpu);
+  m.impl("ddf_loss_backward", &dfine::ddf_loss_backward_cpu);
+}

@@ -1,0 +1,289 @@
+// CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row, the per-row math is
+// the same __host__ __device__ code as the C++ CPU kernels (fdr_math.h). The schemas are defined
+// in fdr_cpu.cpp.
+// c10 headers only: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers for nothing.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "fdr/fdr_math.h"
+
+namespace dfine {
+namespace {
+
+using namespace dfine::fdr;
+
+constexpr int kThreads = 128;
+
+int blocks_for(int64_t rows) {
+  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
+}
+
+void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device());
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [N=", rows, "], got ", t.sizes());
+  check_same(t, like, op, name);
+}
+
+void check_decode(const at::Tensor& z, const at::Tensor& W, const at::Tensor& ref, int64_t k, const char* op) {
+  check_cuda_float(z, op, "pred_corners");
+  TORCH_CHECK(W.dim() == 1 && W.size(0) >= 2 && W.size(0) <= kMaxBins, op, ": project must have shape [K+1], K+1 <= ",
+              kMaxBins);
+  TORCH_CHECK(z.dim() == 2 && z.size(1) == 4 * W.size(0), op, ": pred_corners must have shape [R, 4*(K+1)]");
+  TORCH_CHECK(ref.dim() == 2 && ref.size(0) == z.size(0) && ref.size(1) == 4, op, ": ref_boxes must be [R, 4]");
+  TORCH_CHECK(k >= 1 && k <= kMaxTopk && k <= W.size(0), op, ": lqe_topk out of range: ", k);
+  check_same(W, z, op, "project");
+  check_same(ref, z, op, "ref_boxes");
+}
+
+template <typename T>
+__global__ void fdr_decode_forward_kernel(const T* z, const T* W, const T* ref, T rs, int64_t rows, int n, int k,
+                                          T* boxes, T* stats, uint8_t* topk_index) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    fdr_decode_row_forward<T>(z + r * 4 * n, W, n, ref + r * 4, rs, k, boxes + r * 4, stats + r * 4 * (k + 1),
+                              topk_index + r * 4 * k);
+  }
+}
+
+template <typename T>
+__global__ void fdr_decode_backward_kernel(const T* z, const T* W, const T* ref, const uint8_t* topk_index,
+                                           const T* grad_boxes, const T* grad_stats, T rs, int64_t rows, int n,
+                                           int k, T* grad_z, T* grad_ref) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    fdr_decode_row_backward<T>(z + r * 4 * n, W, n, ref + r * 4, rs, k, topk_index + r * 4 * k, grad_boxes + r * 4,
+                               grad_stats + r * 4 * (k + 1), grad_z + r * 4 * n, grad_ref + r * 4);
+  }
+}
+
+// One FGL / DDF row per thread: loss (unless out is null) and, when grad_z is not null,
+// upstream[r] * weight[r] * d(loss)/dz.
+template <typename T>
+__global__ void fgl_rows_kernel(const T* z, const T* target, const T* wl, const T* wr, const T* weight,
+                                const T* upstream, int64_t rows, int n, T* out, T* grad_z) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const T w = weight ? weight[r] : T(1);
+    const T g = upstream ? upstream[r] * w : w;
+    const T loss = fgl_row<T>(z + r * n, n, target[r], wl[r], wr[r], g, grad_z ? grad_z + r * n : nullptr);
+    if (out) out[r] = weight ? loss * w : loss;
+  }
+}
+
+template <typename T>
+__global__ void ddf_rows_kernel(const T* zs, const T* zt, const T* weight, const T* upstream, T temperature,
+                                int64_t rows, int n, T* out, T* grad_z) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const T w = weight ? weight[r] : T(1);
+    const T g = upstream ? upstream[r] * w : w;
+    const T loss = ddf_row<T>(zs + r * n, zt + r * n, n, temperature, g, grad_z ? grad_z + r * n : nullptr);
+    if (out) out[r] = weight ? w * loss : loss;
+  }
+}
+
+template <typename T>
+const T* optional_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor optional_rows(const c10::optional<at::Tensor>& weight, int64_t rows, const at::Tensor& like,
+                         const char* op) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  check_rows(*weight, rows, like, op, "weight");
+  return weight->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cuda(const at::Tensor& pred_corners,
+                                                                       const at::Tensor& project,
+                                                                       const at::Tensor& ref_boxes, double reg_scale,
+                                                                       int64_t lqe_topk) {
+  check_decode(pred_corners, project, ref_boxes, lqe_topk, "fdr_decode_forward");
+  const c10::cuda::CUDAGuard guard(pred_corners.device());
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const int64_t rows = z.size(0);
+  const int n = static_cast<int>(W.size(0)), k = static_cast<int>(lqe_topk);
+  at::Tensor boxes = at::empty({rows, 4}, z.options());
+  at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
+  at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
+  if (rows == 0) return {boxes, stats, topk_index};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward_cuda", [&] {
+    fdr_decode_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
+        static_cast<scalar_t>(std::abs(reg_scale)), rows, n, k, boxes.data_ptr<scalar_t>(),
+        stats.data_ptr<scalar_t>(), topk_index.data_ptr<uint8_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {boxes, stats, topk_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cuda(const at::Tensor& grad_boxes, const at::Tensor& grad_stats,
+                                                            const at::Tensor& pred_corners, const at::Tensor& project,
+                                                            const at::Tensor& ref_boxes, const at::Tensor& topk_index,
+                                                            double reg_scale, int64_t lqe_topk) {
+  const char* op = "fdr_decode_backward";
+  check_decode(pred_corners, project, ref_boxes, lqe_topk, op);
+  const int64_t rows = pred_corners.size(0);
+  TORCH_CHECK(grad_boxes.sizes() == ref_boxes.sizes(), op, ": grad_boxes must have shape ", ref_boxes.sizes());
+  TORCH_CHECK(grad_stats.dim() == 3 && grad_stats.size(0) == rows && grad_stats.size(1) == 4 &&
+                  grad_stats.size(2) == lqe_topk + 1,
+              op, ": grad_stats must have shape [R, 4, lqe_topk + 1]");
+  TORCH_CHECK(topk_index.scalar_type() == at::kByte && topk_index.dim() == 3 && topk_index.size(0) == rows &&
+                  topk_index.size(2) == lqe_topk,
+              op, ": topk_index must be a uint8 tensor [R, 4, lqe_topk]");
+  const c10::cuda::CUDAGuard guard(pred_corners.device());
+  const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
+  const at::Tensor gb = grad_boxes.to(z.scalar_type()).contiguous(), gs = grad_stats.to(z.scalar_type()).contiguous();
+  const at::Tensor ti = topk_index.contiguous();
+  const int n = static_cast<int>(W.size(0)), k = static_cast<int>(lqe_topk);
+  at::Tensor grad_z = at::empty_like(z);
+  at::Tensor grad_ref = at::empty_like(ref);
+  if (rows == 0) return {grad_z, grad_ref};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward_cuda", [&] {
+    fdr_decode_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), ti.data_ptr<uint8_t>(),
+        gb.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), static_cast<scalar_t>(std::abs(reg_scale)), rows, n, k,
+        grad_z.data_ptr<scalar_t>(), grad_ref.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_z, grad_ref};
+}
+
+void check_loss_pred(const at::Tensor& pred, const char* op) {
+  check_cuda_float(pred, op, "pred_corners");
+  TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 2 && pred.size(1) <= kMaxBins, op,
+              ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins);
+}
+
+void check_fgl(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+               const char* op) {
+  check_loss_pred(pred, op);
+  const int64_t rows = pred.size(0);
+  check_rows(target, rows, pred, op, "target_bins");
+  check_rows(wl, rows, pred, op, "weight_left");
+  check_rows(wr, rows, pred, op, "weight_right");
+}
+
+at::Tensor fgl_rows_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
+                         const at::Tensor& weight, const at::Tensor& upstream, bool want_loss, at::Tensor grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const at::Tensor z = pred.contiguous(), t = target.contiguous(), l = wl.contiguous(), rg = wr.contiguous();
+  const int64_t rows = z.size(0);
+  at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
+  if (rows == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cuda", [&] {
+    fgl_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), rg.data_ptr<scalar_t>(),
+        optional_ptr<scalar_t>(weight), optional_ptr<scalar_t>(upstream), rows, static_cast<int>(z.size(1)),
+        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_cuda(const at::Tensor& pred_corners,
+                                                         const at::Tensor& target_bins,
+                                                         const at::Tensor& weight_left,
+                                                         const at::Tensor& weight_right,
+                                                         const c10::optional<at::Tensor>& weight, bool compute_grad) {
+  const char* op = "fgl_loss_forward";
+  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
+                                 : at::empty({0}, pred_corners.options());
+  at::Tensor out = fgl_rows_cuda(pred_corners, target_bins, weight_left, weight_right, w, at::Tensor(), true,
+                                 compute_grad ? grad : at::Tensor());
+  return {out, grad};
+}
+
+at::Tensor fgl_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                  const at::Tensor& target_bins, const at::Tensor& weight_left,
+                                  const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
+  const char* op = "fgl_loss_backward";
+  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  fgl_rows_cuda(pred_corners, target_bins, weight_left, weight_right, w, grad_rows.contiguous(), false, grad);
+  return grad;
+}
+
+void check_ddf(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
+  check_loss_pred(pred, op);
+  TORCH_CHECK(teacher.sizes() == pred.sizes(), op, ": teacher_corners must have shape ", pred.sizes());
+  check_same(teacher, pred, op, "teacher_corners");
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+}
+
+at::Tensor ddf_rows_cuda(const at::Tensor& pred, const at::Tensor& teacher, const at::Tensor& weight,
+                         double temperature, const at::Tensor& upstream, bool want_loss, at::Tensor grad) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const at::Tensor zs = pred.contiguous(), zt = teacher.contiguous();
+  const int64_t rows = zs.size(0);
+  at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
+  if (rows == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cuda", [&] {
+    ddf_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+        zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+        optional_ptr<scalar_t>(upstream), static_cast<scalar_t>(temperature), rows, static_cast<int>(zs.size(1)),
+        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_cuda(const at::Tensor& pred_corners,
+                                                         const at::Tensor& teacher_corners,
+                                                         const c10::optional<at::Tensor>& weight, double temperature,
+                                                         bool compute_grad) {
+  const char* op = "ddf_loss_forward";
+  check_ddf(pred_corners, teacher_corners, temperature, op);
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
+                                 : at::empty({0}, pred_corners.options());
+  at::Tensor out = ddf_rows_cuda(pred_corners, teacher_corners, w, temperature, at::Tensor(), true,
+                                 compute_grad ? grad : at::Tensor());
+  return {out, grad};
+}
+
+at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred_corners,
+                                  const at::Tensor& teacher_corners, const c10::optional<at::Tensor>& weight,
+                                  double temperature) {
+  const char* op = "ddf_loss_backward";
+  check_ddf(pred_corners, teacher_corners, temperature, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
+  at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
+  ddf_rows_cuda(pred_corners, teacher_corners, w, temperature, grad_rows.contiguous(), false, grad);
+  return grad;
+}
+
+}  // namespace
+}  // namespace dfine
+
+TORCH_LIBRARY_IMPL(dfine, CUDA, m) {
+  m.impl("fdr_decode_forward", &dfine::fdr_decode_forward_cuda);
+  m.impl("fdr_decode_backward", &dfine::fdr_decode_backward_cuda);
+  m.impl("fgl_loss_forward", &dfine::fgl_loss_forward_cuda);
+  m.impl("fgl_loss_backward", &dfine::fgl_loss_backward_cuda);
+  m.impl("ddf_loss_forward", &dfine::ddf_loss_forward_cuda);
+  m.impl("ddf_loss_backward", &dfine::ddf_loss_backward_cuda);
+}

@@ -1,0 +1,332 @@
+// Per-row math of the FDR decode and of the GO-LSD losses (FGL, DDF), shared by the C++ CPU kernels
+// (fdr_cpu.cpp) and the CUDA kernels (fdr_cuda.cu): whatever ships to GPUs is tested through the CPU
+// kernel. A "row" is the K+1 bin logits of one box edge (losses) or the 4 edges of one box (decode).
+// All functions are numerically stable (max subtraction) and need no workspace beyond fixed arrays.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define DFINE_HD __host__ __device__ __forceinline__
+#define DFINE_SIMD_SUM(acc)
+#define DFINE_SIMD_MAX(acc)
+#define DFINE_SIMD_MIN(acc)
+#define DFINE_SIMD_SUM2(a, b)
+#define DFINE_SIMD_MAX2(a, b)
+#define DFINE_SIMD_MAX4(a, b, c, d)
+#define DFINE_SIMD_MIN4(a, b, c, d)
+#else
+#define DFINE_HD inline __attribute__((always_inline))
+// Lets the compiler vectorise a float sum (it may reassociate inside this loop only).
+#define DFINE_PRAGMA(x) _Pragma(#x)
+#define DFINE_SIMD_SUM(acc) DFINE_PRAGMA(omp simd reduction(+ : acc))
+#define DFINE_SIMD_MAX(acc) DFINE_PRAGMA(omp simd reduction(max : acc))
+#define DFINE_SIMD_MIN(acc) DFINE_PRAGMA(omp simd reduction(min : acc))
+#define DFINE_SIMD_SUM2(a, b) DFINE_PRAGMA(omp simd reduction(+ : a, b))
+#define DFINE_SIMD_MAX2(a, b) DFINE_PRAGMA(omp simd reduction(max : a, b))
+#define DFINE_SIMD_MAX4(a, b, c, d) DFINE_PRAGMA(omp simd reduction(max : a, b, c, d))
+#define DFINE_SIMD_MIN4(a, b, c, d) DFINE_PRAGMA(omp simd reduction(min : a, b, c, d))
+#endif
+
+namespace dfine {
+namespace fdr {
+
+constexpr int kMaxBins = 64;  // K + 1 <= 64 (D-FINE uses 33)
+constexpr int kMaxTopk = 8;   // LQE uses k = 4
+
+// exp(x) for x <= 0 (every exponent here is a logit minus its row maximum).
+DFINE_HD double exp_nonpos(double x) { return ::exp(x); }
+
+DFINE_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  // Branch-free expf (Cephes polynomial, ~1 ulp) so that loops over the bins vectorise on the CPU.
+  const float lowest = -87.33654f;  // below this the result is under FLT_MIN: return 0
+  const float xc = x < lowest ? lowest : x;
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (no -ffast-math here, so it is kept as written)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  const float y = poly * scale;
+  return x < lowest ? 0.0f : y;
+#endif
+}
+
+DFINE_HD double log_(double x) { return ::log(x); }
+DFINE_HD float log_(float x) { return ::logf(x); }
+
+// e[j] = exp(z[j] - max), returns sum_j e[j]; the maximum is written to `max_out`.
+template <typename T>
+DFINE_HD T edge_exp(const T* z, int n, T* e, T& max_out) {
+  T m = z[0];
+  DFINE_SIMD_MAX(m)
+  for (int j = 1; j < n; ++j) m = z[j] > m ? z[j] : m;
+  T sum = T(0);
+  DFINE_SIMD_SUM(sum)
+  for (int j = 0; j < n; ++j) {
+    const T v = exp_nonpos(z[j] - m);
+    e[j] = v;
+    sum += v;
+  }
+  max_out = m;
+  return sum;
+}
+
+// p = softmax(z); returns sum_j p[j] * W[j] (the expected distance of the edge).
+template <typename T>
+DFINE_HD T edge_softmax_expectation(const T* z, const T* W, int n, T* p) {
+  T m;
+  const T inv = T(1) / edge_exp(z, n, p, m);
+  T acc = T(0);
+  DFINE_SIMD_SUM(acc)
+  for (int j = 0; j < n; ++j) {
+    p[j] *= inv;
+    acc += p[j] * W[j];
+  }
+  return acc;
+}
+
+// The k largest of p[0..n) in descending order (ties: the lower index first) and their indices.
+// Pass i takes the largest (value, -index) pair below the one found in pass i - 1: two
+// branch-free sweeps over the bins per pass, without writes, so they vectorise.
+template <typename T>
+DFINE_HD void topk_small(const T* p, int n, int k, T* vals, int* idx) {
+  T prev_v = T(0);
+  int prev_i = -1;
+  for (int i = 0; i < k; ++i) {
+    T m = T(-1);  // probabilities are >= 0
+    DFINE_SIMD_MAX(m)
+    for (int j = 0; j < n; ++j) {
+      const T v = p[j];
+      const bool eligible = i == 0 || v < prev_v || (v == prev_v && j > prev_i);
+      const T c = eligible ? v : T(-1);
+      m = c > m ? c : m;
+    }
+    int first = n;
+    DFINE_SIMD_MIN(first)
+    for (int j = 0; j < n; ++j) {
+      const T v = p[j];
+      const bool eligible = i == 0 || v < prev_v || (v == prev_v && j > prev_i);
+      const int candidate = (eligible && v == m) ? j : n;
+      first = candidate < first ? candidate : first;
+    }
+    if (first >= n) first = prev_i + 1 < n ? prev_i + 1 : 0;  // only with NaN probabilities
+    vals[i] = m;
+    idx[i] = first;
+    prev_v = m;
+    prev_i = first;
+  }
+}
+
+// topk_small for the 4 edges of a box at once (p: 4 rows of stride kMaxBins; vals/idx: [4][k]).
+// The four edges' reductions are independent, so running them in the same sweeps lets the CPU
+// overlap them instead of waiting for one horizontal reduction after the other.
+DFINE_HD bool topk_eligible(float v, int j, float prev_v, int prev_i, bool first) {
+  return first || v < prev_v || (v == prev_v && j > prev_i);
+}
+DFINE_HD bool topk_eligible(double v, int j, double prev_v, int prev_i, bool first) {
+  return first || v < prev_v || (v == prev_v && j > prev_i);
+}
+
+template <typename T>
+DFINE_HD void topk_small_4edges(const T* p, int n, int k, T* vals, int* idx) {
+  const T* p0 = p;
+  const T* p1 = p + kMaxBins;
+  const T* p2 = p + 2 * kMaxBins;
+  const T* p3 = p + 3 * kMaxBins;
+  T pv0 = T(0), pv1 = T(0), pv2 = T(0), pv3 = T(0);
+  int pi0 = -1, pi1 = -1, pi2 = -1, pi3 = -1;
+  for (int i = 0; i < k; ++i) {
+    const bool first = i == 0;
+    T m0 = T(-1), m1 = T(-1), m2 = T(-1), m3 = T(-1);
+    DFINE_SIMD_MAX4(m0, m1, m2, m3)
+    for (int j = 0; j < n; ++j) {
+      const T c0 = topk_eligible(p0[j], j, pv0, pi0, first) ? p0[j] : T(-1);
+      const T c1 = topk_eligible(p1[j], j, pv1, pi1, first) ? p1[j] : T(-1);
+      const T c2 = topk_eligible(p2[j], j, pv2, pi2, first) ? p2[j] : T(-1);
+      const T c3 = topk_eligible(p3[j], j, pv3, pi3, first) ? p3[j] : T(-1);
+      m0 = c0 > m0 ? c0 : m0;
+      m1 = c1 > m1 ? c1 : m1;
+      m2 = c2 > m2 ? c2 : m2;
+      m3 = c3 > m3 ? c3 : m3;
+    }
+    int f0 = n, f1 = n, f2 = n, f3 = n;
+    DFINE_SIMD_MIN4(f0, f1, f2, f3)
+    for (int j = 0; j < n; ++j) {
+      const int c0 = (p0[j] == m0 && topk_eligible(p0[j], j, pv0, pi0, first)) ? j : n;
+      const int c1 = (p1[j] == m1 && topk_eligible(p1[j], j, pv1, pi1, first)) ? j : n;
+      const int c2 = (p2[j] == m2 && topk_eligible(p2[j], j, pv2, pi2, first)) ? j : n;
+      const int c3 = (p3[j] == m3 && topk_eligible(p3[j], j, pv3, pi3, first)) ? j : n;
+      f0 = c0 < f0 ? c0 : f0;
+      f1 = c1 < f1 ? c1 : f1;
+      f2 = c2 < f2 ? c2 : f2;
+      f3 = c3 < f3 ? c3 : f3;
+    }
+    // f == n only with NaN probabilities: keep the index in range
+    f0 = f0 < n ? f0 : (pi0 + 1 < n ? pi0 + 1 : 0);
+    f1 = f1 < n ? f1 : (pi1 + 1 < n ? pi1 + 1 : 0);
+    f2 = f2 < n ? f2 : (pi2 + 1 < n ? pi2 + 1 : 0);
+    f3 = f3 < n ? f3 : (pi3 + 1 < n ? pi3 + 1 : 0);
+    vals[0 * k + i] = m0, idx[0 * k + i] = f0, pv0 = m0, pi0 = f0;
+    vals[1 * k + i] = m1, idx[1 * k + i] = f1, pv1 = m1, pi1 = f1;
+    vals[2 * k + i] = m2, idx[2 * k + i] = f2, pv2 = m2, pi2 = f2;
+    vals[3 * k + i] = m3, idx[3 * k + i] = f3, pv3 = m3, pi3 = f3;
+  }
+}
+
+// distance2bbox: reference (cx, cy, w, h) and distances (l, t, r, b) -> box (cx, cy, w, h).
+template <typename T>
+DFINE_HD void distance_to_box(const T* ref, const T* d, T rs, T* box) {
+  const T half = T(0.5) * rs;
+  const T unit_w = ref[2] / rs, unit_h = ref[3] / rs;
+  const T x1 = ref[0] - (half + d[0]) * unit_w;
+  const T y1 = ref[1] - (half + d[1]) * unit_h;
+  const T x2 = ref[0] + (half + d[2]) * unit_w;
+  const T y2 = ref[1] + (half + d[3]) * unit_h;
+  box[0] = (x1 + x2) / T(2);
+  box[1] = (y1 + y2) / T(2);
+  box[2] = x2 - x1;
+  box[3] = y2 - y1;
+}
+
+// One box: z = 4 * n logits (edges l, t, r, b) -> box (cx, cy, w, h), stats [4, k + 1] and the
+// bins of the top-k probabilities [4, k] (kept for the backward pass, which then needs no top-k).
+template <typename T>
+DFINE_HD void fdr_decode_row_forward(const T* z, const T* W, int n, const T* ref, T rs, int k, T* box, T* stats,
+                                     uint8_t* topk_index) {
+  T p[4 * kMaxBins];
+  T d[4];
+  T vals[4 * kMaxTopk];
+  int idx[4 * kMaxTopk];
+  for (int e = 0; e < 4; ++e) d[e] = edge_softmax_expectation(z + e * n, W, n, p + e * kMaxBins);
+  topk_small_4edges(p, n, k, vals, idx);
+  for (int e = 0; e < 4; ++e) {
+    T total = T(0);
+    for (int i = 0; i < k; ++i) {
+      stats[e * (k + 1) + i] = vals[e * k + i];
+      topk_index[e * k + i] = static_cast<uint8_t>(idx[e * k + i]);
+      total += vals[e * k + i];
+    }
+    stats[e * (k + 1) + k] = total / T(k);
+  }
+  distance_to_box(ref, d, rs, box);
+}
+
+// Gradients of one box: given d(boxes) and d(stats), write d(z) [4 * n] and d(ref) [4].
+template <typename T>
+DFINE_HD void fdr_decode_row_backward(const T* z, const T* W, int n, const T* ref, T rs, int k,
+                                      const uint8_t* topk_index, const T* grad_box, const T* grad_stats, T* grad_z,
+                                      T* grad_ref) {
+  T p[4 * kMaxBins];
+  T d[4];
+  for (int e = 0; e < 4; ++e) d[e] = edge_softmax_expectation(z + e * n, W, n, p + e * kMaxBins);
+  // box = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
+  const T half = T(0.5) * rs;
+  const T unit_w = ref[2] / rs, unit_h = ref[3] / rs;
+  const T gx1 = T(0.5) * grad_box[0] - grad_box[2], gx2 = T(0.5) * grad_box[0] + grad_box[2];
+  const T gy1 = T(0.5) * grad_box[1] - grad_box[3], gy2 = T(0.5) * grad_box[1] + grad_box[3];
+  const T grad_d[4] = {-gx1 * unit_w, -gy1 * unit_h, gx2 * unit_w, gy2 * unit_h};
+  grad_ref[0] = gx1 + gx2;
+  grad_ref[1] = gy1 + gy2;
+  grad_ref[2] = (gx2 * (half + d[2]) - gx1 * (half + d[0])) / rs;
+  grad_ref[3] = (gy2 * (half + d[3]) - gy1 * (half + d[1])) / rs;
+  T grad_p[kMaxBins];
+  for (int e = 0; e < 4; ++e) {
+    const T* pe = p + e * kMaxBins;
+    for (int j = 0; j < n; ++j) grad_p[j] = grad_d[e] * W[j];
+    const T* gs = grad_stats + e * (k + 1);
+    const T grad_mean = gs[k] / T(k);
+    for (int i = 0; i < k; ++i) grad_p[topk_index[e * k + i]] += gs[i] + grad_mean;
+    T dot = T(0);
+    DFINE_SIMD_SUM(dot)
+    for (int j = 0; j < n; ++j) dot += pe[j] * grad_p[j];
+    T* gz = grad_z + e * n;
+    for (int j = 0; j < n; ++j) gz[j] = pe[j] * (grad_p[j] - dot);
+  }
+}
+
+// FGL: the left bin is target.long() as published, kept inside [0, n - 2] so the right bin exists.
+template <typename T>
+DFINE_HD int fgl_left_bin(T target, int n) {
+  if (!(target > T(0))) return 0;  // also NaN
+  if (target >= T(n - 2)) return n - 2;
+  return static_cast<int>(target);
+}
+
+// One FGL row: returns CE(z, a) * wl + CE(z, a + 1) * wr (without the row weight) and, when
+// grad_z is not null, writes g * d(loss)/dz from the same exponentials (g = upstream * row weight).
+template <typename T>
+DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
+  T e[kMaxBins];
+  T m;
+  const T sum = edge_exp(z, n, e, m);
+  const T log_sum = log_(sum);
+  const int a = fgl_left_bin(target, n);
+  if (grad_z != nullptr) {
+    const T scale = g * (wl + wr) / sum;
+    for (int j = 0; j < n; ++j) grad_z[j] = scale * e[j];
+    grad_z[a] -= g * wl;
+    grad_z[a + 1] -= g * wr;
+  }
+  return (log_sum - (z[a] - m)) * wl + (log_sum - (z[a + 1] - m)) * wr;
+}
+
+// One DDF row: returns T^2 * sum_j p_j (log p_j - log q_j), p = softmax(teacher / T) and
+// q = softmax(pred / T), terms with p_j = 0 count 0; when grad_z is not null, writes
+// g * d(loss)/d(pred) = g * T * (q_j * sum(p) - p_j). The log-ratio is the difference of two
+// log-softmaxes computed by identical code, so it is exactly 0 for every bin when pred == teacher.
+template <typename T>
+DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
+  T ea[kMaxBins], eb[kMaxBins];
+  const T inv_t = T(1) / temperature;
+  // max(z * inv_t) == max(z) * inv_t exactly (rounding is monotone), so the scaled logits are
+  // never stored: a_j = zs_j * inv_t and b_j = zt_j * inv_t are recomputed where needed.
+  T max_s = zs[0], max_t = zt[0];
+  DFINE_SIMD_MAX2(max_s, max_t)
+  for (int j = 1; j < n; ++j) {
+    max_s = zs[j] > max_s ? zs[j] : max_s;
+    max_t = zt[j] > max_t ? zt[j] : max_t;
+  }
+  const T max_a = max_s * inv_t, max_b = max_t * inv_t;
+  T sum_a = T(0), sum_b = T(0);
+  DFINE_SIMD_SUM2(sum_a, sum_b)
+  for (int j = 0; j < n; ++j) {
+    const T va = exp_nonpos(zs[j] * inv_t - max_a);
+    const T vb = exp_nonpos(zt[j] * inv_t - max_b);
+    ea[j] = va;
+    eb[j] = vb;
+    sum_a += va;
+    sum_b += vb;
+  }
+  const T log_sum_a = log_(sum_a), log_sum_b = log_(sum_b);
+  const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
+  T kl = T(0), sum_p = T(0);
+  DFINE_SIMD_SUM2(kl, sum_p)
+  for (int j = 0; j < n; ++j) {
+    const T p = eb[j] * inv_b;
+    const T log_ratio = ((zt[j] * inv_t - max_b) - log_sum_b) - ((zs[j] * inv_t - max_a) - log_sum_a);
+    kl += p > T(0) ? p * log_ratio : T(0);
+    sum_p += p;
+  }
+  if (grad_z != nullptr) {
+    const T scale = g * temperature;
+    for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sum_p - eb[j] * inv_b);
+  }
+  return temperature * temperature * kl;
+}
+
+}  // namespace fdr
+}  // namespace dfine

@@ -1,0 +1,385 @@
+"""GO-LSD localisation losses of D-FINE: Fine-grained Localization (FGL) and Decoupled
+Distillation Focal (DDF) losses over the ``K+1`` bin logits of every box edge.
+
+* :func:`fgl_loss` - per row ``CE(pred, floor(t)) * wl + CE(pred, floor(t) + 1) * wr``, times ``weight``;
+* :func:`ddf_loss` - per row ``T^2 * KL(softmax(teacher / T) || softmax(pred / T))``, times ``weight``.
+
+``fgl_loss_reference`` / ``ddf_loss_reference`` are the definitions of truth. Fused backends compute
+one row per pass (softmax, loss and, in backward, its gradient) and return the per-row losses; the
+reduction is applied afterwards by the same Python code for every backend:
+``cpp`` - ``torch.ops.dfine.{fgl,ddf}_loss_forward/backward`` from ``csrc/fdr/`` (C++ on CPU tensors,
+CUDA on CUDA tensors); ``triton`` - ``torch.ops.dfine.{fgl,ddf}_loss_triton`` (``kernels/golsd_losses.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from dfine.ops._backend import extension_available, resolve_backend
+
+__all__ = ["fgl_loss", "fgl_loss_reference", "ddf_loss", "ddf_loss_reference", "compare_cases"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``none`` -> [N]; ``sum`` -> scalar; ``mean`` -> scalar, 0 (not NaN) for N = 0."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / max(rows.shape[0], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# References.
+
+
+def fgl_left_bin(target_bins: torch.Tensor, bins: int) -> torch.Tensor:
+    """The left bin of every target: ``target.long()`` (truncation, as published), kept inside
+    ``[0, bins - 2]`` so that the right bin exists (valid targets lie in [0, K - 0.1] already)."""
+    return target_bins.long().clamp(0, bins - 2)
+
+
+def fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight=None, reduction="sum"):
+    """Plain-PyTorch :func:`fgl_loss` (the published ``unimodal_distribution_focal_loss``)."""
+    bins = pred_corners.shape[-1]
+    left = fgl_left_bin(target_bins.reshape(-1), bins)
+    rows = F.cross_entropy(pred_corners, left, reduction="none") * weight_left.reshape(-1) + F.cross_entropy(
+        pred_corners, left + 1, reduction="none"
+    ) * weight_right.reshape(-1)
+    if weight is not None:
+        rows = rows * weight.reshape(-1)
+    return _reduce(rows, reduction)
+
+
+def ddf_loss_reference(pred_corners, teacher_corners, weight=None, temperature=5.0, reduction="none"):
+    """Plain-PyTorch :func:`ddf_loss`: ``T^2 * sum_j p_j (log p_j - log q_j)`` with ``p`` the teacher's
+    and ``q`` the student's softmax at temperature ``T``; terms with ``p_j = 0`` count 0 (xlogy).
+    Written with the difference of the two log-softmaxes so that teacher == student gives exactly 0."""
+    log_q = F.log_softmax(pred_corners / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_corners.detach() / temperature, dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    rows = (temperature ** 2) * terms.sum(-1)
+    if weight is not None:
+        rows = weight.reshape(-1) * rows
+    return _reduce(rows, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks.
+
+
+def _check_pred(op, pred_corners):
+    if not isinstance(pred_corners, torch.Tensor):
+        raise TypeError(f"{op}: pred_corners must be a torch.Tensor, got {type(pred_corners).__name__}")
+    if pred_corners.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: pred_corners must be a floating-point tensor, got {pred_corners.dtype}")
+    if pred_corners.dim() != 2 or not 2 <= pred_corners.shape[1] <= 64:
+        raise ValueError(f"{op}: pred_corners must have shape [N, K+1] with 2 <= K+1 <= 64, "
+                         f"got {tuple(pred_corners.shape)}")
+
+
+def _check_rows(op, name, t, pred_corners, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    n = pred_corners.shape[0]
+    if t.numel() != n:
+        raise ValueError(f"{op}: {name} must have N={n} elements (one per row of pred_corners "
+                         f"{tuple(pred_corners.shape)}), got shape {tuple(t.shape)}")
+    if t.device != pred_corners.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but pred_corners is on {pred_corners.device}")
+
+
+def _check_reduction(op, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _compute_dtype(dtype):
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rows_arg(t, dtype):
+    if t is None:
+        return None
+    return _as(t if t.dim() == 1 else t.reshape(-1), dtype)
+
+
+def _keep_gradient(pred_corners) -> bool:
+    """Whether the fused forward should also write d(row loss)/d(pred) (backward then only scales
+    it, in place). Not under torch.compile, whose graphs must not mutate saved tensors."""
+    return pred_corners.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops.
+
+
+def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left: torch.Tensor,
+             weight_right: torch.Tensor, weight: Optional[torch.Tensor] = None, reduction: str = "sum",
+             backend: str = "auto") -> torch.Tensor:
+    """Fine-grained Localization loss.
+
+    Args:
+        pred_corners: ``[N, K+1]`` bin logits (one row per box edge).
+        target_bins: ``N`` float bin positions in ``[0, K - 0.1]`` (any shape with N elements); the
+            left bin is ``target.long()`` (kept in ``[0, K-1]``), the right bin the next one.
+        weight_left, weight_right: ``N`` weights of the two bins (from :func:`dfine.ops.fdr_targets`).
+        weight: optional ``N`` per-row factor (the IoU of the box, repeated for its 4 edges).
+        reduction: ``"none"`` (``[N]``), ``"sum"`` or ``"mean"`` (0 for N = 0). The published criterion
+            divides the sum by the number of boxes itself.
+
+    Gradients flow to ``pred_corners`` (and to ``weight`` if it requires grad); the targets get none.
+    """
+    op = "fgl_loss"
+    _check_pred(op, pred_corners)
+    for name, t in (("target_bins", target_bins), ("weight_left", weight_left), ("weight_right", weight_right)):
+        _check_rows(op, name, t, pred_corners)
+    _check_rows(op, "weight", weight, pred_corners, optional=True)
+    _check_reduction(op, reduction)
+    which = resolve_backend(backend, pred_corners.device, op)
+    if which == "reference":
+        return fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight, reduction)
+    dtype = _compute_dtype(pred_corners.dtype)
+    args = (_as(pred_corners, dtype), _rows_arg(target_bins, dtype), _rows_arg(weight_left, dtype),
+            _rows_arg(weight_right, dtype), _rows_arg(weight, dtype), _keep_gradient(pred_corners))
+    op = torch.ops.dfine.fgl_loss_forward if which == "cpp" else torch.ops.dfine.fgl_loss_triton
+    rows, _ = op(*args)
+    return _reduce(_as(rows, pred_corners.dtype), reduction)
+
+
+def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: Optional[torch.Tensor] = None,
+             temperature: float = 5.0, reduction: str = "none", backend: str = "auto") -> torch.Tensor:
+    """Decoupled Distillation Focal loss, per row ``T^2 * KL(softmax(teacher/T) || softmax(pred/T))``.
+
+    Args:
+        pred_corners: ``[N, K+1]`` student bin logits.
+        teacher_corners: ``[N, K+1]`` teacher bin logits; no gradient flows to them.
+        weight: optional ``N`` per-row factor.
+        temperature: ``T > 0``.
+        reduction: ``"none"`` (``[N]``, the default: the criterion splits matched/unmatched rows),
+            ``"sum"`` or ``"mean"`` (0 for N = 0).
+
+    Bins whose teacher probability is 0 contribute 0; teacher == student gives exactly 0.
+    """
+    op = "ddf_loss"
+    _check_pred(op, pred_corners)
+    if not isinstance(teacher_corners, torch.Tensor) or teacher_corners.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: teacher_corners must be a floating-point torch.Tensor, got "
+                        f"{getattr(teacher_corners, 'dtype', type(teacher_corners).__name__)}")
+    if teacher_corners.shape != pred_corners.shape:
+        raise ValueError(f"{op}: teacher_corners must have the shape of pred_corners {tuple(pred_corners.shape)}, "
+                         f"got {tuple(teacher_corners.shape)}")
+    if teacher_corners.device != pred_corners.device:
+        raise ValueError(f"{op}: teacher_corners is on {teacher_corners.device} but pred_corners is on "
+                         f"{pred_corners.device}")
+    _check_rows(op, "weight", weight, pred_corners, optional=True)
+    _check_reduction(op, reduction)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
+    which = resolve_backend(backend, pred_corners.device, op)
+    if which == "reference":
+        return ddf_loss_reference(pred_corners, teacher_corners, weight, temperature, reduction)
+    dtype = _compute_dtype(pred_corners.dtype)
+    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype), _rows_arg(weight, dtype),
+            float(temperature), _keep_gradient(pred_corners))
+    op = torch.ops.dfine.ddf_loss_forward if which == "cpp" else torch.ops.dfine.ddf_loss_triton
+    rows, _ = op(*args)
+    return _reduce(_as(rows, pred_corners.dtype), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd and fake kernels (C++/CUDA kernels registered by dfine._C; Triton ops defined here).
+# Forward ops return the weighted per-row loss [N] and, if asked (compute_grad), the gradient of
+# every row's loss w.r.t. pred_corners from the same pass; backward scales that gradient's rows by
+# the upstream gradient in place (no second pass, no second [N, K+1] buffer). Without it (second
+# backward through the graph, torch.compile) the backward ops recompute it from the saved inputs.
+
+
+def _fgl_setup_context(ctx, inputs, output):
+    pred, target, wl, wr, weight, compute_grad = inputs
+    ctx.save_for_backward(pred, target, wl, wr, weight)
+    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no [N, K+1] zeros for the gradient output's (absent) gradient
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[4]
+
+
+def _scale_fused_grad(ctx, grad_rows):
+    grad = ctx.fused_grad
+    ctx.fused_grad = None  # used once; a second backward recomputes
+    return grad.mul_(grad_rows.unsqueeze(1))
+
+
+def _make_fgl_backward(forward_op, backward_op):
+    def _backward(ctx, grad_rows, _grad_unused):
+        if grad_rows is None:
+            return None, None, None, None, None, None
+        pred, target, wl, wr, weight = ctx.saved_tensors
+        grad_pred = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fused_grad is not None:
+                grad_pred = _scale_fused_grad(ctx, grad_rows)
+            else:
+                grad_pred = backward_op(grad_rows.contiguous(), pred, target, wl, wr, weight)
+        grad_weight = None
+        if ctx.weight_needs_grad:
+            grad_weight = grad_rows * forward_op(pred, target, wl, wr, None, False)[0]
+        return grad_pred, None, None, None, grad_weight, None
+
+    return _backward
+
+
+def _ddf_setup_context(ctx, inputs, output):
+    pred, teacher, weight, temperature, compute_grad = inputs
+    ctx.save_for_backward(pred, teacher, weight)
+    ctx.temperature = temperature
+    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
+
+
+def _make_ddf_backward(forward_op, backward_op):
+    def _backward(ctx, grad_rows, _grad_unused):
+        if grad_rows is None:
+            return None, None, None, None, None
+        pred, teacher, weight = ctx.saved_tensors
+        grad_pred = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fused_grad is not None:
+                grad_pred = _scale_fused_grad(ctx, grad_rows)
+            else:
+                grad_pred = backward_op(grad_rows.contiguous(), pred, teacher, weight, ctx.temperature)
+        grad_weight = None
+        if ctx.weight_needs_grad:
+            grad_weight = grad_rows * forward_op(pred, teacher, None, ctx.temperature, False)[0]
+        return grad_pred, None, grad_weight, None, None
+
+    return _backward
+
+
+def _forward_fake(pred, *args):
+    compute_grad = args[-1]
+    grad = torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
+    return pred.new_empty((pred.shape[0],)), grad
+
+
+def _grad_fake(grad_rows, pred, *args):
+    return torch.empty_like(pred)
+
+
+def _register_cpp_autograd():
+    for name in ("fgl_loss_forward", "ddf_loss_forward"):
+        torch.library.register_fake(f"dfine::{name}")(_forward_fake)
+    for name in ("fgl_loss_backward", "ddf_loss_backward"):
+        torch.library.register_fake(f"dfine::{name}")(_grad_fake)
+    ops = torch.ops.dfine
+    torch.library.register_autograd(
+        "dfine::fgl_loss_forward", _make_fgl_backward(ops.fgl_loss_forward, ops.fgl_loss_backward),
+        setup_context=_fgl_setup_context,
+    )
+    torch.library.register_autograd(
+        "dfine::ddf_loss_forward", _make_ddf_backward(ops.ddf_loss_forward, ops.ddf_loss_backward),
+        setup_context=_ddf_setup_context,
+    )
+
+
+if extension_available() and hasattr(torch.ops.dfine, "fgl_loss_forward"):
+    _register_cpp_autograd()
+
+
+@torch.library.custom_op("dfine::fgl_loss_triton", mutates_args=())
+def _fgl_triton(pred: torch.Tensor, target: torch.Tensor, weight_left: torch.Tensor, weight_right: torch.Tensor,
+                weight: Optional[torch.Tensor], compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from kernels.golsd_losses import fgl_loss_backward_triton, fgl_loss_forward_triton
+
+    rows = fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    ones = torch.ones_like(rows)
+    return rows, fgl_loss_backward_triton(ones, pred, target, weight_left, weight_right, weight)
+
+
+_fgl_triton.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("dfine::fgl_loss_triton_backward", mutates_args=())
+def _fgl_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                         weight_left: torch.Tensor, weight_right: torch.Tensor,
+                         weight: Optional[torch.Tensor]) -> torch.Tensor:
+    from kernels.golsd_losses import fgl_loss_backward_triton
+
+    return fgl_loss_backward_triton(grad_rows, pred, target, weight_left, weight_right, weight)
+
+
+_fgl_triton_backward.register_fake(_grad_fake)
+_fgl_triton.register_autograd(
+    _make_fgl_backward(torch.ops.dfine.fgl_loss_triton, torch.ops.dfine.fgl_loss_triton_backward),
+    setup_context=_fgl_setup_context,
+)
+
+
+@torch.library.custom_op("dfine::ddf_loss_triton", mutates_args=())
+def _ddf_triton(pred: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor],
+                temperature: float, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from kernels.golsd_losses import ddf_loss_backward_triton, ddf_loss_forward_triton
+
+    rows = ddf_loss_forward_triton(pred, teacher, weight, temperature)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    return rows, ddf_loss_backward_triton(torch.ones_like(rows), pred, teacher, weight, temperature)
+
+
+_ddf_triton.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("dfine::ddf_loss_triton_backward", mutates_args=())
+def _ddf_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, teacher: torch.Tensor,
+                         weight: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    from kernels.golsd_losses import ddf_loss_backward_triton
+
+    return ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature)
+
+
+_ddf_triton_backward.register_fake(_grad_fake)
+_ddf_triton.register_autograd(
+    _make_ddf_backward(torch.ops.dfine.ddf_loss_triton, torch.ops.dfine.ddf_loss_triton_backward),
+    setup_context=_ddf_setup_context,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs for `python -m dfine.ops.compare`.
+
+
+def compare_cases(rows: int = 4 * 500 * 4, reg_max: int = 32, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """Realistic random inputs of both losses (one decoder layer of D-FINE-L: 4 x 500 queries x 4
+    edges). Returns a list of ``(name, fn, reference_fn, args, kwargs)``; ``fn(*args, backend=...,
+    **kwargs)`` and ``reference_fn(*args, **kwargs)`` return the loss; pred_corners requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+    bins = reg_max + 1
+    pred = (torch.randn(rows, bins, generator=gen) * 3).to(dtype=dtype, device=device).requires_grad_(True)
+    teacher = (torch.randn(rows, bins, generator=gen) * 3).to(dtype=dtype, device=device)
+    target = (torch.rand(rows, generator=gen) * (reg_max - 0.1)).to(dtype=dtype, device=device)
+    weight_right = (target - target.floor()).clamp(0, 1)
+    weight_left = 1 - weight_right
+    iou = torch.rand(rows, generator=gen).to(dtype=dtype, device=device)
+    return [
+        ("fgl_loss", fgl_loss, fgl_loss_reference, (pred, target, weight_left, weight_right, iou), {"reduction": "sum"}),
+        ("ddf_loss", ddf_loss, ddf_loss_reference, (pred, teacher, iou), {"temperature": 5.0, "reduction": "sum"}),
+    ]

@@ -1,0 +1,188 @@
+"""ddf_loss: reference vs the published KL-divergence formula written out, fused backends vs the
+reference (values and gradients), teacher == student gives exactly 0, edge cases."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfine.ops import ddf_loss, ddf_loss_reference
+from tests.conftest import require_backend
+
+BINS = 33
+
+
+def _inputs(n=40, dtype=torch.float32, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    pred = (torch.randn(n, BINS, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    teacher = (pred.double() + torch.randn(n, BINS, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    weight = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    return pred, teacher, weight
+
+
+def _published(pred, teacher, weight, T=5.0):
+    """The published per-(query, edge) DDF term, written out with nn.KLDivLoss."""
+    kl = nn.KLDivLoss(reduction="none")(F.log_softmax(pred / T, dim=1), F.softmax(teacher.detach() / T, dim=1))
+    return weight * (T ** 2) * kl.sum(-1)
+
+
+def test_reference_matches_published_formula():
+    pred, teacher, weight = _inputs(dtype=torch.float64)
+    torch.testing.assert_close(ddf_loss_reference(pred, teacher, weight), _published(pred, teacher, weight),
+                               rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ddf_loss_reference(pred, teacher, weight, temperature=2.0),
+                               _published(pred, teacher, weight, T=2.0), rtol=1e-12, atol=1e-13)
+
+
+def _values_and_grads(backend, pred, teacher, weight, reduction, temperature=5.0):
+    pred = pred.detach().clone().requires_grad_(True)
+    teacher = teacher.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    loss = ddf_loss(pred, teacher, weight, temperature=temperature, reduction=reduction, backend=backend)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    g_pred, g_teacher, g_weight = torch.autograd.grad(loss, [pred, teacher, weight], upstream, allow_unused=True)
+    assert g_teacher is None or (g_teacher == 0).all()  # the teacher gets no gradient
+    return loss, g_pred, g_weight
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_matches_reference(fused_backend, reduction):
+    args = _inputs(n=37 if fused_backend == "triton" else 301)
+    got = _values_and_grads(fused_backend, *args, reduction)
+    want = _values_and_grads("reference", *args, reduction)
+    for name, g, w in zip(("loss", "grad pred", "grad weight"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_fused_float64_other_temperature_without_weight(fused_backend):
+    pred, teacher, _ = _inputs(n=21, dtype=torch.float64)
+    pred.requires_grad_(True)
+    got = ddf_loss(pred, teacher, temperature=1.5, backend=fused_backend)
+    want = ddf_loss_reference(pred, teacher, temperature=1.5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    g1, = torch.autograd.grad(got.sum(), pred)
+    g2, = torch.autograd.grad(want.sum(), pred)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_teacher_equal_to_student_gives_exactly_zero(backend, dtype):
+    require_backend(backend)
+    pred, _, weight = _inputs(n=19, dtype=dtype, scale=10.0)
+    pred[0] = torch.sign(pred[0]) * 1e4
+    loss = ddf_loss(pred, pred.clone(), weight, backend=backend)
+    assert (loss == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_zero_teacher_probability_contributes_zero(backend):
+    # a teacher bin at -inf has probability 0: xlogy semantics make its term 0 instead of NaN
+    require_backend(backend)
+    pred, teacher, weight = _inputs(n=5)
+    teacher[:, :3] = float("-inf")
+    pred = pred.requires_grad_(True)
+    loss = ddf_loss(pred, teacher, weight, backend=backend)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
+    finite_teacher = teacher.clone()
+    finite_teacher[:, :3] = -1e30  # same probabilities (0) through the published formula
+    torch.testing.assert_close(loss, _published(pred.detach(), finite_teacher, weight), rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_gradcheck_float64():
+    require_backend("cpp")
+    pred, teacher, weight = _inputs(n=6, dtype=torch.float64, scale=1.0)
+    pred.requires_grad_(True)
+    weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, w: ddf_loss(p, teacher, w, backend="cpp"), (pred, weight))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_zero_rows(backend):
+    require_backend(backend)
+    pred = torch.zeros(0, BINS, requires_grad=True)
+    loss = ddf_loss(pred, torch.zeros(0, BINS), torch.zeros(0), backend=backend)
+    assert loss.shape == (0,)
+    total = ddf_loss(pred, torch.zeros(0, BINS), reduction="sum", backend=backend)
+    assert total.item() == 0.0
+    total.backward()
+    assert pred.grad.shape == (0, BINS)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_huge_logits_stay_finite(backend):
+    require_backend(backend)
+    pred, teacher, weight = _inputs(n=12)
+    pred = (torch.sign(pred) * 1e4).requires_grad_(True)
+    teacher = -torch.sign(teacher) * 1e4
+    loss = ddf_loss(pred, teacher, weight, backend=backend)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
+    torch.testing.assert_close(loss, ddf_loss_reference(pred.detach(), teacher, weight), rtol=1e-5, atol=1e-3)
+
+
+def test_fused_non_contiguous_inputs(fused_backend):
+    pred, teacher, weight = _inputs(n=24)
+    pred_nc, teacher_nc = pred.t().contiguous().t(), teacher.t().contiguous().t()
+    weight_nc = torch.stack([weight, weight], 1)[:, 1]
+    assert not pred_nc.is_contiguous() and not weight_nc.is_contiguous()
+    got = ddf_loss(pred_nc, teacher_nc, weight_nc, backend=fused_backend)
+    torch.testing.assert_close(got, ddf_loss_reference(pred, teacher, weight), rtol=1e-5, atol=2e-6)
+
+
+def test_float32_sum_is_within_1e6_of_float64(fused_backend):
+    n = 200 if fused_backend == "triton" else 8000
+    pred, teacher, weight = _inputs(n=n)
+    exact = ddf_loss_reference(pred.double(), teacher.double(), weight.double(), reduction="sum")
+    got = ddf_loss(pred, teacher, weight, reduction="sum", backend=fused_backend)
+    assert abs(got.double().item() - exact.item()) <= 1e-6 * abs(exact.item())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(teacher_corners=torch.zeros(8, 32)), ValueError, "teacher_corners"),
+        (dict(teacher_corners=torch.zeros(8, BINS, dtype=torch.int64)), TypeError, "teacher_corners"),
+        (dict(weight=torch.zeros(7)), ValueError, "weight"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(reduction="max"), ValueError, "reduction"),
+        (dict(pred_corners=torch.zeros(8, 2, BINS)), ValueError, "pred_corners"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(kwargs, exc, match):
+    pred, teacher, weight = _inputs(n=8)
+    args = dict(pred_corners=pred, teacher_corners=teacher, weight=weight)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ddf_loss(**args)
+
+
+def test_fused_second_backward_through_the_graph(fused_backend):
+    # the first backward scales the gradient kept by the forward pass; a second one recomputes it
+    pred, teacher, weight = _inputs(n=20)
+    pred.requires_grad_(True)
+    loss = ddf_loss(pred, teacher, weight, reduction="mean", backend=fused_backend)
+    first, = torch.autograd.grad(loss, pred, retain_graph=True)
+    second, = torch.autograd.grad(loss * 2, pred)
+    want, = torch.autograd.grad(ddf_loss_reference(pred, teacher, weight, reduction="mean"), pred)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(second, 2 * want, rtol=1e-5, atol=4e-6)
+
+
+def test_torch_compile_fullgraph_cpp():
+    require_backend("cpp")
+    pred, teacher, weight = _inputs(n=16)
+
+    def step(p):
+        return ddf_loss(p, teacher, weight, reduction="sum", backend="cpp")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss_compiled = compiled(p1)
+    loss_compiled.backward()
+    loss_eager = step(p2)
+    loss_eager.backward()
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    torch.testing.assert_close(p1.grad, p2.grad)

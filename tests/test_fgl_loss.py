@@ -1,0 +1,181 @@
+"""fgl_loss: reference vs the published unimodal distribution focal loss written out, fused
+backends vs the reference (values and gradients), edge cases, accuracy vs float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfine.ops import fdr_targets, fgl_loss, fgl_loss_reference, weighting_function
+from tests.conftest import require_backend
+
+K = 32
+BINS = K + 1
+
+
+def _inputs(n=40, dtype=torch.float32, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    pred = (torch.randn(n, BINS, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    target = (torch.rand(n, generator=gen, dtype=torch.float64) * (K - 0.1)).to(dtype)
+    if n >= 4:  # the ends of the valid range
+        target[0], target[1], target[2], target[3] = 0.0, K - 0.1, 0.5, K - 1.0
+    weight_right = (target - target.floor()).to(dtype)
+    weight_left = 1 - weight_right
+    iou = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    return pred, target, weight_left, weight_right, iou
+
+
+def _published(pred, label, weight_right, weight_left, weight=None, reduction="sum", avg_factor=None):
+    """The published criterion's loss, written out (argument order as published: right, left)."""
+    dis_left = label.long()
+    dis_right = dis_left + 1
+    loss = F.cross_entropy(pred, dis_left, reduction="none") * weight_left.reshape(-1) + F.cross_entropy(
+        pred, dis_right, reduction="none"
+    ) * weight_right.reshape(-1)
+    if weight is not None:
+        loss = loss * weight.float() if pred.dtype == torch.float32 else loss * weight
+    if avg_factor is not None:
+        return loss.sum() / avg_factor
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reference_matches_published_formula(reduction):
+    pred, target, wl, wr, iou = _inputs(dtype=torch.float64)
+    got = fgl_loss_reference(pred, target, wl, wr, iou, reduction=reduction)
+    want = _published(pred, target, wr, wl, iou, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    # the criterion normalises by the number of boxes itself: sum / num_boxes
+    num_boxes = 7.0
+    torch.testing.assert_close(fgl_loss_reference(pred, target, wl, wr, iou) / num_boxes,
+                               _published(pred, target, wr, wl, iou, avg_factor=num_boxes))
+
+
+def test_reference_with_fdr_targets_end_to_end():
+    project = weighting_function(K, 0.5, 4.0, dtype=torch.float64)
+    ref = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.3]], dtype=torch.float64)
+    gt = torch.tensor([[0.35, 0.42, 0.66, 0.61], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    target, wl, wr = fdr_targets(ref, gt, project, 4.0, K)
+    pred = torch.randn(8, BINS, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = fgl_loss_reference(pred, target, wl, wr, reduction="none")
+    want = _published(pred, target.reshape(-1), wr, wl, reduction="none")
+    torch.testing.assert_close(got, want)
+
+
+def _values_and_grads(backend, pred, target, wl, wr, iou, reduction):
+    pred = pred.detach().clone().requires_grad_(True)
+    iou = iou.detach().clone().requires_grad_(True)
+    loss = fgl_loss(pred, target, wl, wr, iou, reduction=reduction, backend=backend)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    g_pred, g_iou = torch.autograd.grad(loss, [pred, iou], upstream)
+    return loss, g_pred, g_iou
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_matches_reference(fused_backend, reduction):
+    args = _inputs(n=37 if fused_backend == "triton" else 301)
+    got = _values_and_grads(fused_backend, *args, reduction)
+    want = _values_and_grads("reference", *args, reduction)
+    for name, g, w in zip(("loss", "grad pred", "grad weight"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6, msg=name)
+
+
+def test_fused_without_weight_and_float64(fused_backend):
+    pred, target, wl, wr, _ = _inputs(n=33, dtype=torch.float64)
+    pred.requires_grad_(True)
+    got = fgl_loss(pred, target, wl, wr, backend=fused_backend, reduction="none")
+    want = fgl_loss_reference(pred, target, wl, wr, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    g1, = torch.autograd.grad(got.sum(), pred)
+    g2, = torch.autograd.grad(want.sum(), pred)
+    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-13)
+
+
+def test_fused_non_contiguous_inputs(fused_backend):
+    pred, target, wl, wr, iou = _inputs(n=24)
+    pred_nc = pred.t().contiguous().t()
+    packed = torch.stack([target, wl, wr, iou], 0)  # rows of a [4, N] tensor: strided if transposed
+    packed_t = packed.t().contiguous().t()
+    assert not pred_nc.is_contiguous()
+    got = fgl_loss(pred_nc, packed_t[0], packed_t[1], packed_t[2], packed_t[3], reduction="none", backend=fused_backend)
+    torch.testing.assert_close(got, fgl_loss_reference(pred, target, wl, wr, iou, reduction="none"), rtol=2e-6, atol=2e-6)
+
+
+def test_cpp_gradcheck_float64():
+    require_backend("cpp")
+    pred, target, wl, wr, iou = _inputs(n=6, dtype=torch.float64, scale=1.0)
+    pred.requires_grad_(True)
+    iou.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda p, w: fgl_loss(p, target, wl, wr, w, reduction="none", backend="cpp"), (pred, iou)
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_zero_rows(backend):
+    require_backend(backend)
+    pred = torch.zeros(0, BINS, requires_grad=True)
+    empty = torch.zeros(0)
+    total = fgl_loss(pred, empty, empty, empty, empty, reduction="sum", backend=backend)
+    assert total.shape == () and total.item() == 0.0
+    total.backward()
+    assert pred.grad.shape == (0, BINS)
+    assert fgl_loss(pred, empty, empty, empty, reduction="none", backend=backend).shape == (0,)
+    assert fgl_loss(pred, empty, empty, empty, reduction="mean", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_huge_logits_stay_finite(backend):
+    require_backend(backend)
+    pred, target, wl, wr, iou = _inputs(n=16)
+    pred = (torch.sign(pred) * 1e4).requires_grad_(True)
+    loss = fgl_loss(pred, target, wl, wr, iou, reduction="none", backend=backend)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
+    torch.testing.assert_close(loss, fgl_loss_reference(pred.detach(), target, wl, wr, iou, reduction="none"))
+
+
+def test_float32_sum_is_within_1e6_of_float64(fused_backend):
+    n = 200 if fused_backend == "triton" else 8000
+    pred, target, wl, wr, iou = _inputs(n=n, dtype=torch.float32)
+    exact = fgl_loss_reference(pred.double(), target.double(), wl.double(), wr.double(), iou.double())
+    got = fgl_loss(pred, target, wl, wr, iou, backend=fused_backend)
+    assert abs(got.double().item() - exact.item()) <= 1e-6 * abs(exact.item())
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(pred=lambda p: p[:, None]), ValueError, "pred_corners"),
+        (dict(pred=lambda p: p.long()), TypeError, "pred_corners"),
+        (dict(target=lambda t: t[:-1]), ValueError, "target_bins"),
+        (dict(wl=lambda t: t.long()), TypeError, "weight_left"),
+        (dict(wr=lambda t: t[:3]), ValueError, "weight_right"),
+        (dict(iou=lambda t: torch.cat([t, t])), ValueError, "weight"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(change, exc, match):
+    pred, target, wl, wr, iou = _inputs(n=8)
+    args = dict(pred=pred, target=target, wl=wl, wr=wr, iou=iou)
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    with pytest.raises(exc, match=match):
+        fgl_loss(args["pred"], args["target"], args["wl"], args["wr"], args["iou"])
+    with pytest.raises(ValueError, match="reduction"):
+        fgl_loss(pred, target, wl, wr, reduction="max")
+
+
+def test_fused_second_backward_through_the_graph(fused_backend):
+    # the first backward scales the gradient kept by the forward pass; a second one recomputes it
+    pred, target, wl, wr, iou = _inputs(n=20)
+    pred.requires_grad_(True)
+    loss = fgl_loss(pred, target, wl, wr, iou, backend=fused_backend)
+    first, = torch.autograd.grad(loss, pred, retain_graph=True)
+    second, = torch.autograd.grad(loss * 2, pred)
+    want, = torch.autograd.grad(fgl_loss_reference(pred, target, wl, wr, iou), pred)
+    torch.testing.assert_close(first, want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(second, 2 * want, rtol=2e-6, atol=4e-6)
