@@ -126,7 +126,7 @@ def _gather_worker(rank, world, port, ann_file, img_folder, out_dir):
 
 def test_results_are_gathered_across_processes(val_set, tmp_path):
     mp.start_processes(_gather_worker, args=(2, _free_port(), val_set.ann_file, val_set.img_folder, str(tmp_path)),
-                       nprocs=2, start_method="fork")
+                       nprocs=2, start_method="spawn")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     results, ids = mixed_predictions(val_set)
     single = evaluate_detections(val_set, results, ids)

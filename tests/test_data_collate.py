@@ -121,3 +121,38 @@ def test_epoch_reaches_persistent_workers(tiny_synthetic):
     sizes1 = {tuple(images.shape[-2:]) for images, _ in loader}
     assert sizes0 and sizes0 != {(320, 320)}
     assert sizes1 == {(320, 320)}
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard_worker(rank, world, port, cfg, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loader = build_dataloader(cfg)
+        torch.save({e: epoch_ids(loader, e) for e in (0, 1)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_loader_shards_the_dataset(tiny_synthetic, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = loader_cfg(tiny_synthetic, batch_size=1, drop_last=False)
+    mp.start_processes(_shard_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for epoch in (0, 1):
+        ids0, ids1 = sum(r0[epoch], []), sum(r1[epoch], [])
+        assert len(ids0) == len(ids1) == 3
+        assert sorted(ids0 + ids1) == list(range(1, 7))
+    assert r0[0] != r0[1]
