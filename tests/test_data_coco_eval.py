@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 
@@ -42,8 +43,11 @@ def test_ground_truth_scores_perfectly(val_set, backend):
     results, ids = ground_truth_as_predictions(val_set)
     ev = CocoEvaluator(val_set)
     assert ev.backend_name == backend
+    before = json.dumps(val_set.coco.dataset, sort_keys=True)
     ev.update(results, ids)
     stats = ev.summarize()
+    assert ev.summarize() == stats  # repeatable
+    assert json.dumps(val_set.coco.dataset, sort_keys=True) == before  # the dataset's annotations untouched
     assert set(stats) == set(STAT_NAMES)
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
     assert stats["AP75"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)

@@ -13,6 +13,7 @@ An evaluation with no detections at all returns 0 for every metric instead of fa
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 
@@ -83,7 +84,8 @@ def results_to_coco_json(results, image_ids, label_to_category_id=None, labels_a
 
 class CocoEvaluator:
     def __init__(self, coco_gt, label_to_category_id=None, labels_are_category_ids: bool = False):
-        self.gt = _gt_dict(coco_gt)
+        # a private copy: faster-coco-eval adds keys ("ignore") to the ground-truth records it is given
+        self.gt = copy.deepcopy(_gt_dict(coco_gt))
         if label_to_category_id is None and hasattr(coco_gt, "label_to_category_id"):
             label_to_category_id = coco_gt.label_to_category_id
         self.label_to_category_id = label_to_category_id
