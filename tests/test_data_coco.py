@@ -175,3 +175,13 @@ def test_seeded_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
         outputs.append(first[1]["boxes"])
     assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_package_exports_resolve():
+    import dfine.data
+
+    assert dfine.data.CocoDetection is CocoDetection
+    for name in dfine.data.__all__:
+        assert getattr(dfine.data, name) is not None
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dfine.data.no_such_name
