@@ -111,6 +111,18 @@ def test_loader_batches_and_val_loader(tiny_synthetic):
     assert ids == [1, 2, 3]  # no shuffle, nothing dropped
 
 
+def test_batches_do_not_depend_on_worker_count(tiny_synthetic):
+    cfg = loader_cfg(tiny_synthetic, image_size=320, base_size_repeat=1)
+    in_process = build_dataloader(cfg)
+    with_workers = build_dataloader(dict(cfg, num_workers=2))
+    for epoch in (0, 3):
+        set_loader_epoch(in_process, epoch)
+        set_loader_epoch(with_workers, epoch)
+        for (xa, ta), (xb, tb) in zip(in_process, with_workers, strict=True):
+            assert torch.equal(xa, xb)
+            assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(ta, tb))
+
+
 def test_epoch_reaches_persistent_workers(tiny_synthetic):
     # after the stop epoch the collator in the worker process must stop multi-scale
     cfg = loader_cfg(tiny_synthetic, num_workers=1, stop_epoch=1, base_size_repeat=0, image_size=320)
