@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import dfine
 
@@ -42,3 +43,11 @@ def read_keys(path):
 
 def keys_and_shapes(model):
     return {k: str(list(v.shape)) for k, v in model.state_dict().items()}
+
+
+def match_queries(ref_boxes, boxes):
+    """For each reference query the index of the nearest prediction (L1 on boxes); one-to-one."""
+    dist = torch.cdist(ref_boxes, boxes, p=1)
+    idx = dist.argmin(-1)
+    assert idx.unique().numel() == idx.numel(), "query matching is not one-to-one"
+    return idx

@@ -5,7 +5,7 @@ import torch
 
 import dfine
 from tests.conftest import require_backend
-from tests.model_helpers import build, shared_file
+from tests.model_helpers import build, match_queries, shared_file
 
 LOGIT_TOL = 1e-4
 BOX_TOL = 1e-5
@@ -22,14 +22,6 @@ def _model(state, backend="reference", overrides=None):
     model, cfg = build("n", overrides, backend=backend)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
-
-
-def match_queries(ref_boxes, boxes):
-    """For each reference query the index of the nearest prediction (L1 on boxes); one-to-one."""
-    dist = torch.cdist(ref_boxes, boxes, p=1)
-    idx = dist.argmin(-1)
-    assert idx.unique().numel() == idx.numel(), "query matching is not one-to-one"
-    return idx
 
 
 def _close(a, b, tol, what):
