@@ -44,6 +44,15 @@ def test_non_square_input_and_cache(model_n):
     assert torch.equal(again["pred_logits"], out["pred_logits"])
 
 
+def test_sizes_not_multiple_of_32_and_too_small(model_n):
+    with torch.no_grad():
+        out = model_n(torch.rand(1, 3, 200, 328))
+    assert out["pred_boxes"].shape == (1, 300, 4) and torch.isfinite(out["pred_logits"]).all()
+    with pytest.raises(ValueError, match="too small"):
+        with torch.no_grad():
+            model_n(torch.rand(1, 3, 64, 96))
+
+
 def test_position_embedding_is_row_column():
     from dfine.model.hybrid_encoder import sincos_position_embedding
 

@@ -285,6 +285,11 @@ class DFINETransformer(nn.Module):
         memory = valid.to(memory.dtype) * memory
         output_memory = self.enc_output(memory)
         enc_logits = self.enc_score_head(output_memory)
+        if enc_logits.shape[1] < self.num_queries:
+            raise ValueError(
+                f"DFINETransformer: the input is too small: its feature maps {shapes} hold {enc_logits.shape[1]} "
+                f"positions, fewer than num_queries={self.num_queries}; use a larger image"
+            )
         _, topk_ind = enc_logits.max(-1).values.topk(self.num_queries, dim=-1)
         idx = topk_ind.unsqueeze(-1)
         topk_memory = output_memory.gather(1, idx.expand(-1, -1, output_memory.shape[-1]))

@@ -224,7 +224,8 @@ class HybridEncoder(nn.Module):
         for idx in range(levels - 1, 0, -1):
             high = self.lateral_convs[levels - 1 - idx](inner[0])
             inner[0] = high
-            up = F.interpolate(high, scale_factor=2.0, mode="nearest")
+            # nearest x2; sizing to the finer map also covers inputs that are not multiples of 32
+            up = F.interpolate(high, size=proj[idx - 1].shape[-2:], mode="nearest")
             inner.insert(0, self.fpn_blocks[levels - 1 - idx](torch.cat([up, proj[idx - 1]], dim=1)))
         outs = [inner[0]]
         for idx in range(levels - 1):
