@@ -134,3 +134,16 @@ def test_cpp_backend_equals_reference(golden):
     idx = match_queries(a["pred_boxes"][0], b["pred_boxes"][0])
     _close(b["pred_boxes"][0, idx], a["pred_boxes"][0], 1e-4, "cpp boxes")
     _close(b["pred_logits"][0, idx], a["pred_logits"][0], 1e-4, "cpp logits")
+
+
+def test_triton_backend_equals_reference(golden):
+    require_backend("triton")
+    _, state = golden
+    ref_model, _ = _model(state, backend="reference")
+    tri_model, _ = _model(state, backend="triton")
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref_model(x), tri_model(x)
+    idx = match_queries(a["pred_boxes"][0], b["pred_boxes"][0])
+    _close(b["pred_boxes"][0, idx], a["pred_boxes"][0], 1e-4, "triton boxes")
+    _close(b["pred_logits"][0, idx], a["pred_logits"][0], 1e-4, "triton logits")

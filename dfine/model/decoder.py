@@ -101,8 +101,10 @@ class DecoderLayer(nn.Module):
 class TransformerDecoder(nn.Module):
     """The FDR loop. Holds `up`/`reg_scale` (shared with the parent) for the state-dict layout."""
 
-    def __init__(self, hidden_dim, layer: DecoderLayer, num_layers, up, reg_scale, reg_max=32, eval_idx=-1):
+    def __init__(self, hidden_dim, layer: DecoderLayer, num_layers, up, reg_scale, reg_max=32, eval_idx=-1,
+                 backend="auto"):
         super().__init__()
+        self.backend = backend  # for the fused FDR decode; set_backend() switches it with the rest
         self.hidden_dim = hidden_dim
         self.num_layers = num_layers
         self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
@@ -140,6 +142,7 @@ class TransformerDecoder(nn.Module):
                     pre_scores = score_head[0](output)
                 ref0 = pre_boxes.detach()
             corners = bbox_head[i](output + output_detach) + corners_prev
+            # the one call to swap for the fused op: dfine.ops.fdr_decode(..., backend=self.backend)
             box, lqe_stats = fdr_decode(corners, project, ref0, self.reg_scale)
             if self.training or i == self.eval_idx:
                 scores = self.lqe_layers[i](score_head[i](output), lqe_stats)
@@ -224,7 +227,8 @@ class DFINETransformer(nn.Module):
             self.register_buffer("anchors", anchors)
             self.register_buffer("valid_mask", valid)
         layer = DecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, num_levels, num_points, backend=backend)
-        self.decoder = TransformerDecoder(hidden_dim, layer, num_layers, self.up, self.reg_scale, reg_max, eval_idx)
+        self.decoder = TransformerDecoder(hidden_dim, layer, num_layers, self.up, self.reg_scale, reg_max, eval_idx,
+                                          backend=backend)
 
         if num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
