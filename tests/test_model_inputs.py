@@ -132,3 +132,31 @@ def test_denoising_attention_mask():
     assert not mask[0:4, 0:4].any() and mask[0:4, 4:num_dn].all() and mask[4:8, 0:4].all()
     # image 1 has no ground truth: all its denoising queries are padding (the padding embedding is zero)
     assert content[1].abs().sum() == 0
+
+
+def _randomize_norm_stats(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_mean") and hasattr(m, "running_var"):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("size", ["s", "x"])
+def test_deploy_equals_eval(size):
+    """Conv+BN and RepVGG fusion leave the outputs unchanged (S: 3 levels; X: decoder input_proj,
+    reg_scale 8, frozen backbone norms)."""
+    model, _ = _random_model(size, seed=5)
+    _randomize_norm_stats(model)
+    model.eval()
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(x)
+        model.deploy()
+        after = model(x)
+    idx = match_queries(before["pred_boxes"][0], after["pred_boxes"][0])
+    torch.testing.assert_close(after["pred_boxes"][0, idx], before["pred_boxes"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after["pred_logits"][0, idx], before["pred_logits"][0], rtol=0, atol=1e-4)
