@@ -39,6 +39,7 @@ class LoadReport:
     unexpected_keys: List[str] = field(default_factory=list)
     shape_mismatches: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model)
     skipped_keys: List[str] = field(default_factory=list)
+    deployed: bool = False  # the checkpoint was in deploy format, so model.deploy() ran first
 
     @property
     def ok(self) -> bool:
@@ -61,12 +62,17 @@ def load_checkpoint(model: torch.nn.Module, checkpoint, strict: bool = True, ski
     """Load weights into `model`.
 
     strict=True raises a ValueError listing every missing/unexpected key and shape mismatch.
+    A checkpoint in deploy format (fused convs) deploys the model first (report.deployed).
     skip_mismatched=True leaves tensors whose shapes differ (e.g. class heads for another class
     count) at their current values and lists them in `report.skipped_keys`; use it with
     strict=False when fine-tuning."""
     state = extract_state_dict(checkpoint)
+    deployed = False
+    if _is_deploy_format(state) and not _is_deploy_format(model.state_dict()) and hasattr(model, "deploy"):
+        model.deploy()  # fused-conv checkpoint: convert the model to the same layout first
+        deployed = True
     own = model.state_dict()
-    report = LoadReport()
+    report = LoadReport(deployed=deployed)
     report.missing_keys = [k for k in own if k not in state]
     report.unexpected_keys = [k for k in state if k not in own]
     to_load = {}
@@ -86,3 +92,7 @@ def load_checkpoint(model: torch.nn.Module, checkpoint, strict: bool = True, ski
         raise ValueError(f"load_checkpoint: shape mismatches (pass skip_mismatched=True to skip them):\n{report}")
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def _is_deploy_format(state: dict) -> bool:
+    return any(".conv_bn_fused." in k for k in state)
