@@ -113,6 +113,14 @@ def test_bench_eval_640(benchmark, size, variant):
         benchmark.pedantic(model, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
 
 
+def time_decoder(model, runs=10, warmup=2):
+    """The decoder alone (query selection, FDR layers, heads) on fixed encoder features."""
+    x = torch.rand(1, 3, *IMAGE)
+    with torch.no_grad():
+        feats = model.encoder(model.backbone(x))
+    return time_model(lambda _x: model.decoder(feats), runs, warmup)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
@@ -134,6 +142,10 @@ def main(argv=None):
         for name, ms in results.items():
             vs_hf = f"{hf / ms:.2f}x" if hf else "n/a"
             print(f"| {size.upper()} | {name} | {ms:.1f} | {ref / ms:.2f}x | {vs_hf} |")
+        dec_ref = time_decoder(build_ours(size, "reference"), runs=args.runs)
+        dec_fused = time_decoder(build_ours(size, "auto"), runs=args.runs)
+        print(f"| {size.upper()} | decoder only, reference ops | {dec_ref:.1f} | 1.00x | |")
+        print(f"| {size.upper()} | decoder only, fused ops (auto) | {dec_fused:.1f} | {dec_ref / dec_fused:.2f}x | |")
 
 
 if __name__ == "__main__":
