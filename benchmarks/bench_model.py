@@ -11,7 +11,6 @@ DFineForObjectDetection built from the equivalent config with random weights.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
