@@ -73,3 +73,18 @@ def test_postprocessor_remap_and_sizes():
     post.remap_mscoco_category = False
     labels, boxes_px, scores = post.deploy()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[200, 100]]))
     assert labels[0, :2].tolist() == [79, 0] and boxes_px.shape == (1, 3, 4)
+
+
+def test_custom_dataset_config_builds_other_class_count(tmp_path):
+    cfg_file = tmp_path / "my_n.yml"
+    cfg_file.write_text(
+        f"__include__: ['{config_path('n').replace('dfine_hgnetv2_n_coco.yml', '../dataset/custom_detection.yml')}',"
+        f" '{config_path('n')}']\n"
+        "num_classes: 7\nremap_mscoco_category: False\n"
+    )
+    cfg = dfine.load_config(str(cfg_file))
+    model = dfine.build_model(cfg, backend="reference")
+    assert model.decoder.enc_score_head.out_features == 7
+    assert model.decoder.denoising_class_embed.num_embeddings == 8
+    post = dfine.build_postprocessor(cfg)
+    assert post.num_classes == 7 and post.remap_mscoco_category is False
