@@ -1,0 +1,151 @@
+"""Eval latency of whole D-FINE models at 1x3x640x640, 2 threads.
+
+Side by side in one run: this project with reference ops, with fused ops (backend "auto"), fused
+after deploy(), and - when `transformers` is installed (optional extra) - Hugging Face's
+DFineForObjectDetection built from the equivalent config with random weights.
+
+    python benchmarks/bench_model.py [--sizes n s] [--runs 10]       # markdown table
+    python -m pytest benchmarks/bench_model.py --benchmark-only        # pytest-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dfine  # noqa: E402
+
+torch.set_num_threads(2)
+IMAGE = (640, 640)
+
+
+def config_path(size):
+    return str(REPO / "configs" / "dfine" / f"dfine_hgnetv2_{size}_coco.yml")
+
+
+def build_ours(size, backend, deploy=False):
+    torch.manual_seed(0)
+    model = dfine.build_model(dfine.load_config(config_path(size)), backend=backend).eval()
+    return model.deploy() if deploy else model
+
+
+def build_transformers(size):
+    """DFineForObjectDetection with D-FINE-{size}'s architecture and random weights, or None."""
+    try:
+        from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+    except Exception:
+        return None
+    from dfine.model.hgnetv2 import ARCHS
+
+    cfg = dfine.load_config(config_path(size))
+    from dfine.model import DFINETransformer, HybridEncoder
+
+    bb = cfg["HGNetv2"]
+    enc = dict(_defaults(HybridEncoder), **cfg["HybridEncoder"])
+    dec = dict(_defaults(DFINETransformer), **cfg["DFINETransformer"])
+    stem, stages = ARCHS[bb["name"]]
+    backbone = HGNetV2Config(
+        stem_channels=stem, stage_in_channels=[s[0] for s in stages], stage_mid_channels=[s[1] for s in stages],
+        stage_out_channels=[s[2] for s in stages], stage_num_blocks=[s[3] for s in stages],
+        stage_downsample=[s[4] for s in stages], stage_light_block=[s[5] for s in stages],
+        stage_kernel_size=[s[6] for s in stages], stage_numb_of_layers=[s[7] for s in stages],
+        hidden_sizes=[s[2] for s in stages], use_lab=bb.get("use_lab", False),
+        out_features=[f"stage{i + 1}" for i in bb["return_idx"]],
+    )
+    hf_cfg = DFineConfig(
+        backbone_config=backbone, num_labels=cfg["num_classes"], encoder_in_channels=enc["in_channels"],
+        feat_strides=enc["feat_strides"], encoder_hidden_dim=enc["hidden_dim"], encoder_ffn_dim=enc["dim_feedforward"],
+        encode_proj_layers=enc["use_encoder_idx"], hidden_expansion=enc["expansion"], depth_mult=enc["depth_mult"],
+        d_model=dec["hidden_dim"], decoder_in_channels=dec["feat_channels"], num_feature_levels=dec["num_levels"],
+        decoder_n_levels=dec["num_levels"], decoder_layers=dec["num_layers"], decoder_ffn_dim=dec["dim_feedforward"],
+        decoder_n_points=dec["num_points"], num_queries=dec["num_queries"], reg_scale=float(dec["reg_scale"]),
+        eval_idx=dec["eval_idx"], anchor_image_size=list(cfg["eval_spatial_size"]), num_denoising=dec["num_denoising"],
+    )
+    return DFineForObjectDetection(hf_cfg).eval()
+
+
+def _defaults(cls):
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
+
+
+def time_model(model, runs=10, warmup=2):
+    x = torch.rand(1, 3, *IMAGE)
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+VARIANTS = {
+    "reference ops": lambda s: build_ours(s, "reference"),
+    "fused ops (auto)": lambda s: build_ours(s, "auto"),
+    "fused + deploy()": lambda s: build_ours(s, "auto", deploy=True),
+    "transformers": build_transformers,
+}
+
+
+@pytest.mark.parametrize("size", ["n", "s"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bench_eval_640(benchmark, size, variant):
+    model = VARIANTS[variant](size)
+    if model is None:
+        pytest.skip("transformers is not installed (optional benchmark extra)")
+    x = torch.rand(1, 3, *IMAGE)
+    with torch.no_grad():
+        model(x)
+        benchmark.pedantic(model, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
+
+
+def time_decoder(model, runs=10, warmup=2):
+    """The decoder alone (query selection, FDR layers, heads) on fixed encoder features."""
+    x = torch.rand(1, 3, *IMAGE)
+    with torch.no_grad():
+        feats = model.encoder(model.backbone(x))
+    return time_model(lambda _x: model.decoder(feats), runs, warmup)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["n", "s"])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args(argv)
+    from dfine.ops._backend import resolve_backend
+
+    print(f"fused backend on CPU resolves to: {resolve_backend('auto', torch.device('cpu'), 'ms_deform_attn')}")
+    print("| size | variant | median ms | vs reference ops | vs transformers |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes:
+        results = {}
+        for name, make in VARIANTS.items():
+            model = make(size)
+            if model is not None:
+                results[name] = time_model(model, runs=args.runs)
+            del model
+        ref, hf = results.get("reference ops"), results.get("transformers")
+        for name, ms in results.items():
+            vs_hf = f"{hf / ms:.2f}x" if hf else "n/a"
+            print(f"| {size.upper()} | {name} | {ms:.1f} | {ref / ms:.2f}x | {vs_hf} |")
+        dec_ref = time_decoder(build_ours(size, "reference"), runs=args.runs)
+        dec_fused = time_decoder(build_ours(size, "auto"), runs=args.runs)
+        print(f"| {size.upper()} | decoder only, reference ops | {dec_ref:.1f} | 1.00x | |")
+        print(f"| {size.upper()} | decoder only, fused ops (auto) | {dec_fused:.1f} | {dec_ref / dec_fused:.2f}x | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Loading published D-FINE checkpoints: raw state_dicts, {"model": ...}, {"ema": {"module": ...}}, or a path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+
+__all__ = ["extract_state_dict", "load_checkpoint", "LoadReport"]
+
+
+def extract_state_dict(checkpoint) -> dict:
+    """The model weights inside a checkpoint; EMA weights are preferred like the release does."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_checkpoint: checkpoint file {path!r} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"load_checkpoint: expected a dict or a path, got {type(checkpoint).__name__}")
+    ema = checkpoint.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        return ema["module"]
+    if isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"]
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise ValueError(
+        "load_checkpoint: no weights found; expected a state_dict, {'model': state_dict} or "
+        f"{{'ema': {{'module': state_dict}}}}, got keys {sorted(checkpoint)[:8]}"
+    )
+
+
+@dataclass
+class LoadReport:
+    missing_keys: List[str] = field(default_factory=list)
+    unexpected_keys: List[str] = field(default_factory=list)
+    shape_mismatches: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model)
+    skipped_keys: List[str] = field(default_factory=list)
+    deployed: bool = False  # the checkpoint was in deploy format, so model.deploy() ran first
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_keys or self.unexpected_keys or self.shape_mismatches)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.missing_keys:
+            lines.append(f"missing in checkpoint ({len(self.missing_keys)}): {', '.join(self.missing_keys[:20])}")
+        if self.unexpected_keys:
+            lines.append(f"unexpected in checkpoint ({len(self.unexpected_keys)}): {', '.join(self.unexpected_keys[:20])}")
+        for k, a, b in self.shape_mismatches[:20]:
+            lines.append(f"shape mismatch {k}: checkpoint {list(a)} vs model {list(b)}")
+        if self.skipped_keys:
+            lines.append(f"skipped ({len(self.skipped_keys)}): {', '.join(self.skipped_keys[:20])}")
+        return "\n".join(lines) if lines else "all keys matched"
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint, strict: bool = True, skip_mismatched: bool = False) -> LoadReport:
+    """Load weights into `model`.
+
+    strict=True raises a ValueError listing every missing/unexpected key and shape mismatch.
+    A checkpoint in deploy format (fused convs) deploys the model first (report.deployed).
+    skip_mismatched=True leaves tensors whose shapes differ (e.g. class heads for another class
+    count) at their current values and lists them in `report.skipped_keys`; use it with
+    strict=False when fine-tuning."""
+    state = extract_state_dict(checkpoint)
+    deployed = False
+    if _is_deploy_format(state) and not _is_deploy_format(model.state_dict()) and hasattr(model, "deploy"):
+        model.deploy()  # fused-conv checkpoint: convert the model to the same layout first
+        deployed = True
+    own = model.state_dict()
+    report = LoadReport(deployed=deployed)
+    report.missing_keys = [k for k in own if k not in state]
+    report.unexpected_keys = [k for k in state if k not in own]
+    to_load = {}
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if tuple(v.shape) != tuple(own[k].shape):
+            report.shape_mismatches.append((k, tuple(v.shape), tuple(own[k].shape)))
+            continue
+        to_load[k] = v
+    if skip_mismatched:
+        report.skipped_keys = [k for k, _, _ in report.shape_mismatches]
+    problems = report.missing_keys or report.unexpected_keys or (report.shape_mismatches and not skip_mismatched)
+    if strict and problems:
+        raise ValueError(f"load_checkpoint: checkpoint does not fit the model:\n{report}")
+    if report.shape_mismatches and not skip_mismatched:
+        raise ValueError(f"load_checkpoint: shape mismatches (pass skip_mismatched=True to skip them):\n{report}")
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _is_deploy_format(state: dict) -> bool:
+    return any(".conv_bn_fused." in k for k in state)

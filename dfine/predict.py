@@ -1,0 +1,147 @@
+"""Run a D-FINE checkpoint on images: draw boxes, write COCO-format results.
+
+    python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import List
+
+import torch
+import torchvision
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes
+
+import dfine
+from dfine.checkpoint import load_checkpoint
+from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+COCO_CLASS_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+]
+
+
+class PredictError(RuntimeError):
+    """A clear, user-facing failure (missing file, unreadable image)."""
+
+
+def preprocess(image: torch.Tensor, size) -> torch.Tensor:
+    """uint8 [3, H, W] RGB -> float [3, h, w] in [0, 1]: plain resize to the model size (aspect
+    ratio not kept, as the model was trained and evaluated), no mean/std normalisation."""
+    resized = TF.resize(image, list(size), antialias=True)
+    return resized.float() / 255.0
+
+
+def read_image(path: Path) -> torch.Tensor:
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception as err:  # torchvision raises RuntimeError/ValueError depending on the format
+        raise PredictError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+def list_images(path: Path) -> List[Path]:
+    if not path.exists():
+        raise PredictError(f"--input {str(path)!r} does not exist")
+    if path.is_file():
+        return [path]
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise PredictError(f"--input directory {str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def class_name(label: int, remapped: bool) -> str:
+    if remapped and label in MSCOCO_CATEGORY_IDS:
+        return COCO_CLASS_NAMES[MSCOCO_CATEGORY_IDS.index(label)]
+    if not remapped and 0 <= label < len(COCO_CLASS_NAMES):
+        return COCO_CLASS_NAMES[label]
+    return str(label)
+
+
+def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu"):
+    if not os.path.isfile(config):
+        raise PredictError(f"config file {config!r} does not exist")
+    if not os.path.isfile(checkpoint):
+        raise PredictError(f"checkpoint file {checkpoint!r} does not exist")
+    cfg = dfine.load_config(config)
+    model = dfine.build_model(cfg, backend=backend)
+    load_checkpoint(model, checkpoint)
+    model = model.deploy().to(device)
+    post = dfine.build_postprocessor(cfg)
+    return model, post, cfg
+
+
+def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu") -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]}."""
+    from tqdm import tqdm
+
+    images = list_images(Path(input_path))
+    model, post, cfg = load_predictor(config, checkpoint, backend, device)
+    size = cfg.get("eval_spatial_size") or [640, 640]
+    remapped = bool(post.remap_mscoco_category)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, infos, errors = [], [], []
+    for image_id, path in enumerate(tqdm(images, disable=len(images) == 1, desc="predict")):
+        try:
+            image = read_image(path)
+        except PredictError as err:
+            if len(images) == 1:
+                raise
+            errors.append(str(err))
+            continue
+        h, w = image.shape[-2:]
+        with torch.no_grad():
+            outputs = model(preprocess(image, size)[None].to(device))
+            det = post(outputs, torch.tensor([[w, h]], device=device))[0]
+        keep = det["scores"] > threshold
+        labels, boxes, scores = det["labels"][keep].cpu(), det["boxes"][keep].cpu(), det["scores"][keep].cpu()
+        names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
+        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2)
+        torchvision.io.write_jpeg(drawn, str(out_dir / f"{path.stem}.jpg"))
+        infos.append({"id": image_id, "file_name": path.name, "width": int(w), "height": int(h)})
+        for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist()):
+            results.append({"image_id": image_id, "category_id": int(l),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(results, f)
+    with open(out_dir / "images.json", "w") as f:
+        json.dump({"images": infos}, f, indent=1)
+    return {"results": results, "images": infos, "errors": errors}
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("-c", "--config", required=True, help="config YAML, e.g. configs/dfine/dfine_hgnetv2_n_coco.yml")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth): state_dict, {'model'} or {'ema'}")
+    parser.add_argument("--input", required=True, help="an image or a directory of images")
+    parser.add_argument("--output", required=True, help="directory for drawn images and results.json")
+    parser.add_argument("--threshold", type=float, default=0.4)
+    parser.add_argument("--backend", default="auto", choices=list(dfine.ops.BACKENDS))
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args) -> int:
+    try:
+        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device)
+    except PredictError as err:
+        print(f"error: {err}")
+        return 2
+    for msg in out["errors"]:
+        print(f"error: {msg}")
+    print(f"{len(out['images'])} image(s), {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
+    return 1 if out["errors"] else 0

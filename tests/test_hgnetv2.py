@@ -1,0 +1,27 @@
+"""HGNetv2 B0-B6: output strides and channels; pretrained weights from a local file."""
+
+import pytest
+import torch
+
+from dfine.model.hgnetv2 import ARCHS, FrozenBatchNorm2d, HGNetv2
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_strides_and_channels(name):
+    net = HGNetv2(name, return_idx=[0, 1, 2, 3]).eval()
+    with torch.no_grad():
+        feats = net(torch.rand(1, 3, 64, 96))
+    assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [f.shape[1] for f in feats] == [s[2] for s in ARCHS[name][1]] == net.out_channels
+
+
+def test_freeze_and_pretrained_file(tmp_path):
+    src = HGNetv2("B0", use_lab=True)
+    torch.save(src.state_dict(), tmp_path / "PPHGNetV2_B0_stage1.pth")
+    net = HGNetv2("B0", use_lab=True, pretrained=True, local_model_dir=str(tmp_path), freeze_at=0, freeze_norm=True)
+    assert torch.equal(net.stages[2].blocks[0].aggregation[0].conv.weight, src.stages[2].blocks[0].aggregation[0].conv.weight)
+    assert not any(p.requires_grad for p in net.stem.parameters())
+    assert all(p.requires_grad for p in net.stages.parameters())
+    assert isinstance(net.stem.stem1.bn, FrozenBatchNorm2d)
+    with pytest.raises(ValueError, match="B9"):
+        HGNetv2("B9")

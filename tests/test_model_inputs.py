@@ -1,0 +1,162 @@
+"""Any input size in eval, batched inference = per-image inference, training outputs with denoising."""
+
+import pytest
+import torch
+
+from tests.model_helpers import build, match_queries
+
+
+def _random_model(size="n", overrides=None, seed=0):
+    torch.manual_seed(seed)
+    model, cfg = build(size, overrides)
+    # the published init zeroes the box heads; perturb every float tensor so outputs are informative
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and "up" not in name.split(".")[-1] and "reg_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def model_n():
+    model, _ = _random_model("n")
+    return model.eval()
+
+
+def test_non_square_input_and_cache(model_n):
+    x = torch.rand(1, 3, 320, 480)
+    with torch.no_grad():
+        out = model_n(x)
+    assert out["pred_logits"].shape == (1, 300, 80)
+    assert out["pred_boxes"].shape == (1, 300, 4)
+    assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_boxes"]).all()
+    # anchors generated for the actual map sizes (stride 16: 20x30, stride 32: 10x15) and cached
+    keys = [k[0] for k in model_n.decoder._anchor_cache]
+    assert ((20, 30), (10, 15)) in keys
+    assert any(k[:2] == (10, 15) for k in model_n.encoder._pos_cache)
+    anchors, valid = model_n.decoder._anchor_cache[[k for k in model_n.decoder._anchor_cache if k[0] == ((20, 30), (10, 15))][0]]
+    assert anchors.shape == (1, 20 * 30 + 10 * 15, 4)
+    # first anchor of level 0: centre (0.5/30, 0.5/20) in logit space
+    expected = torch.logit(torch.tensor([0.5 / 30, 0.5 / 20, 0.05, 0.05]))
+    torch.testing.assert_close(anchors[0, 0], expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        again = model_n(x)
+    assert torch.equal(again["pred_logits"], out["pred_logits"])
+
+
+def test_sizes_not_multiple_of_32_and_too_small(model_n):
+    with torch.no_grad():
+        out = model_n(torch.rand(1, 3, 200, 328))
+    assert out["pred_boxes"].shape == (1, 300, 4) and torch.isfinite(out["pred_logits"]).all()
+    with pytest.raises(ValueError, match="too small"):
+        with torch.no_grad():
+            model_n(torch.rand(1, 3, 64, 96))
+
+
+def test_position_embedding_is_row_column():
+    from dfine.model.hybrid_encoder import sincos_position_embedding
+
+    pe = sincos_position_embedding(w=5, h=3, dim=8)  # [1, 15, 8]
+    assert pe.shape == (1, 15, 8)
+    # token (row 2, col 4) = index 14: first quarter sin(row * omega_0) = sin(2)
+    assert abs(pe[0, 14, 0].item() - torch.sin(torch.tensor(2.0)).item()) < 1e-6
+    assert abs(pe[0, 14, 4].item() - torch.sin(torch.tensor(4.0)).item()) < 1e-6
+
+
+def test_batched_equals_per_image(model_n):
+    x = torch.rand(2, 3, 320, 480, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        both = model_n(x)
+        for b in range(2):
+            single = model_n(x[b : b + 1])
+            # near-tied encoder scores may list the same predictions in another order
+            idx = match_queries(single["pred_boxes"][0], both["pred_boxes"][b])
+            assert (idx != torch.arange(300)).sum() < 30
+            torch.testing.assert_close(both["pred_boxes"][b, idx], single["pred_boxes"][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(both["pred_logits"][b, idx], single["pred_logits"][0], rtol=0, atol=1e-4)
+
+
+def test_training_outputs_with_denoising():
+    model, _ = _random_model("n", seed=3)
+    model.train()
+    x = torch.rand(2, 3, 320, 320)
+    targets = [
+        {"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+        {"labels": torch.tensor([7]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
+    ]
+    out = model(x, targets)
+    Q, C, L = 300, 80, 3
+    assert out["pred_logits"].shape == (2, Q, C) and out["pred_boxes"].shape == (2, Q, 4)
+    assert out["pred_corners"].shape == (2, Q, 132) and out["ref_points"].shape == (2, Q, 4)
+    assert float(out["up"]) == 0.5 and int(out["reg_scale"]) == 4
+    assert len(out["aux_outputs"]) == L - 1
+    for aux in out["aux_outputs"]:
+        assert set(aux) == {"pred_logits", "pred_boxes", "pred_corners", "ref_points", "teacher_corners", "teacher_logits"}
+        assert aux["teacher_corners"] is out["pred_corners"]
+    assert out["pre_outputs"]["pred_boxes"].shape == (2, Q, 4)
+    assert out["enc_aux_outputs"][0]["pred_logits"].shape == (2, Q, C)
+    assert out["enc_meta"] == {"class_agnostic": False}
+    meta = out["dn_meta"]
+    max_gt = 2
+    groups = 100 // max_gt
+    assert meta["dn_num_group"] == groups
+    num_dn = 2 * max_gt * groups
+    assert meta["dn_num_split"] == [num_dn, Q]
+    assert len(out["dn_outputs"]) == L
+    assert out["dn_outputs"][0]["pred_boxes"].shape == (2, num_dn, 4)
+    assert out["dn_pre_outputs"]["pred_logits"].shape == (2, num_dn, C)
+    # positives of image 1 are the first slot of every group
+    assert torch.equal(meta["dn_positive_idx"][1], torch.arange(groups) * 2 * max_gt)
+
+    total = out["pred_logits"].sum() + out["pred_boxes"].sum() + out["pred_corners"].sum()
+    total = total + sum(a["pred_corners"].sum() for a in out["dn_outputs"]) + out["enc_aux_outputs"][0]["pred_boxes"].sum()
+    total.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["decoder.dec_bbox_head.0.layers.2.weight"].abs().sum() > 0
+    assert grads["decoder.denoising_class_embed.weight"].abs().sum() > 0
+    assert grads["backbone.stem.stem1.conv.weight"].abs().sum() > 0
+    assert grads["decoder.decoder.layers.0.cross_attn.sampling_offsets.weight"].abs().sum() > 0
+
+
+def test_denoising_attention_mask():
+    from dfine.model.denoising import contrastive_denoising_group
+
+    embed = torch.nn.Embedding(81, 16, padding_idx=80)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4) * 0.5 + 0.2},
+               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    content, ref, mask, meta = contrastive_denoising_group(targets, 80, 10, embed, num_denoising=8)
+    num_dn = meta["dn_num_split"][0]
+    assert num_dn == 2 * 2 * 4 and content.shape == (2, num_dn, 16) and ref.shape == (2, num_dn, 4)
+    assert mask.shape == (num_dn + 10, num_dn + 10)
+    assert mask[num_dn:, :num_dn].all() and not mask[num_dn:, num_dn:].any()
+    assert not mask[0:4, 0:4].any() and mask[0:4, 4:num_dn].all() and mask[4:8, 0:4].all()
+    # image 1 has no ground truth: all its denoising queries are padding (the padding embedding is zero)
+    assert content[1].abs().sum() == 0
+
+
+def _randomize_norm_stats(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_mean") and hasattr(m, "running_var"):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("size", ["s", "x"])
+def test_deploy_equals_eval(size):
+    """Conv+BN and RepVGG fusion leave the outputs unchanged (S: 3 levels; X: decoder input_proj,
+    reg_scale 8, frozen backbone norms)."""
+    model, _ = _random_model(size, seed=5)
+    _randomize_norm_stats(model)
+    model.eval()
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(x)
+        model.deploy()
+        after = model(x)
+    idx = match_queries(before["pred_boxes"][0], after["pred_boxes"][0])
+    torch.testing.assert_close(after["pred_boxes"][0, idx], before["pred_boxes"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after["pred_logits"][0, idx], before["pred_logits"][0], rtol=0, atol=1e-4)
