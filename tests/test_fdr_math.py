@@ -2,7 +2,7 @@
 
 import torch
 
-from dfine.model.fdr import distance2bbox, fdr_decode, weighting_function
+from dfine.ops.fdr import distance2bbox, fdr_decode, weighting_function
 
 # published W for reg_scale 4 (left half incl. the centre) and reg_scale 8
 W4_LEFT = [-4, -2, -1.7881, -1.5912, -1.4082, -1.2381, -1.0801, -0.9332, -0.7967, -0.6698, -0.5518, -0.4422,

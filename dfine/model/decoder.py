@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dfine.model.deformable_attention import MSDeformableAttention
 from dfine.model.denoising import contrastive_denoising_group
-from dfine.model.fdr import fdr_decode, weighting_function
+from dfine.ops.fdr import fdr_decode, weighting_function
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -142,8 +142,8 @@ class TransformerDecoder(nn.Module):
                     pre_scores = score_head[0](output)
                 ref0 = pre_boxes.detach()
             corners = bbox_head[i](output + output_detach) + corners_prev
-            # the one call to swap for the fused op: dfine.ops.fdr_decode(..., backend=self.backend)
-            box, lqe_stats = fdr_decode(corners, project, ref0, self.reg_scale)
+            # fused softmax-expectation-distance2bbox + LQE statistics (dfine.ops.fdr_decode)
+            box, lqe_stats = fdr_decode(corners, project, ref0, self.reg_scale, backend=self.backend)
             if self.training or i == self.eval_idx:
                 scores = self.lqe_layers[i](score_head[i](output), lqe_stats)
                 logits.append(scores)

@@ -75,16 +75,24 @@ def compare_callables(
 
     def forward_backward(fn):
         leaves = {k: (v.detach().clone().requires_grad_() if k in differentiable else v) for k, v in inputs.items()}
-        out = fn(**leaves)
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        outs = fn(**leaves)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        gen = torch.Generator().manual_seed(0)
+        # one fixed random output gradient per floating output (integer outputs carry no gradient)
+        pairs = [(o, torch.randn(o.shape, generator=gen, dtype=o.dtype)) for o in outs if o.is_floating_point()]
         wanted = [leaves[k] for k in differentiable]
-        grads = torch.autograd.grad(out, wanted, grad_out) if out.numel() else [torch.zeros_like(w) for w in wanted]
-        return out.detach(), dict(zip(differentiable, grads))
+        if any(o.numel() for o, _ in pairs):
+            grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
+        else:
+            grads = [torch.zeros_like(w) for w in wanted]
+        return [o.detach() for o, _ in pairs], dict(zip(differentiable, grads))
 
-    out, grads = forward_backward(fused_fn)
-    ref_out, ref_grads = forward_backward(reference_fn)
+    outs, grads = forward_backward(fused_fn)
+    ref_outs, ref_grads = forward_backward(reference_fn)
     result = Comparison(op, backend, shape)
-    result.errors.append(_errors("out", out, ref_out))
+    for i, (out, ref_out) in enumerate(zip(outs, ref_outs)):
+        result.errors.append(_errors("out" if len(outs) == 1 else f"out{i}", out, ref_out))
     for name in differentiable:
         result.errors.append(_errors(f"grad_{name}", grads[name], ref_grads[name]))
     ref_time = _median_seconds(lambda: forward_backward(reference_fn), repeats)
@@ -128,9 +136,46 @@ def ms_deform_attn_case(backend: str, quick: bool) -> Comparison:
     )
 
 
+def _hook_case(module_name: str, op: str):
+    """Case function for an op whose module provides ``compare_cases(rows=...)`` returning
+    ``(name, fn, reference_fn, args, kwargs)`` with the differentiable args requiring grad."""
+
+    def case(backend: str, quick: bool) -> Comparison:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        small = quick or backend == "triton"
+        rows = 64 if small else None
+        cases = module.compare_cases(**({"rows": rows} if rows else {}))
+        name, fn, reference_fn, args, kwargs = next(c for c in cases if c[0] == op)
+        import inspect
+
+        keys = list(inspect.signature(reference_fn).parameters)[: len(args)]
+        inputs = dict(zip(keys, args))
+        differentiable = [k for k, a in inputs.items() if isinstance(a, torch.Tensor) and a.requires_grad]
+        for k in differentiable:
+            inputs[k] = inputs[k].detach()
+
+        def reference_call(**kw):
+            return reference_fn(*[kw[k] for k in keys], **kwargs)
+
+        def fused_call(**kw):
+            return fn(*[kw[k] for k in keys], backend=backend, **kwargs)
+
+        first = args[0]
+        shape = f"rows={first.shape[0]} bins={first.shape[-1]}"
+        return compare_callables(op, backend, shape, reference_call, fused_call, inputs, differentiable,
+                                 repeats=1 if backend == "triton" else 5)
+
+    return case
+
+
 # (op name, case function, backends it has)
 OP_CASES: List[Tuple[str, Callable[[str, bool], Comparison], Tuple[str, ...]]] = [
     ("ms_deform_attn", ms_deform_attn_case, ("cpp", "triton")),
+    ("fdr_decode", _hook_case("dfine.ops.fdr", "fdr_decode"), ("cpp", "triton")),
+    ("fgl_loss", _hook_case("dfine.ops.golsd_losses", "fgl_loss"), ("cpp", "triton")),
+    ("ddf_loss", _hook_case("dfine.ops.golsd_losses", "ddf_loss"), ("cpp", "triton")),
 ]
 
 
@@ -161,9 +206,11 @@ def format_table(results: Sequence[Comparison]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        # the Triton interpreter's timing says nothing about the kernel
+        speed = "n/a (interpreter)" if r.backend == "triton" and r.speedup < 1 else f"{r.speedup:.1f}x"
         for e in r.errors:
             lines.append(
-                f"| {r.op} | {r.backend} | {r.shape} | {e.name} | {e.max_abs:.2e} | {e.max_rel:.2e} | {r.speedup:.1f}x |"
+                f"| {r.op} | {r.backend} | {r.shape} | {e.name} | {e.max_abs:.2e} | {e.max_rel:.2e} | {speed} |"
             )
     return "\n".join(lines)
 
