@@ -1,0 +1,109 @@
+"""Optimizer, LR warm-up and LR schedule built from the published config sections."""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+import torch
+
+__all__ = ["param_groups", "build_optimizer", "build_lr_scheduler", "LinearWarmup"]
+
+
+def param_groups(model: torch.nn.Module, optimizer_cfg: dict) -> List[Dict]:
+    """One group per regex of ``optimizer_cfg["params"]`` (trainable params whose name the regex
+    finds, ``re.search``), in config order, plus a last default group with every other trainable
+    param. The group's other keys (lr, weight_decay, ...) override the optimizer defaults.
+    A param claimed by two regexes is an error (the published configs never overlap)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    claimed: Dict[str, int] = {}
+    groups = []
+    for i, spec in enumerate(optimizer_cfg.get("params") or []):
+        spec = dict(spec)
+        pattern = spec.pop("params")
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"optimizer.params[{i}].params: invalid regex {pattern!r}: {e}") from None
+        names = [n for n, _ in named if regex.search(n)]
+        for n in names:
+            if n in claimed:
+                raise ValueError(
+                    f"optimizer.params: parameter {n!r} matches both group {claimed[n]} and group {i} ({pattern!r})"
+                )
+            claimed[n] = i
+        groups.append(dict(spec, params=[p for n, p in named if n in names and claimed[n] == i], names=names))
+    rest = [n for n, _ in named if n not in claimed]
+    groups.append({"params": [p for n, p in named if n in rest], "names": rest})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    opt_cfg = dict(cfg.get("optimizer") or {})
+    kind = opt_cfg.pop("type", "AdamW")
+    if kind != "AdamW":
+        raise ValueError(f"optimizer.type: only AdamW is supported, got {kind!r}")
+    groups = param_groups(model, opt_cfg)
+    for g in groups:
+        g.pop("names")
+    groups = [g for g in groups if g["params"]]  # empty groups (e.g. backbone norms of N/S/M) are dropped
+    return torch.optim.AdamW(
+        groups,
+        lr=float(opt_cfg.get("lr", 1e-4)),
+        betas=tuple(opt_cfg.get("betas", (0.9, 0.999))),
+        weight_decay=float(opt_cfg.get("weight_decay", 1e-4)),
+    )
+
+
+def build_lr_scheduler(optimizer, cfg: dict):
+    sched = dict(cfg.get("lr_scheduler") or {"type": "MultiStepLR", "milestones": [10**9], "gamma": 0.1})
+    kind = sched.pop("type", "MultiStepLR")
+    if kind != "MultiStepLR":
+        raise ValueError(f"lr_scheduler.type: only MultiStepLR is supported, got {kind!r}")
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sched.get("milestones", [])),
+                                                gamma=float(sched.get("gamma", 0.1)))
+
+
+class LinearWarmup:
+    """Per-iteration warm-up: lr = scheduled_lr * (step + 1) / duration for the first ``duration``
+    optimizer steps, then the schedule's lr untouched."""
+
+    def __init__(self, lr_scheduler, warmup_duration: int):
+        self.lr_scheduler = lr_scheduler
+        self.duration = int(warmup_duration)
+        self.step_count = 0
+
+    def factor(self) -> float:
+        return min(1.0, (self.step_count + 1) / self.duration) if self.duration > 0 else 1.0
+
+    def finished(self) -> bool:
+        return self.step_count >= self.duration
+
+    def apply(self) -> None:
+        """Set the lr of every group for the coming optimizer step."""
+        if self.finished():
+            # past warm-up the schedule owns the lr; restore it once after the last warm-up step
+            if self.step_count == self.duration:
+                for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
+            return
+        f = self.factor()
+        for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr * f
+
+    def step(self) -> None:
+        self.step_count += 1
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "duration": self.duration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.duration = int(state.get("duration", self.duration))
+
+
+def build_warmup(lr_scheduler, cfg: dict) -> LinearWarmup:
+    section = cfg.get("lr_warmup_scheduler") or {}
+    if section and section.get("type", "LinearWarmup") != "LinearWarmup":
+        raise ValueError(f"lr_warmup_scheduler.type: only LinearWarmup is supported, got {section.get('type')!r}")
+    return LinearWarmup(lr_scheduler, int(section.get("warmup_duration", 0)))

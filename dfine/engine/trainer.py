@@ -1,0 +1,440 @@
+"""Training and evaluation of D-FINE: the loop, the two-stage schedule, checkpoints, resume.
+
+One `Trainer` owns everything a training run has state for (model, EMA, optimizer, LR schedule and
+warm-up, AMP scaler, epoch, best scores) and writes all of it into every checkpoint, so ``-r`` resumes
+exactly: runtime randomness (denoising noise, dropout) is reseeded from (seed, epoch, rank) at each
+epoch start and the data stream is a function of (seed, epoch), so the losses after a resume equal the
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dfine.engine import distributed as du
+from dfine.engine.checkpoint_io import load_training_checkpoint, save_atomic
+from dfine.engine.data_config import loader_settings
+from dfine.engine.ema import ModelEMA
+from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
+
+__all__ = ["Trainer", "NonFiniteLossError", "seed_everything"]
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mix(*parts: int) -> int:
+    from dfine.data.epoch import mix_seed
+
+    return mix_seed(*parts)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _to_device(targets, device):
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+
+
+class Trainer:
+    """Build from a loaded config; `fit()` trains, `evaluate()` computes COCO AP.
+
+    Config keys used (published names): epochs, clip_max_norm, use_amp, use_ema, ema.{decay,warmups,
+    start}, optimizer, lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
+    `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
+    output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
+    evaluations, default 1), max_nonfinite_steps (default 20), seed, device.
+    """
+
+    def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
+                 backend: Optional[str] = None, deterministic: bool = False, progress: bool = True):
+        import dfine
+        from dfine.criterion import build_criterion
+
+        self.cfg = cfg
+        self.device = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.distributed = du.init_distributed(self.device)
+        self.rank, self.world = du.rank(), du.world_size()
+        self.seed = int(cfg.get("seed", 0) if seed is None else seed)
+        self.output_dir = Path(output_dir or cfg.get("output_dir") or "./output")
+        self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)
+        self.progress = progress
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(self.seed)  # same initial weights on every rank
+
+        model = dfine.build_model(cfg, backend=backend)
+        if self.distributed and cfg.get("sync_bn", False):
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                self.log_text("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU")
+        self.model = model.to(self.device)
+        self.criterion = build_criterion(cfg, backend=backend).to(self.device)
+        self.postprocessor = dfine.build_postprocessor(dict(cfg, remap_mscoco_category=False))
+
+        self.epochs = int(cfg.get("epochs", 1))
+        self.clip_max_norm = float(cfg.get("clip_max_norm", 0.0) or 0.0)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg)
+        self.warmup = build_warmup(self.lr_scheduler, cfg)
+        # fp16 needs loss scaling (CUDA); bf16 autocast on CPU does not
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.device.type == "cuda")
+        ema_cfg = cfg.get("ema") or {}
+        self.ema = (ModelEMA(self.model, float(ema_cfg.get("decay", 0.9999)), int(ema_cfg.get("warmups", 1000)),
+                             int(ema_cfg.get("start", 0))) if cfg.get("use_ema", False) else None)
+        train_section = cfg.get("train_dataloader") or {}
+        collate = train_section.get("collate_fn") or {}
+        stop = collate.get("stop_epoch")
+        self.stop_epoch = int(stop) if stop is not None else self.epochs
+        self.ema_restart_decay = float(collate.get("ema_restart_decay", ema_cfg.get("decay", 0.9999)))
+        self.checkpoint_freq = int(cfg.get("checkpoint_freq", 12) or 0)
+        self.print_freq = int(cfg.get("print_freq", 100) or 1)
+        self.eval_freq = int(cfg.get("eval_freq", 1) or 1)
+        self.max_nonfinite = int(cfg.get("max_nonfinite_steps", 20))
+
+        self.net = self.model
+        if self.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best = {"stage1": None, "stage2": None, "overall": None}  # {"epoch", "AP"} each
+        self.history: List[dict] = []
+        self._train_loader = self._val_loader = None
+        self._writer = None
+
+    # -------------------------------------------------------------------------------------------
+    # data
+
+    def train_loader(self):
+        if self._train_loader is None:
+            from dfine.data import build_dataloader
+
+            settings = loader_settings(self.cfg, "train", self.world, self.seed)
+            self._train_loader = build_dataloader(settings)
+            self._check_classes(self._train_loader.dataset, "train")
+        return self._train_loader
+
+    def val_loader(self):
+        if self._val_loader is None:
+            from dfine.data import build_dataloader
+
+            settings = loader_settings(self.cfg, "val", self.world, self.seed)
+            self._val_loader = build_dataloader(settings)
+            self._check_classes(self._val_loader.dataset, "val")
+        return self._val_loader
+
+    def _check_classes(self, dataset, split):
+        k = int(self.cfg.get("num_classes", 80))
+        if dataset.num_classes > k:
+            raise ValueError(
+                f"{split} dataset has labels up to {dataset.num_classes - 1} (category_map="
+                f"{dataset.category_map!r}) but the config's num_classes is {k}; set num_classes: {dataset.num_classes}"
+            )
+
+    # -------------------------------------------------------------------------------------------
+    # logging
+
+    def log_text(self, message: str) -> None:
+        if du.is_main():
+            print(message, flush=True)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(message + "\n")
+
+    def log_json(self, record: dict) -> None:
+        if du.is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if not du.is_main():
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSON lines only
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        if self._writer:
+            self._writer.add_scalar(tag, value, step)
+
+    # -------------------------------------------------------------------------------------------
+    # one epoch
+
+    def _autocast(self):
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        from dfine.data import set_loader_epoch
+
+        loader = self.train_loader()
+        set_loader_epoch(loader, epoch)
+        # runtime randomness (denoising noise) is a function of (seed, epoch, rank): exact resume
+        seed_everything(_mix(self.seed, epoch, self.rank))
+        self.net.train()
+        self.criterion.train()
+        sums: Dict[str, float] = {}
+        steps = skipped = consecutive_bad = 0
+        bar = None
+        if self.progress and du.is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        start = time.time()
+        for images, targets in loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = _to_device(targets, self.device)
+            self.warmup.apply()
+            with self._autocast():
+                outputs = self.net(images, targets=targets)
+            with torch.autocast(self.device.type, enabled=False):  # the criterion runs in fp32
+                outputs = _float_outputs(outputs)
+                losses = self.criterion(outputs, targets)
+            loss = sum(losses.values())
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            if self.distributed:  # every rank skips together, so DDP's collective calls stay paired
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            self.optimizer.zero_grad(set_to_none=True)
+            if finite.item() < 1:
+                skipped += 1
+                consecutive_bad += 1
+                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+                self.log_text(f"epoch {epoch} step {self.global_step}: non-finite loss, step skipped; terms {bad}")
+                if consecutive_bad >= self.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"training stopped: {consecutive_bad} consecutive non-finite losses at epoch {epoch}, "
+                        f"step {self.global_step} (last bad terms {bad}); lower the learning rate, check the data, "
+                        f"or resume from {self.output_dir / 'last.pth'}"
+                    )
+                continue
+            consecutive_bad = 0
+            self.scaler.scale(loss).backward()
+            if self.clip_max_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.warmup.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            steps += 1
+            self.global_step += 1
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(loss)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            lr = self.optimizer.param_groups[-1]["lr"]
+            if self.global_step % self.print_freq == 0:
+                self.scalar("train/loss", values["loss"], self.global_step)
+                self.scalar("train/lr", lr, self.global_step)
+                self.log_json({"type": "step", "epoch": epoch, "step": self.global_step, "loss": values["loss"], "lr": lr})
+            if bar is not None:
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        means = {k: v / max(steps, 1) for k, v in sums.items()}
+        means = du.all_reduce_mean(means, self.device)
+        means.update(steps=steps, skipped=skipped, seconds=time.time() - start)
+        return means
+
+    # -------------------------------------------------------------------------------------------
+    # evaluation
+
+    def eval_module(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def evaluate(self, module=None) -> dict:
+        from dfine.data import CocoEvaluator
+
+        module = module or self.eval_module()
+        loader = self.val_loader()
+        evaluator = CocoEvaluator(loader.dataset)
+        was_training = module.training
+        module.eval()
+        bar = None
+        if self.progress and du.is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
+        for images, targets in loader:
+            images = images.to(self.device)
+            with self._autocast():
+                outputs = module(images)
+            outputs = _float_outputs(outputs)
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(self.device)
+            results = self.postprocessor(outputs, sizes)
+            evaluator.update([{k: v.cpu() for k, v in r.items()} for r in results], [t["image_id"] for t in targets])
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        module.train(was_training)
+        return evaluator.summarize()
+
+    # -------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "lr_warmup_scheduler": self.warmup.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "last_epoch": epoch,
+            "global_step": self.global_step,
+            "best": self.best,
+            "seed": self.seed,
+            "date": datetime.datetime.now().isoformat(),
+        }
+
+    def save(self, name: str, epoch: int) -> None:
+        if du.is_main():
+            save_atomic(self.state_dict(epoch), self.output_dir / name)
+
+    def load_weights(self, path) -> None:
+        """Model and EMA weights of a training checkpoint (the two-stage reload)."""
+        ckpt = load_training_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.module.load_state_dict(ckpt["ema"]["module"])
+
+    def resume(self, path) -> None:
+        """Restore every piece of training state; training continues at last_epoch + 1."""
+        ckpt = load_training_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if not ckpt.get("ema"):
+                raise ValueError(f"resume: {path} has no EMA state but the config has use_ema: True")
+            self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.warmup.load_state_dict(ckpt["lr_warmup_scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["last_epoch"]) + 1
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.best = ckpt.get("best") or self.best
+        self.log_text(f"resumed from {path}: continuing at epoch {self.start_epoch} (step {self.global_step})")
+
+    def tune_from(self, path) -> None:
+        """Fine-tune: load released weights; tensors whose shape differs (class heads for another class
+        count) keep their fresh initialisation and are reported."""
+        from dfine.checkpoint import load_checkpoint
+
+        report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True)
+        self.log_text(f"tuning from {path}:\n{report}")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+
+    # -------------------------------------------------------------------------------------------
+    # the schedule
+
+    def _improved(self, key: str, stats: dict, epoch: int) -> bool:
+        best = self.best.get(key)
+        if best is None or stats["AP"] > best["AP"]:
+            self.best[key] = {"epoch": epoch, "AP": stats["AP"]}
+            return True
+        return False
+
+    def fit(self) -> List[dict]:
+        """Train from start_epoch to epochs with the published two-stage schedule: the best stage-1
+        weights are saved as best_stg1.pth; at the stop epoch (augmentation off) training restarts from
+        them with EMA decay = ema_restart_decay; in stage 2 an epoch that does not improve AP lowers
+        the EMA decay by 1e-4 and restarts from best_stg1.pth (the EMA search)."""
+        self.log_text(f"training epochs {self.start_epoch}..{self.epochs - 1} on {self.device} "
+                      f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}")
+        for epoch in range(self.start_epoch, self.epochs):
+            if epoch == self.stop_epoch:
+                self._enter_stage2()
+            train_stats = self.train_one_epoch(epoch)
+            self.lr_scheduler.step()
+            record = {"type": "epoch", "epoch": epoch, "train": train_stats}
+            evaluate = (epoch + 1) % self.eval_freq == 0 or epoch == self.epochs - 1
+            if evaluate:
+                stats = self.evaluate()
+                record["eval"] = stats
+                for k in STAT_NAMES:
+                    self.scalar(f"eval/{k}", stats[k], epoch)
+                if self._improved("overall", stats, epoch):
+                    self.save("best.pth", epoch)
+                if epoch < self.stop_epoch:
+                    if self._improved("stage1", stats, epoch):
+                        self.save("best_stg1.pth", epoch)
+                elif self._improved("stage2", stats, epoch):
+                    self.save("best_stg2.pth", epoch)
+                elif self.ema is not None:
+                    self.ema.decay -= 1e-4
+                    if (self.output_dir / "best_stg1.pth").exists():
+                        self.load_weights(self.output_dir / "best_stg1.pth")
+                    self.log_text(f"epoch {epoch}: no stage-2 improvement; EMA decay -> {self.ema.decay:.4f}")
+                self.log_text(f"epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f}  "
+                              + "  ".join(f"{k} {stats[k]:.4f}" for k in STAT_NAMES))
+            else:
+                self.log_text(f"epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f}")
+            self.scalar("train/epoch_loss", train_stats.get("loss", float("nan")), epoch)
+            self.log_json(record)
+            self.history.append(record)
+            # last.pth after the epoch's bookkeeping, so a resume continues exactly here
+            self.save("last.pth", epoch)
+            if self.checkpoint_freq and (epoch + 1) % self.checkpoint_freq == 0 and epoch < self.stop_epoch:
+                self.save(f"checkpoint{epoch:04}.pth", epoch)
+            du.barrier()
+        if self._writer:
+            self._writer.close()
+        return self.history
+
+    def _enter_stage2(self) -> None:
+        path = self.output_dir / "best_stg1.pth"
+        if path.exists():
+            self.load_weights(path)
+            self.log_text(f"stop epoch {self.stop_epoch}: augmentation off, restarting from {path}")
+        else:  # the release crashes here; continue with the current weights instead
+            self.log_text(f"stop epoch {self.stop_epoch}: no best_stg1.pth yet (no evaluation so far); "
+                          "continuing with the current weights")
+        if self.ema is not None:
+            self.ema.decay = self.ema_restart_decay
+
+
+def _float_outputs(outputs):
+    """Autocast outputs back to fp32 (the criterion and post-processor run in fp32)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _float_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float_outputs(v) for v in outputs)
+    return outputs

@@ -1,0 +1,76 @@
+"""Train or evaluate D-FINE.
+
+    python train.py -c configs/dfine/dfine_hgnetv2_n_synthetic.yml
+    python train.py -c CFG -r output/last.pth                   # resume exactly where it stopped
+    python train.py -c CFG -t dfine_n_coco.pth                  # fine-tune released weights (other class count ok)
+    python train.py -c CFG -r best.pth --test-only              # COCO AP of a checkpoint
+    torchrun --nproc_per_node=2 train.py -c CFG                 # DistributedDataParallel (gloo on CPU)
+    python train.py -c CFG -u epochs=3 train_dataloader.total_batch_size=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or evaluate D-FINE")
+    p.add_argument("-c", "--config", required=True, help="config YAML")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-r", "--resume", help="training checkpoint to resume from (or to evaluate with --test-only)")
+    group.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched class heads are re-initialised)")
+    p.add_argument("--test-only", action="store_true", help="only evaluate (weights from -r or -t)")
+    p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. epochs=3 train_dataloader.total_batch_size=4")
+    p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
+    p.add_argument("-d", "--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--seed", type=int, help="random seed (default: the config's seed or 0)")
+    p.add_argument("--use-amp", action="store_true", default=None,
+                   help="mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA)")
+    p.add_argument("--backend", choices=["auto", "reference", "cpp", "triton"],
+                   help="fused-op backend (default: the config's ops_backend)")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import dfine
+    from dfine.engine import Trainer
+    from dfine.engine import distributed as du
+
+    cfg = dfine.load_config(args.config, overrides=args.update)
+    trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
+                      backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
+    try:
+        if args.test_only:
+            if args.resume:
+                from dfine.checkpoint import load_checkpoint
+
+                load_checkpoint(trainer.model, args.resume, strict=True)
+                module = trainer.model
+            elif args.tuning:
+                trainer.tune_from(args.tuning)
+                module = trainer.model
+            else:
+                print("--test-only needs weights: pass -r CHECKPOINT", file=sys.stderr)
+                return 2
+            stats = trainer.evaluate(module)
+            if du.is_main():
+                print(json.dumps(stats, indent=1))
+            return 0
+        if args.resume:
+            trainer.resume(args.resume)
+        elif args.tuning:
+            trainer.tune_from(args.tuning)
+        trainer.fit()
+        return 0
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
