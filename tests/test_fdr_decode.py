@@ -317,3 +317,20 @@ def test_torch_compile_fullgraph_cpp():
     torch.testing.assert_close(loss_compiled, loss_eager)
     torch.testing.assert_close(c1.grad, c2.grad)
     torch.testing.assert_close(r1.grad, r2.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_autocast_bf16_corners_with_fp32_reference_boxes(backend):
+    """Under CPU autocast, bf16 corner logits meet fp32 reference boxes: decoded in float32."""
+    if backend == "cpp":
+        require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    project = weighting_function(32, 0.5, 4.0)
+    corners = torch.randn(3, 5, 4 * 33, generator=g).bfloat16()
+    ref = torch.rand(3, 5, 4, generator=g) * 0.5 + 0.1
+    expected = fdr_decode_reference(corners.float(), project, ref, 4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        boxes, stats = fdr_decode(corners, project, ref, 4.0, backend=backend)
+    assert boxes.dtype == torch.float32 and stats.dtype == torch.float32
+    torch.testing.assert_close(boxes, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats, expected[1], rtol=1e-5, atol=1e-6)

@@ -440,3 +440,20 @@ def test_cpp_baseline_and_avx2_copies_agree_bitwise(tmp_path):
         assert torch.equal(a, b)
     ref = ms_deform_attn_reference(*inputs)
     assert (results[1][0] - ref).abs().max().item() <= FWD_ATOL
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_autocast_bf16_runs_in_float32(backend):
+    """Under CPU autocast, bf16 activations meet fp32 sampling locations: the op runs in fp32."""
+    if backend == "cpp":
+        require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    levels, points = [(6, 5), (3, 3)], [2, 3]
+    value = torch.randn(2, 39, 2, 8, generator=g)
+    loc = torch.rand(2, 4, 2, 5, 2, generator=g)
+    w = torch.rand(2, 4, 2, 5, generator=g).softmax(-1)
+    expected = ms_deform_attn_reference(value.bfloat16().float(), levels, loc, w.bfloat16().float(), points)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(value.bfloat16(), levels, loc, w.bfloat16(), points, backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -80,18 +80,19 @@ class LinearWarmup:
         return self.step_count >= self.duration
 
     def apply(self) -> None:
-        """Set the lr of every group for the coming optimizer step."""
+        """Scale every group's lr for the coming optimizer step (no-op once warm-up is over)."""
         if self.finished():
-            # past warm-up the schedule owns the lr; restore it once after the last warm-up step
-            if self.step_count == self.duration:
-                for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-                    group["lr"] = lr
             return
         f = self.factor()
         for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
             group["lr"] = lr * f
 
     def step(self) -> None:
+        """After the optimizer step: put the schedule's own lr back, so the epoch scheduler (which
+        derives the next lr from the current one) never sees a warmed-down value."""
+        if not self.finished():
+            for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
         self.step_count += 1
 
     def state_dict(self) -> dict:

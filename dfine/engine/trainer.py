@@ -64,7 +64,8 @@ class Trainer:
     start}, optimizer, lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
-    evaluations, default 1), max_nonfinite_steps (default 20), seed, device.
+    evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
+    device.
     """
 
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
@@ -114,6 +115,9 @@ class Trainer:
         self.print_freq = int(cfg.get("print_freq", 100) or 1)
         self.eval_freq = int(cfg.get("eval_freq", 1) or 1)
         self.max_nonfinite = int(cfg.get("max_nonfinite_steps", 20))
+        # BatchNorm in eval mode while training (fixed statistics): for tiny per-process batches, and
+        # what makes N processes x b images train exactly like 1 process x N*b images on CPU
+        self.batchnorm_eval = bool(cfg.get("batchnorm_eval", False))
 
         self.net = self.model
         if self.distributed:
@@ -202,6 +206,10 @@ class Trainer:
         # runtime randomness (denoising noise) is a function of (seed, epoch, rank): exact resume
         seed_everything(_mix(self.seed, epoch, self.rank))
         self.net.train()
+        if self.batchnorm_eval:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         self.criterion.train()
         sums: Dict[str, float] = {}
         steps = skipped = consecutive_bad = 0
@@ -250,11 +258,13 @@ class Trainer:
             steps += 1
             self.global_step += 1
             values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(loss)
+            values["loss"] = float(loss.detach())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             lr = self.optimizer.param_groups[-1]["lr"]
             if self.global_step % self.print_freq == 0:
+                if self.distributed:  # log the global batch's loss, not this rank's share
+                    values["loss"] = du.all_reduce_mean({"loss": values["loss"]}, self.device)["loss"]
                 self.scalar("train/loss", values["loss"], self.global_step)
                 self.scalar("train/lr", lr, self.global_step)
                 self.log_json({"type": "step", "epoch": epoch, "step": self.global_step, "loss": values["loss"], "lr": lr})
@@ -406,6 +416,8 @@ class Trainer:
             else:
                 self.log_text(f"epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f}")
             self.scalar("train/epoch_loss", train_stats.get("loss", float("nan")), epoch)
+            if self.distributed:
+                record["sync_max_diff"] = self.replica_divergence()
             self.log_json(record)
             self.history.append(record)
             # last.pth after the epoch's bookkeeping, so a resume continues exactly here
@@ -416,6 +428,16 @@ class Trainer:
         if self._writer:
             self._writer.close()
         return self.history
+
+    @torch.no_grad()
+    def replica_divergence(self) -> float:
+        """Largest difference between processes of a per-tensor weight fingerprint (0 when DDP keeps
+        the replicas identical, as it must)."""
+        prints = torch.stack([v.double().sum() for v in self.model.state_dict().values() if v.is_floating_point()])
+        gathered = [torch.empty_like(prints) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, prints)
+        stacked = torch.stack(gathered)
+        return float((stacked.max(0).values - stacked.min(0).values).max())
 
     def _enter_stage2(self) -> None:
         path = self.output_dir / "best_stg1.pth"

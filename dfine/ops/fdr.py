@@ -240,6 +240,15 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
         probabilities per edge, descending, then their mean). Gradients flow to ``pred_corners``
         through both outputs and to ``ref_boxes``. fp16/bf16 run the fused kernels in float32.
     """
+    if isinstance(pred_corners, torch.Tensor) and torch.is_autocast_enabled(pred_corners.device.type):
+        # mixed precision: the softmax-expectation runs in float32 (autocast's policy for softmax),
+        # every backend alike, so the reference's linear is not lowered to bf16/fp16 either
+        pred_corners, ref_boxes = (
+            t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in (pred_corners, ref_boxes)
+        )
+        with torch.autocast(pred_corners.device.type, enabled=False):
+            return fdr_decode(pred_corners, project, ref_boxes, reg_scale, lqe_topk, backend)
     check_fdr_decode_inputs(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
     which = resolve_backend(backend, pred_corners.device, _OP)
     if which == "reference":

@@ -69,8 +69,18 @@ def ms_deform_attn(
 
     Returns:
         ``[B, Q, M * D]``. Sampling is ``grid_sample(align_corners=False, padding_mode="zeros")``:
-        pixel ``x = loc_x * W - 0.5``, corners outside the map contribute zero.
+        pixel ``x = loc_x * W - 0.5``, corners outside the map contribute zero. Under autocast the
+        op computes and returns float32.
     """
+    if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
+        # mixed precision: like grid_sample, the op runs in float32 (autocast's fp32 policy), so
+        # bf16/fp16 activations and fp32 sampling locations can meet here
+        value, sampling_locations, attention_weights = (
+            t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (value, sampling_locations, attention_weights)
+        )
+        with torch.autocast(value.device.type, enabled=False):
+            return ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, num_points_list, backend)
     spatial_shapes, num_points_list = check_ms_deform_attn_inputs(
         value, spatial_shapes, sampling_locations, attention_weights, num_points_list
     )
