@@ -305,3 +305,22 @@ def test_train_py_cli_trains_then_test_only(tiny_data, tmp_path):
     assert test.returncode == 0, test.stderr[-3000:]
     stats = json.loads(test.stdout[test.stdout.index("{"):])
     assert set(stats) >= {"AP", "AP50"}
+
+
+def test_report_table_and_curve(tiny_data, tmp_path):
+    from dfine.engine import report
+
+    Trainer(tiny_config(tiny_data), output_dir=tmp_path, progress=False).fit()
+    epochs = report.read_epochs(tmp_path)
+    table = report.ap_table(epochs)
+    assert table.count("\n") == 3 and f"{epochs[-1]['eval']['AP50']:.3f}" in table
+    assert report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert isinstance(dfine.build_criterion(tiny_config(tiny_data)), dfine.criterion.DFINECriterion)
+
+
+def test_logged_lr_includes_warmup(tiny_data, tmp_path):
+    Trainer(tiny_config(tiny_data, epochs=1), output_dir=tmp_path, progress=False).fit()
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in lines if r["type"] == "step"]
+    assert lrs == pytest.approx([0.0008 / 3, 0.0008 * 2 / 3, 0.0008])  # warm-up of 3 steps

@@ -223,6 +223,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = _to_device(targets, self.device)
             self.warmup.apply()
+            lr = self.optimizer.param_groups[-1]["lr"]  # the lr this step uses (warm-up included)
             with self._autocast():
                 outputs = self.net(images, targets=targets)
             with torch.autocast(self.device.type, enabled=False):  # the criterion runs in fp32
@@ -261,7 +262,6 @@ class Trainer:
             values["loss"] = float(loss.detach())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            lr = self.optimizer.param_groups[-1]["lr"]
             if self.global_step % self.print_freq == 0:
                 if self.distributed:  # log the global batch's loss, not this rank's share
                     values["loss"] = du.all_reduce_mean({"loss": values["loss"]}, self.device)["loss"]
