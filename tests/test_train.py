@@ -323,4 +323,4 @@ def test_logged_lr_includes_warmup(tiny_data, tmp_path):
     Trainer(tiny_config(tiny_data, epochs=1), output_dir=tmp_path, progress=False).fit()
     lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in lines if r["type"] == "step"]
-    assert lrs == pytest.approx([0.0008 / 3, 0.0008 * 2 / 3, 0.0008])  # warm-up of 3 steps
+    assert lrs == pytest.approx([0.0006 / 3, 0.0006 * 2 / 3, 0.0006])  # warm-up of 3 steps
