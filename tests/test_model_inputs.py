@@ -160,3 +160,32 @@ def test_deploy_equals_eval(size):
     idx = match_queries(before["pred_boxes"][0], after["pred_boxes"][0])
     torch.testing.assert_close(after["pred_boxes"][0, idx], before["pred_boxes"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(after["pred_logits"][0, idx], before["pred_logits"][0], rtol=0, atol=1e-4)
+
+
+def test_deploy_folds_every_batchnorm_and_refolds_on_load():
+    """After deploy() no BatchNorm runs (backbone ConvBNAct and the input projections are folded too),
+    the state_dict keeps the published layout, and loading new weights into a deployed model refreshes
+    the folded convs (outputs equal a model deployed after loading them)."""
+    from dfine.model.hgnetv2 import FrozenBatchNorm2d
+
+    model, _ = _random_model("x", seed=3)
+    keys_before = list(model.state_dict())
+    model.deploy()
+    ran = []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+            m.register_forward_hook(lambda mod, inp, out: ran.append(mod))
+    x = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)
+    assert ran == []
+    assert {k for k in keys_before if ".bn." in k or "input_proj" in k} <= set(model.state_dict())
+
+    other, _ = _random_model("x", seed=4)
+    _randomize_norm_stats(other)
+    other.deploy()
+    model.load_state_dict(other.state_dict())  # a deploy-format state_dict, as published
+    with torch.no_grad():
+        a, b = model(x), other(x)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=1e-4)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfine.model.conv_bn import ConvBN
 from dfine.model.deformable_attention import MSDeformableAttention
 from dfine.model.denoising import contrastive_denoising_group
 from dfine.ops.fdr import fdr_decode, weighting_function
@@ -209,10 +210,7 @@ class DFINETransformer(nn.Module):
             if c == hidden_dim:
                 self.input_proj.append(nn.Identity())
             else:
-                self.input_proj.append(
-                    nn.Sequential(OrderedDict([("conv", nn.Conv2d(c, hidden_dim, 1, bias=False)),
-                                               ("norm", nn.BatchNorm2d(hidden_dim))]))
-                )
+                self.input_proj.append(ConvBN(c, hidden_dim))
         # extra levels (strided 3x3 convs) exist in the release for num_levels > len(feat_channels);
         # no published config uses them.
         if num_levels != len(feat_channels):
@@ -256,7 +254,7 @@ class DFINETransformer(nn.Module):
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
         for proj in self.input_proj:
-            if isinstance(proj, nn.Sequential):
+            if isinstance(proj, ConvBN):
                 nn.init.xavier_uniform_(proj.conv.weight)
 
     def convert_to_deploy(self):

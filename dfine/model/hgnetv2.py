@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfine.model.conv_bn import FoldableConvBN
+
 # name -> (stem [in, mid, out], stages [in, mid, out, blocks, downsample, light, kernel, layer_num])
 ARCHS = {
     "B0": ([3, 16, 16], [[16, 16, 64, 1, False, False, 3, 3], [64, 32, 256, 1, True, False, 3, 3],
@@ -58,7 +60,11 @@ class LearnableAffineBlock(nn.Module):
         return self.scale * x + self.bias
 
 
-class ConvBNAct(nn.Module):
+class ConvBNAct(FoldableConvBN):
+    """Conv + BN + optional ReLU + optional learnable affine; deploy() folds the BN into the conv."""
+
+    norm_name = "bn"
+
     def __init__(self, cin, cout, k=3, stride=1, groups=1, use_act=True, use_lab=False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, groups=groups, bias=False)
@@ -67,7 +73,14 @@ class ConvBNAct(nn.Module):
         self.lab = LearnableAffineBlock() if (use_act and use_lab) else nn.Identity()
 
     def forward(self, x):
-        return self.lab(self.act(self.bn(self.conv(x))))
+        y = self.conv_bn(x)
+        if self.folded and not torch.is_grad_enabled():  # deployed inference: activations in place
+            if isinstance(self.act, nn.ReLU):
+                y = y.relu_()
+            if isinstance(self.lab, LearnableAffineBlock):
+                y = y.mul_(self.lab.scale).add_(self.lab.bias)
+            return y
+        return self.lab(self.act(y))
 
 
 class LightConvBNAct(nn.Module):

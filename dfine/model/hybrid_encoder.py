@@ -6,16 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    """Weight and bias of one conv equal to conv followed by BN (eval statistics)."""
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    weight = conv.weight * scale[:, None, None, None]
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return weight.detach(), bias.detach()
+from dfine.model.conv_bn import ConvBN, fuse_conv_bn
 
 
 class ConvNormLayer(nn.Module):
@@ -178,10 +169,7 @@ class HybridEncoder(nn.Module):
 
         self.input_proj = nn.ModuleList()
         for c in self.in_channels:
-            proj = nn.Sequential()
-            proj.add_module("conv", nn.Conv2d(c, hidden_dim, 1, bias=False))
-            proj.add_module("norm", nn.BatchNorm2d(hidden_dim))
-            self.input_proj.append(proj)
+            self.input_proj.append(ConvBN(c, hidden_dim))
 
         layer_args = (hidden_dim, nhead, dim_feedforward, dropout, enc_act)
         self.encoder = nn.ModuleList(
