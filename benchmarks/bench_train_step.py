@@ -65,7 +65,7 @@ class OursStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 class TransformersStep:
@@ -91,7 +91,7 @@ class TransformersStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 VARIANTS = {
