@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfine.ops._backend import symbolic_shapes
+
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """Weight and bias of one conv equal to conv followed by BN (eval statistics)."""
@@ -203,6 +205,8 @@ class HybridEncoder(nn.Module):
             self.pan_blocks.append(RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, n))
 
     def position_embedding(self, h, w, device):
+        if symbolic_shapes():  # export: computed in the graph from the traced map size, not cached
+            return sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature, device)
         key = (h, w, str(device))
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature, device)
