@@ -124,6 +124,8 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
         with torch.no_grad(), warnings.catch_warnings():
             # the TorchScript exporter is the one that needs no extra package (onnxscript); say so once
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            # a strided Slice is left to the runtime instead of being folded: harmless, not actionable
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(
                 detector, (images, sizes), str(output), dynamo=False, input_names=list(INPUT_NAMES),
                 output_names=list(OUTPUT_NAMES), opset_version=int(opset), dynamic_axes=axes or None,
