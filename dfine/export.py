@@ -121,6 +121,11 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
     dfine.set_backend(detector, "reference")
     detector.eval()
     try:
+        try:  # one eager pass first: clear errors (e.g. too small for num_queries) instead of a tracer failure
+            with torch.no_grad():
+                detector(images, sizes)
+        except ValueError as err:
+            raise ExportError(f"cannot export at {batch}x3x{h}x{w}: {err}") from err
         with torch.no_grad(), warnings.catch_warnings():
             # the TorchScript exporter is the one that needs no extra package (onnxscript); say so once
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")

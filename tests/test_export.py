@@ -161,6 +161,9 @@ def test_export_option_errors(tmp_path):
         export_onnx(detector, tmp_path / "x.onnx", (320, 320), opset=13)
     with pytest.raises(ExportError, match="at least 32"):
         export_onnx(detector, tmp_path / "x.onnx", (16, 320))
+    with pytest.raises(ExportError, match="too small"):  # fewer positions than num_queries
+        export_onnx(detector, tmp_path / "x.onnx", (64, 64))
+    assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(ExportError, match="does not exist"):
         load_detector(str(tmp_path / "missing.yml"), str(tmp_path / "missing.pth"))
     with pytest.raises(ExportError, match="ONNX file .* does not exist"):
