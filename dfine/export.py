@@ -127,7 +127,7 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
         except ValueError as err:
             raise ExportError(f"cannot export at {batch}x3x{h}x{w}: {err}") from err
         with torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is the one that needs no extra package (onnxscript); say so once
+            # deliberately the TorchScript exporter (no onnxscript dependency): silence its deprecation notice
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             # a strided Slice is left to the runtime instead of being folded: harmless, not actionable
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
