@@ -1,4 +1,4 @@
-"""Command line: `python -m dfine predict ...`."""
+"""Command line: `python -m dfine predict ...`, `python -m dfine export ...`."""
 
 import argparse
 import sys
@@ -10,9 +10,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dfine")
     sub = parser.add_subparsers(dest="command", required=True)
     predict.add_arguments(sub.add_parser("predict", help="detect objects in images with a checkpoint"))
+    from dfine import export
+
+    export.add_arguments(sub.add_parser("export", help="export model + post-processor to ONNX"))
     args = parser.parse_args(argv)
     if args.command == "predict":
         return predict.run(args)
+    if args.command == "export":
+        return export.run(args)
     return 2
 
 

@@ -1,6 +1,10 @@
 """Run a D-FINE checkpoint on images: draw boxes, write COCO-format results.
 
     python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
+    python -m dfine predict ... --backend onnxruntime [--onnx model.onnx]    # exported graph (dfine.export)
+
+Both paths go through a runner (dfine.runners): runner(images [N,3,H,W], orig_sizes [N,2] (w, h)) ->
+(labels, boxes, scores), fed by the same `preprocess`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from torchvision.utils import draw_bounding_boxes
 
 import dfine
 from dfine.checkpoint import load_checkpoint
+from dfine.export import DetectorGraph, ExportError
 from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
+from dfine.runners import TorchRunner, onnxruntime_runner
+
+RUNNER_BACKENDS = list(dfine.ops.BACKENDS) + ["onnxruntime"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -86,12 +94,28 @@ def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: 
     return model, post, cfg
 
 
-def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu") -> dict:
-    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]}."""
+def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None):
+    """(runner, cfg, postprocessor): the PyTorch model of `load_predictor`, or onnxruntime."""
+    if backend == "onnxruntime":
+        try:
+            return onnxruntime_runner(config, checkpoint, onnx, device)
+        except ExportError as err:
+            raise PredictError(str(err)) from err
+    if onnx is not None:
+        raise PredictError("--onnx is only used with --backend onnxruntime")
+    model, post, cfg = load_predictor(config, checkpoint, backend, device)
+    return TorchRunner(DetectorGraph(model, post)), cfg, post
+
+
+def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
+            onnx=None) -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]}.
+
+    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
     from tqdm import tqdm
 
     images = list_images(Path(input_path))
-    model, post, cfg = load_predictor(config, checkpoint, backend, device)
+    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx)
     size = cfg.get("eval_spatial_size") or [640, 640]
     remapped = bool(post.remap_mscoco_category)
     out_dir = Path(output_dir)
@@ -106,11 +130,12 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
             errors.append(str(err))
             continue
         h, w = image.shape[-2:]
-        with torch.no_grad():
-            outputs = model(preprocess(image, size)[None].to(device))
-            det = post(outputs, torch.tensor([[w, h]], device=device))[0]
-        keep = det["scores"] > threshold
-        labels, boxes, scores = det["labels"][keep].cpu(), det["boxes"][keep].cpu(), det["scores"][keep].cpu()
+        labels, boxes, scores = (t[0].cpu() for t in runner(preprocess(image, size)[None].to(device),
+                                                             torch.tensor([[w, h]], device=device)))
+        if remapped:
+            labels = torch.tensor(MSCOCO_CATEGORY_IDS)[labels]
+        keep = scores > threshold
+        labels, boxes, scores = labels[keep], boxes[keep], scores[keep]
         names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
         drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2)
         torchvision.io.write_jpeg(drawn, str(out_dir / f"{path.stem}.jpg"))
@@ -131,13 +156,17 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--input", required=True, help="an image or a directory of images")
     parser.add_argument("--output", required=True, help="directory for drawn images and results.json")
     parser.add_argument("--threshold", type=float, default=0.4)
-    parser.add_argument("--backend", default="auto", choices=list(dfine.ops.BACKENDS))
+    parser.add_argument("--backend", default="auto", choices=RUNNER_BACKENDS,
+                        help="fused-op backend of the PyTorch model, or onnxruntime (an exported graph)")
+    parser.add_argument("--onnx", default=None,
+                        help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
     parser.add_argument("--device", default="cpu")
 
 
 def run(args) -> int:
     try:
-        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device)
+        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
+                      onnx=args.onnx)
     except PredictError as err:
         print(f"error: {err}")
         return 2

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dfine.model.conv_bn import ConvBN
 from dfine.model.deformable_attention import MSDeformableAttention
 from dfine.model.denoising import contrastive_denoising_group
+from dfine.ops._backend import symbolic_shapes
 from dfine.ops.fdr import fdr_decode, weighting_function
 
 
@@ -268,11 +269,17 @@ class DFINETransformer(nn.Module):
     # ---------------------------------------------------------------------------------------
     def _flatten_memory(self, feats):
         feats = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        shapes = [(int(f.shape[2]), int(f.shape[3])) for f in feats]
+        if symbolic_shapes():  # export: keep the traced sizes (dynamic H, W in the graph)
+            shapes = [(f.shape[2], f.shape[3]) for f in feats]
+        else:
+            shapes = [(int(f.shape[2]), int(f.shape[3])) for f in feats]
         memory = torch.cat([f.flatten(2).permute(0, 2, 1) for f in feats], 1)
         return memory, shapes
 
     def _anchors_for(self, shapes, device, dtype):
+        if symbolic_shapes():  # export: anchors computed in the graph from the traced sizes, never cached
+            anchors, valid = generate_anchors(shapes, eps=self.eps, device=device)
+            return anchors.to(dtype), valid
         if (not self.training and self.eval_spatial_size and hasattr(self, "anchors")
                 and shapes == [(self.eval_spatial_size[0] // s, self.eval_spatial_size[1] // s) for s in self.feat_strides]):
             return self.anchors.to(dtype), self.valid_mask
@@ -287,7 +294,7 @@ class DFINETransformer(nn.Module):
         memory = valid.to(memory.dtype) * memory
         output_memory = self.enc_output(memory)
         enc_logits = self.enc_score_head(output_memory)
-        if enc_logits.shape[1] < self.num_queries:
+        if not symbolic_shapes() and enc_logits.shape[1] < self.num_queries:
             raise ValueError(
                 f"DFINETransformer: the input is too small: its feature maps {shapes} hold {enc_logits.shape[1]} "
                 f"positions, fewer than num_queries={self.num_queries}; use a larger image"

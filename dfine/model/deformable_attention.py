@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from dfine.ops import ms_deform_attn
+from dfine.ops._backend import symbolic_shapes
 
 
 class MSDeformableAttention(nn.Module):
@@ -52,7 +53,7 @@ class MSDeformableAttention(nn.Module):
         m, p = self.num_heads, self.total_points
         offsets = self.sampling_offsets(query).reshape(b, q, m, p, 2)
         weights = self.attention_weights(query).reshape(b, q, m, p).softmax(-1)
-        if reference_points.shape[-1] != 4:
+        if not symbolic_shapes() and reference_points.shape[-1] != 4:
             raise ValueError(
                 f"MSDeformableAttention: reference_points must end in 4 (cx, cy, w, h), got {tuple(reference_points.shape)}"
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from dfine.ops._backend import symbolic_shapes
+
 
 class DFINE(nn.Module):
     def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module):
@@ -13,7 +15,7 @@ class DFINE(nn.Module):
         self.decoder = decoder
 
     def forward(self, images, targets=None):
-        if images.dim() != 4 or images.shape[1] != 3:
+        if not symbolic_shapes() and (images.dim() != 4 or images.shape[1] != 3):
             raise ValueError(f"DFINE: images must be [B, 3, H, W], got {tuple(images.shape)}")
         feats = self.encoder(self.backbone(images))
         return self.decoder(feats, targets)

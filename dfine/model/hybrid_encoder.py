@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfine.model.conv_bn import ConvBN, fuse_conv_bn
+from dfine.ops._backend import symbolic_shapes
 
 
 class ConvNormLayer(nn.Module):
@@ -191,6 +192,8 @@ class HybridEncoder(nn.Module):
             self.pan_blocks.append(RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, n))
 
     def position_embedding(self, h, w, device):
+        if symbolic_shapes():  # export: computed in the graph from the traced map size, not cached
+            return sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature, device)
         key = (h, w, str(device))
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature, device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dfine.ops._backend import symbolic_shapes
+
 # COCO category ids of the 80 contiguous training labels
 MSCOCO_CATEGORY_IDS = [
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
@@ -36,8 +38,11 @@ class DFINEPostProcessor(nn.Module):
         """orig_target_sizes [B, 2] as (w, h). Returns a list of {labels, boxes, scores} per image
         (deploy mode: the tuple (labels, boxes, scores))."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        sizes = torch.as_tensor(orig_target_sizes, device=boxes.device)
-        if sizes.dim() != 2 or sizes.shape[-1] != 2:
+        if isinstance(orig_target_sizes, torch.Tensor):
+            sizes = orig_target_sizes.to(boxes.device)
+        else:
+            sizes = torch.as_tensor(orig_target_sizes, device=boxes.device)
+        if not symbolic_shapes() and (sizes.dim() != 2 or sizes.shape[-1] != 2):
             raise ValueError(f"DFINEPostProcessor: orig_target_sizes must be [B, 2] (w, h), got {tuple(sizes.shape)}")
         boxes = box_cxcywh_to_xyxy(boxes) * sizes.repeat(1, 2).unsqueeze(1).to(boxes.dtype)
         scores = torch.sigmoid(logits)

@@ -61,6 +61,18 @@ def require_extension(op_name: str):
     return ext
 
 
+def symbolic_shapes() -> bool:
+    """True while a graph is being traced for export (``torch.onnx.export``'s TorchScript tracer,
+    ``torch.jit.trace``, ``torch.export``): sizes read from tensors are then graph values, and code
+    must not turn them into Python constants (no ``int()``, no per-size caches, no shape checks)."""
+    import torch
+
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

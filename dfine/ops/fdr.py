@@ -20,7 +20,7 @@ from typing import Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from dfine.ops._backend import extension_available, resolve_backend
+from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
 __all__ = [
     "weighting_function",
@@ -249,6 +249,9 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
         )
         with torch.autocast(pred_corners.device.type, enabled=False):
             return fdr_decode(pred_corners, project, ref_boxes, reg_scale, lqe_topk, backend)
+    if symbolic_shapes() and resolve_backend(backend, pred_corners.device, _OP) == "reference":
+        # export tracing: no shape checks (they would read traced sizes back into Python)
+        return fdr_decode_reference(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
     check_fdr_decode_inputs(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
     which = resolve_backend(backend, pred_corners.device, _OP)
     if which == "reference":

@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from dfine.ops._backend import extension_available, resolve_backend
+from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "check_ms_deform_attn_inputs"]
 
@@ -28,7 +28,10 @@ def ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attentio
     """Plain-PyTorch multi-scale deformable attention (shapes as in :func:`ms_deform_attn`)."""
     B, S, M, D = value.shape
     _, Q, _, P, _ = sampling_locations.shape
-    shapes = _shapes_as_list(spatial_shapes)
+    if symbolic_shapes() and not isinstance(spatial_shapes, torch.Tensor):
+        shapes = [(h, w) for h, w in spatial_shapes]  # traced sizes stay graph values (dynamic ONNX H, W)
+    else:
+        shapes = _shapes_as_list(spatial_shapes)
     # [B, S, M, D] -> [B*M, D, S], then one [B*M, D, H, W] map per level.
     value = value.permute(0, 2, 3, 1).reshape(B * M, D, S)
     level_values = value.split([h * w for h, w in shapes], dim=-1)
@@ -81,6 +84,11 @@ def ms_deform_attn(
         )
         with torch.autocast(value.device.type, enabled=False):
             return ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, num_points_list, backend)
+    if (symbolic_shapes() and not isinstance(spatial_shapes, torch.Tensor)
+            and resolve_backend(backend, value.device, _OP) == "reference"):
+        # export tracing: the checks would turn the traced (H, W) of every level into constants
+        return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights,
+                                        list(num_points_list))
     spatial_shapes, num_points_list = check_ms_deform_attn_inputs(
         value, spatial_shapes, sampling_locations, attention_weights, num_points_list
     )
