@@ -89,6 +89,7 @@ class Variants:
 
     def __init__(self, size, tmp):
         self.size, self.tmp = size, tmp
+        torch._dynamo.reset()  # a fresh recompile budget for this model's shapes (one graph per shape)
         self.reference = build_detector(size, "reference")
         self.fused = build_detector(size, "cpp")
         self.fused.load_state_dict(self.reference.state_dict())
