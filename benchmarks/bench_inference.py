@@ -5,7 +5,8 @@ Every variant runs the same thing - `model.deploy()` + the post-processor in dep
 
 * eager, reference ops      PyTorch eager, plain-PyTorch ops (grid_sample, softmax-expectation)
 * eager, fused ops (cpp)    PyTorch eager, the C++ kernels of dfine._C
-* torch.compile, fused ops  inductor, static shapes; the C++ ops are custom ops inside the graph
+* torch.compile, fused ops  inductor, static shapes, fullgraph; the C++ ops are custom ops inside the graph
+                            (reg_scale handed to fdr_decode as a float, see reg_scale_as_float)
 * onnxruntime, dynamic      CPUExecutionProvider, intra_op_num_threads=2, one dynamic batch/H/W export
                             (reference ops -> GridSample), as `python -m dfine export --dynamic-*` writes
 * onnxruntime, static       the same graph exported at the measured shape (lets ORT fold shape math)
@@ -17,6 +18,7 @@ Every variant runs the same thing - `model.deploy()` + the post-processor in dep
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -49,21 +51,37 @@ def build_detector(size, backend):
     return DetectorGraph(model, dfine.build_postprocessor(cfg)).eval()
 
 
+def reg_scale_as_float(detector):
+    """Give the FDR loop ``reg_scale`` as a Python float (what deploy() does on the branch that adds
+    --compile): the C++ ``fdr_decode`` takes a float, and reading it from the parameter tensor inside
+    a compiled graph is a ``Tensor.item()`` graph break in every decoder layer. Numerically the same."""
+    dec = detector.model.decoder.decoder
+    if isinstance(getattr(dec, "reg_scale", None), torch.Tensor):
+        value = float(dec.reg_scale.reshape(-1)[0])
+        del dec._parameters["reg_scale"]
+        dec.reg_scale = value
+    return detector
+
+
 def inputs(batch, h, w):
     gen = torch.Generator().manual_seed(0)
     return torch.rand(batch, 3, h, w, generator=gen), torch.tensor([[w, h]] * batch, dtype=torch.int64)
 
 
-def median_ms(fn, args, runs, warmup=2):
+def interleaved_ms(runners, args, runs, warmup=2):
+    """{name: (median ms, min ms)}. The variants take turns call by call, so a load that comes and goes
+    on a shared machine falls on all of them alike and their ratios stay meaningful."""
+    times = {name: [] for name, _ in runners}
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        times = []
+        for _, fn in runners:
+            for _ in range(warmup):
+                fn(*args)
         for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            for name, fn in runners:
+                t0 = time.perf_counter()
+                fn(*args)
+                times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
 class Variants:
@@ -71,6 +89,7 @@ class Variants:
 
     def __init__(self, size, tmp):
         self.size, self.tmp = size, tmp
+        torch._dynamo.reset()  # a fresh recompile budget for this model's shapes (one graph per shape)
         self.reference = build_detector(size, "reference")
         self.fused = build_detector(size, "cpp")
         self.fused.load_state_dict(self.reference.state_dict())
@@ -88,14 +107,15 @@ class Variants:
         images, sizes = inputs(batch, h, w)
         with torch.no_grad():  # compile for this shape (not timed in the median)
             if self.compiled is None:
+                self.for_compile = reg_scale_as_float(copy.deepcopy(self.fused))
                 try:  # the whole model in one graph when nothing breaks it
-                    self.compiled = torch.compile(self.fused, dynamic=False, fullgraph=True)
+                    self.compiled = torch.compile(self.for_compile, dynamic=False, fullgraph=True)
                     self.compiled(images, sizes)
                     self.compile_note = "one graph (fullgraph=True)"
                 except Exception as err:  # a graph break: compile the pieces
                     torch._dynamo.reset()
                     reason = str(err).strip().splitlines()[0][:120]
-                    self.compiled = torch.compile(self.fused, dynamic=False)
+                    self.compiled = torch.compile(self.for_compile, dynamic=False)
                     self.compile_note = f"with graph breaks (fullgraph=True failed: {reason})"
             self.compiled(images, sizes)
         self.compile_s = time.perf_counter() - compile_start
@@ -117,8 +137,8 @@ def main(argv=None):
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
           f"(intra_op_num_threads={THREADS}), {os.cpu_count()} CPUs; median of {args.runs} runs")
-    print("| size | input (N x H x W) | variant | median ms | vs eager reference | vs eager fused |")
-    print("|---|---|---|---|---|---|")
+    print("| size | input (N x H x W) | variant | median ms | min ms | vs eager reference | vs eager fused |")
+    print("|---|---|---|---|---|---|---|")
     summary = []
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         for size in args.sizes:
@@ -126,17 +146,16 @@ def main(argv=None):
             for shape in args.shapes:
                 h, w = (int(v) for v in shape.lower().split("x"))
                 for batch in args.batches:
-                    x = inputs(batch, h, w)
-                    results = {}
+                    runners = list(variants.runners(batch, h, w))  # exports and compiles happen here
                     runs = args.runs if batch == 1 else max(3, args.runs // 2)
-                    for name, runner in variants.runners(batch, h, w):
-                        results[name] = median_ms(runner, x, runs)
-                        ref, fused = results["eager, reference ops"], results.get("eager, fused ops (cpp)")
-                        vs_fused = f"{fused / results[name]:.2f}x" if fused else ""
-                        print(f"| {size.upper()} | {batch}x{h}x{w} | {name} | {results[name]:.1f} | "
-                              f"{ref / results[name]:.2f}x | {vs_fused} |", flush=True)
+                    timed = interleaved_ms(runners, inputs(batch, h, w), runs)
+                    results = {name: med for name, (med, _) in timed.items()}
+                    ref, fused = results["eager, reference ops"], results["eager, fused ops (cpp)"]
+                    for name, (med, low) in timed.items():
+                        print(f"| {size.upper()} | {batch}x{h}x{w} | {name} | {med:.1f} | {low:.1f} | {ref / med:.2f}x | "
+                              f"{fused / med:.2f}x |", flush=True)
                     summary.append((size, batch, h, w, results, variants.compile_s))
-            print(f"|   | {size.upper()}: torch.compile ran {variants.compile_note} | | | | |", flush=True)
+            print(f"|   | {size.upper()}: torch.compile ran {variants.compile_note} | | | | | |", flush=True)
             del variants
     print()
     for size, batch, h, w, r, compile_s in summary:
