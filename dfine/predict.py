@@ -1,6 +1,9 @@
 """Run a D-FINE checkpoint on images: draw boxes, write COCO-format results.
 
-    python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
+    python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR_OR_VIDEO --output DIR [--threshold 0.4] [--backend auto]
+                            [--compile]
+
+Videos (.mp4, .avi, .mov, .mkv, ...) go through dfine/video.py; --compile through dfine/compiled.py.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def class_name(label: int, remapped: bool) -> str:
     return str(label)
 
 
-def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu"):
+def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", compiled: bool = False):
     if not os.path.isfile(config):
         raise PredictError(f"config file {config!r} does not exist")
     if not os.path.isfile(checkpoint):
@@ -82,18 +85,28 @@ def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: 
     model = dfine.build_model(cfg, backend=backend)
     load_checkpoint(model, checkpoint)
     model = model.deploy().to(device)
+    if compiled:  # torch.compile, fused ops inside the graph (dfine/compiled.py)
+        from dfine.compiled import compile_model
+
+        model = compile_model(model)
     post = dfine.build_postprocessor(cfg)
     return model, post, cfg
 
 
-def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu") -> dict:
-    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]}."""
+def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
+            compiled=False) -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video)."""
     from tqdm import tqdm
 
-    images = list_images(Path(input_path))
-    model, post, cfg = load_predictor(config, checkpoint, backend, device)
+    from dfine.video import is_video, predict_video
+
+    video = is_video(input_path)
+    images = [] if video else list_images(Path(input_path))
+    model, post, cfg = load_predictor(config, checkpoint, backend, device, compiled)
     size = cfg.get("eval_spatial_size") or [640, 640]
     remapped = bool(post.remap_mscoco_category)
+    if video:
+        return predict_video(model, post, size, input_path, output_dir, threshold, device, remapped)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, infos, errors = [], [], []
@@ -128,20 +141,24 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("-c", "--config", required=True, help="config YAML, e.g. configs/dfine/dfine_hgnetv2_n_coco.yml")
     parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth): state_dict, {'model'} or {'ema'}")
-    parser.add_argument("--input", required=True, help="an image or a directory of images")
-    parser.add_argument("--output", required=True, help="directory for drawn images and results.json")
+    parser.add_argument("--input", required=True, help="an image, a directory of images, or a video (.mp4, .avi, ...)")
+    parser.add_argument("--output", required=True, help="directory for drawn images (or the video) and results.json")
     parser.add_argument("--threshold", type=float, default=0.4)
     parser.add_argument("--backend", default="auto", choices=list(dfine.ops.BACKENDS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the deployed model (fused ops in the graph; the first frame compiles)")
 
 
 def run(args) -> int:
     try:
-        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device)
+        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
+                      compiled=args.compile)
     except PredictError as err:
         print(f"error: {err}")
         return 2
     for msg in out["errors"]:
         print(f"error: {msg}")
-    print(f"{len(out['images'])} image(s), {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
+    unit = "frame(s)" if "video" in out else "image(s)"
+    print(f"{len(out['images'])} {unit}, {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
     return 1 if out["errors"] else 0
