@@ -1,9 +1,9 @@
-"""Command line: `python -m dfine predict ...`, `python -m dfine export ...`."""
+"""Command line: `python -m dfine predict ...`, `python -m dfine export ...`, `python -m dfine visualize ...`."""
 
 import argparse
 import sys
 
-from dfine import predict
+from dfine import predict, visualize
 
 
 def main(argv=None) -> int:
@@ -13,11 +13,14 @@ def main(argv=None) -> int:
     from dfine import export
 
     export.add_arguments(sub.add_parser("export", help="export model + post-processor to ONNX"))
+    visualize.add_arguments(sub.add_parser("visualize", help="plot each decoder layer's box and FDR edge distributions"))
     args = parser.parse_args(argv)
     if args.command == "predict":
         return predict.run(args)
     if args.command == "export":
         return export.run(args)
+    if args.command == "visualize":
+        return visualize.run(args)
     return 2
 
 

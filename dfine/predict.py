@@ -2,6 +2,8 @@
 
     python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
     python -m dfine predict ... --backend onnxruntime [--onnx model.onnx]    # exported graph (dfine.export)
+    python -m dfine predict ... --compile                                    # torch.compile (dfine/compiled.py)
+    python -m dfine predict ... --input clip.mp4                             # video (dfine/video.py)
 
 Both paths go through a runner (dfine.runners): runner(images [N,3,H,W], orig_sizes [N,2] (w, h)) ->
 (labels, boxes, scores), fed by the same `preprocess`.
@@ -81,7 +83,7 @@ def class_name(label: int, remapped: bool) -> str:
     return str(label)
 
 
-def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu"):
+def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", compiled: bool = False):
     if not os.path.isfile(config):
         raise PredictError(f"config file {config!r} does not exist")
     if not os.path.isfile(checkpoint):
@@ -90,34 +92,58 @@ def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: 
     model = dfine.build_model(cfg, backend=backend)
     load_checkpoint(model, checkpoint)
     model = model.deploy().to(device)
+    if compiled:  # torch.compile, fused ops inside the graph (dfine/compiled.py)
+        from dfine.compiled import compile_model
+
+        model = compile_model(model)
     post = dfine.build_postprocessor(cfg)
     return model, post, cfg
 
 
-def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None):
+def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
+                compiled: bool = False):
     """(runner, cfg, postprocessor): the PyTorch model of `load_predictor`, or onnxruntime."""
     if backend == "onnxruntime":
         try:
             return onnxruntime_runner(config, checkpoint, onnx, device)
         except ExportError as err:
             raise PredictError(str(err)) from err
+        if compiled:
+            raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
     if onnx is not None:
         raise PredictError("--onnx is only used with --backend onnxruntime")
-    model, post, cfg = load_predictor(config, checkpoint, backend, device)
+    model, post, cfg = load_predictor(config, checkpoint, backend, device, compiled)
     return TorchRunner(DetectorGraph(model, post)), cfg, post
 
 
+def detect(runner, image: torch.Tensor, size, threshold: float, device="cpu", remapped=False):
+    """One uint8 [3, H, W] image -> (labels, boxes xyxy in its pixels, scores) above `threshold`; labels are
+    COCO category ids when the config remaps them."""
+    h, w = image.shape[-2:]
+    labels, boxes, scores = (t[0].cpu() for t in runner(preprocess(image, size)[None].to(device),
+                                                         torch.tensor([[w, h]], device=device)))
+    if remapped:
+        labels = torch.tensor(MSCOCO_CATEGORY_IDS)[labels]
+    keep = scores > threshold
+    return labels[keep], boxes[keep], scores[keep]
+
+
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
-            onnx=None) -> dict:
-    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]}.
+            onnx=None, compiled=False) -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
 
     backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
     from tqdm import tqdm
 
-    images = list_images(Path(input_path))
-    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx)
+    from dfine.video import is_video, predict_video
+
+    video = is_video(input_path)
+    images = [] if video else list_images(Path(input_path))
+    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled)
     size = cfg.get("eval_spatial_size") or [640, 640]
     remapped = bool(post.remap_mscoco_category)
+    if video:
+        return predict_video(runner, size, input_path, output_dir, threshold, device, remapped)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, infos, errors = [], [], []
@@ -130,12 +156,7 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
             errors.append(str(err))
             continue
         h, w = image.shape[-2:]
-        labels, boxes, scores = (t[0].cpu() for t in runner(preprocess(image, size)[None].to(device),
-                                                             torch.tensor([[w, h]], device=device)))
-        if remapped:
-            labels = torch.tensor(MSCOCO_CATEGORY_IDS)[labels]
-        keep = scores > threshold
-        labels, boxes, scores = labels[keep], boxes[keep], scores[keep]
+        labels, boxes, scores = detect(runner, image, size, threshold, device, remapped)
         names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
         drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2)
         torchvision.io.write_jpeg(drawn, str(out_dir / f"{path.stem}.jpg"))
@@ -153,24 +174,27 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("-c", "--config", required=True, help="config YAML, e.g. configs/dfine/dfine_hgnetv2_n_coco.yml")
     parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth): state_dict, {'model'} or {'ema'}")
-    parser.add_argument("--input", required=True, help="an image or a directory of images")
-    parser.add_argument("--output", required=True, help="directory for drawn images and results.json")
+    parser.add_argument("--input", required=True, help="an image, a directory of images, or a video (.mp4, .avi, ...)")
+    parser.add_argument("--output", required=True, help="directory for drawn images (or the video) and results.json")
     parser.add_argument("--threshold", type=float, default=0.4)
     parser.add_argument("--backend", default="auto", choices=RUNNER_BACKENDS,
                         help="fused-op backend of the PyTorch model, or onnxruntime (an exported graph)")
     parser.add_argument("--onnx", default=None,
                         help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the deployed model (fused ops in the graph; the first image compiles)")
 
 
 def run(args) -> int:
     try:
         out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
-                      onnx=args.onnx)
+                      onnx=args.onnx, compiled=args.compile)
     except PredictError as err:
         print(f"error: {err}")
         return 2
     for msg in out["errors"]:
         print(f"error: {msg}")
-    print(f"{len(out['images'])} image(s), {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
+    unit = "frame(s)" if "video" in out else "image(s)"
+    print(f"{len(out['images'])} {unit}, {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
     return 1 if out["errors"] else 0

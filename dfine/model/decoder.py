@@ -116,18 +116,29 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
         self.lqe_layers = nn.ModuleList([LQE(4, 64, 2, reg_max) for _ in range(num_layers)])
         self.project = None  # constant bins, set by deploy()
+        self.reg_scale_value = None  # python float of reg_scale, set by deploy(): no tensor->float in the graph
 
     def convert_to_deploy(self):
         self.project = weighting_function(self.reg_max, self.up, self.reg_scale).detach()
+        self.reg_scale_value = float(self.reg_scale.reshape(-1)[0])
         self.layers = self.layers[: self.eval_idx + 1]
         self.lqe_layers = nn.ModuleList(
             [nn.Identity() if i != self.eval_idx else m for i, m in enumerate(self.lqe_layers)]
         )
 
     def forward(self, target, ref_points_unact, memory, spatial_shapes, bbox_head, score_head, query_pos_head,
-                pre_bbox_head, attn_mask=None):
+                pre_bbox_head, attn_mask=None, all_layers=False):
+        """Returns (logits, boxes, corners, refs, pre_boxes, pre_scores); in eval only the eval_idx layer's.
+
+        ``all_layers=True`` (eval) runs every layer and appends a list with one dict per layer:
+        ``{"pred_corners": [B, Q, 4*(reg_max+1)] accumulated bin logits, "pred_boxes": [B, Q, 4] cxcywh,
+        "ref_points": [B, Q, 4]}`` (the FDR state of each layer, for inspection)."""
         project = self.project if self.project is not None else weighting_function(self.reg_max, self.up, self.reg_scale)
         project = project.to(memory.device)
+        # after deploy() a python float: the fused ops take reg_scale as a float, and reading it from the
+        # parameter inside forward would be a tensor->float sync (a graph break under torch.compile)
+        reg_scale = self.reg_scale_value if self.reg_scale_value is not None else self.reg_scale
+        layer_trace = [] if all_layers else None
         output = target
         output_detach = 0
         corners_prev = 0
@@ -145,18 +156,22 @@ class TransformerDecoder(nn.Module):
                 ref0 = pre_boxes.detach()
             corners = bbox_head[i](output + output_detach) + corners_prev
             # fused softmax-expectation-distance2bbox + LQE statistics (dfine.ops.fdr_decode)
-            box, lqe_stats = fdr_decode(corners, project, ref0, self.reg_scale, backend=self.backend)
+            box, lqe_stats = fdr_decode(corners, project, ref0, reg_scale, backend=self.backend)
+            if layer_trace is not None:
+                layer_trace.append({"pred_corners": corners, "pred_boxes": box, "ref_points": ref0})
             if self.training or i == self.eval_idx:
                 scores = self.lqe_layers[i](score_head[i](output), lqe_stats)
                 logits.append(scores)
                 boxes.append(box)
                 corners_list.append(corners)
                 refs.append(ref0)
-                if not self.training:
+                if not self.training and layer_trace is None:
                     break
             corners_prev = corners
             ref_detach = box.detach()
             output_detach = output.detach()
+        if layer_trace is not None:
+            return logits, boxes, corners_list, refs, pre_boxes, pre_scores, layer_trace
         return logits, boxes, corners_list, refs, pre_boxes, pre_scores
 
 
@@ -307,7 +322,13 @@ class DFINETransformer(nn.Module):
         enc_topk_logits = enc_logits.gather(1, idx.expand(-1, -1, enc_logits.shape[-1])) if self.training else None
         return topk_memory.detach(), enc_bbox_unact, enc_topk_logits
 
-    def forward(self, feats, targets=None):
+    def forward(self, feats, targets=None, return_layers=False):
+        """Eval: {"pred_logits", "pred_boxes"}; with ``return_layers=True`` also "layers", one dict per
+        decoder layer ({"pred_corners", "pred_boxes", "ref_points"}, see TransformerDecoder.forward).
+        Training: the loss inputs (per-layer outputs are in "aux_outputs")."""
+        if return_layers and self.training:
+            raise ValueError("DFINETransformer: return_layers=True is for eval mode; in training the per-layer "
+                             "outputs are in out['aux_outputs']")
         memory, shapes = self._flatten_memory(feats)
         use_dn = self.training and self.num_denoising > 0 and targets is not None
         if use_dn:
@@ -324,12 +345,15 @@ class DFINETransformer(nn.Module):
             content = torch.cat([dn_content, content], 1)
             ref_unact = torch.cat([dn_ref_unact, ref_unact], 1)
 
-        logits, boxes, corners, refs, pre_boxes, pre_logits = self.decoder(
+        logits, boxes, corners, refs, pre_boxes, pre_logits, *trace = self.decoder(
             content, ref_unact, memory, shapes, self.dec_bbox_head, self.dec_score_head, self.query_pos_head,
-            self.pre_bbox_head, attn_mask,
+            self.pre_bbox_head, attn_mask, all_layers=return_layers,
         )
         if not self.training:
-            return {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            if return_layers:
+                out["layers"] = trace[0]
+            return out
         return self._training_outputs(logits, boxes, corners, refs, pre_boxes, pre_logits, enc_bbox_unact,
                                       enc_topk_logits, dn_meta)
 

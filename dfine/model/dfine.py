@@ -14,10 +14,14 @@ class DFINE(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, return_layers=False):
+        """``return_layers=True`` (eval): the output also holds "layers", every decoder layer's accumulated
+        FDR corner logits, boxes and reference points (see DFINETransformer.forward)."""
         if not symbolic_shapes() and (images.dim() != 4 or images.shape[1] != 3):
             raise ValueError(f"DFINE: images must be [B, 3, H, W], got {tuple(images.shape)}")
         feats = self.encoder(self.backbone(images))
+        if return_layers:
+            return self.decoder(feats, targets, return_layers=True)
         return self.decoder(feats, targets)
 
     def deploy(self):

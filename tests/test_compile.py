@@ -1,0 +1,81 @@
+"""torch.compile of the deployed model: one graph, the fused C++ ops inside it, same outputs as eager."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from dfine import predict as predict_mod
+from dfine.compiled import compile_model, custom_ops_in, graph_breaks
+from tests.conftest import require_backend
+from tests.tiny_checkpoint import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    require_backend("cpp")
+    root = tmp_path_factory.mktemp("compile")
+    cfg, weights = write_tiny_checkpoint(root)
+    images = root / "images"
+    images.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for i, (h, w) in enumerate([(120, 200), (90, 90)]):
+        torchvision.io.write_png(torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=gen),
+                                 str(images / f"im{i}.png"))
+    return str(cfg), str(weights), images
+
+
+def test_one_graph_with_the_fused_ops(setup):
+    cfg, weights, _ = setup
+    model, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    graphs, breaks, reasons, fx = graph_breaks(model, torch.rand(1, 3, 320, 320))
+    assert (graphs, breaks) == (1, 0), reasons
+    assert custom_ops_in(fx) == {"ms_deform_attn_forward", "fdr_decode_forward"}
+
+
+def test_fullgraph_other_size_fills_the_anchor_cache(setup):
+    """A size other than eval_spatial_size: the anchors are generated inside the compiled graph and cached
+    per size as in eager mode (backend "eager": Dynamo's tracing and guards, without Inductor's compile time)."""
+    cfg, weights, _ = setup
+    model, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    torch._dynamo.reset()
+    compiled = compile_model(model, backend="eager")
+    x = torch.rand(1, 3, 256, 288, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model.decoder._anchor_cache == {}
+        out = compiled(x)
+        assert [k[0] for k in model.decoder._anchor_cache] == [((16, 18), (8, 9))]
+        again = compiled(x)  # now reads the cache
+        ref = model(x)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again[key], ref[key], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        compile_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_inductor_parity_and_predict_compile(setup, tmp_path):
+    """The real thing: Inductor over the deployed tiny D-FINE-N at 320 (a minute or two on 2 cores, cold)."""
+    cfg, weights, images = setup
+    torch._dynamo.reset()
+    eager, post, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    compiled, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp", compiled=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    with torch.no_grad():
+        for seed in (0, 1):
+            x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(seed))
+            out, ref = compiled(x), eager(x)
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+    # the command path: predict(..., compiled=True) gives the eager detections
+    got = predict_mod.predict(cfg, weights, str(images), str(tmp_path / "c"), threshold=0.4, backend="cpp",
+                              compiled=True)
+    want = predict_mod.predict(cfg, weights, str(images), str(tmp_path / "e"), threshold=0.4, backend="cpp")
+    assert len(got["results"]) == len(want["results"]) > 0
+    key = lambda r: (r["image_id"], -r["score"])  # noqa: E731
+    for g, w in zip(sorted(got["results"], key=key), sorted(want["results"], key=key)):
+        assert (g["image_id"], g["category_id"]) == (w["image_id"], w["category_id"])
+        assert g["score"] == pytest.approx(w["score"], abs=1e-4)
+        np.testing.assert_allclose(g["bbox"], w["bbox"], atol=1e-2)
