@@ -33,23 +33,29 @@ def test_one_graph_with_the_fused_ops(setup):
     assert custom_ops_in(fx) == {"ms_deform_attn_forward", "fdr_decode_forward"}
 
 
-def test_fullgraph_other_size_fills_the_anchor_cache(setup):
-    """A size other than eval_spatial_size: the anchors are generated inside the compiled graph and cached
-    per size as in eager mode (backend "eager": Dynamo's tracing and guards, without Inductor's compile time)."""
+def test_one_compile_per_input_size(setup):
+    """Sizes other than eval_spatial_size: the per-size caches (encoder position embeddings, decoder anchors)
+    are filled before tracing, so each size compiles once (no recompile on its second call), fullgraph, and
+    matches eager. Backend: a counting wrapper of "eager" (Dynamo's tracing and guards, no Inductor time)."""
     cfg, weights, _ = setup
     model, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
     torch._dynamo.reset()
-    compiled = compile_model(model, backend="eager")
-    x = torch.rand(1, 3, 256, 288, generator=torch.Generator().manual_seed(0))
+    compiled = compile_model(model, backend=counting_backend)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        assert model.decoder._anchor_cache == {}
-        out = compiled(x)
-        assert [k[0] for k in model.decoder._anchor_cache] == [((16, 18), (8, 9))]
-        again = compiled(x)  # now reads the cache
-        ref = model(x)
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(again[key], ref[key], rtol=1e-5, atol=1e-5)
+        for size in [(256, 288), (256, 288), (320, 320), (320, 320), (256, 288)]:
+            x = torch.rand(1, 3, *size, generator=gen)
+            out, ref = compiled(x), model(x)
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+    assert len(compiles) == 2
+    assert [k[0] for k in model.decoder._anchor_cache] == [((16, 18), (8, 9))]
     with pytest.raises(ValueError, match="eval mode"):
         compile_model(torch.nn.Linear(2, 2))
 
@@ -61,7 +67,7 @@ def test_inductor_parity_and_predict_compile(setup, tmp_path):
     torch._dynamo.reset()
     eager, post, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
     compiled, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp", compiled=True)
-    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.compiled, torch._dynamo.eval_frame.OptimizedModule)
     with torch.no_grad():
         for seed in (0, 1):
             x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(seed))
