@@ -69,6 +69,8 @@ def build_transformers(size):
         decoder_n_levels=dec["num_levels"], decoder_layers=dec["num_layers"], decoder_ffn_dim=dec["dim_feedforward"],
         decoder_n_points=dec["num_points"], num_queries=dec["num_queries"], reg_scale=float(dec["reg_scale"]),
         eval_idx=dec["eval_idx"], anchor_image_size=list(cfg["eval_spatial_size"]), num_denoising=dec["num_denoising"],
+        # transformers freezes the backbone BatchNorms by default; the published configs say per size
+        freeze_backbone_batch_norms=bool(bb.get("freeze_norm", False)),
     )
     return DFineForObjectDetection(hf_cfg).eval()
 

@@ -6,6 +6,12 @@ ops (backend "auto" = C++ on the CPU), and - when `transformers` is installed (o
 Face's DFineForObjectDetection with the same architecture and loss weights, random weights.
 `--profile` adds a torch.profiler table for the fused step: where the time goes, grouped by op.
 
+Our steps run as train.py's Trainer runs them on the CPU: channels_last (`--channels-last off` for
+NCHW) and, under the system allocator, glibc told to keep freed memory (`--malloc default` to not).
+Those settings are process-wide, so the transformers step runs under the same allocator. For jemalloc
+start the benchmark as scripts/main.sh starts training:
+    LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/...
+
     python benchmarks/bench_train_step.py [--sizes n s] [--runs 5] [--profile]   # markdown tables
     python -m pytest benchmarks/bench_train_step.py --benchmark-only             # pytest-benchmark
 """
@@ -27,6 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dfine  # noqa: E402
 from bench_model import build_transformers, config_path  # noqa: E402
+from dfine.engine.cpu_speed import loaded_allocator, retain_freed_memory, to_memory_format  # noqa: E402
 from dfine.engine.optim import build_optimizer  # noqa: E402
 
 torch.set_num_threads(2)
@@ -49,14 +56,16 @@ def make_batch(num_classes, seed=0):
 class OursStep:
     """The step train.py's Trainer runs (without AMP/EMA): forward, criterion, backward, clip, AdamW."""
 
-    def __init__(self, size, backend):
+    def __init__(self, size, backend, channels_last=True):
         torch.manual_seed(0)
         self.cfg = dfine.load_config(config_path(size))
-        self.model = dfine.build_model(self.cfg, backend=backend).train()
+        model = dfine.build_model(self.cfg, backend=backend).train()
+        self.model = to_memory_format(model, channels_last)
         self.criterion = dfine.build_criterion(self.cfg, backend=backend).train()
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.clip = float(self.cfg.get("clip_max_norm", 0.1))
-        self.images, self.targets = make_batch(self.cfg["num_classes"])
+        images, self.targets = make_batch(self.cfg["num_classes"])
+        self.images = to_memory_format(images, channels_last)
 
     def __call__(self):
         outputs = self.model(self.images, targets=self.targets)
@@ -94,9 +103,12 @@ class TransformersStep:
         return float(loss.detach())
 
 
+CHANNELS_LAST = True  # --channels-last
+
+
 VARIANTS = {
-    "reference ops": lambda s: OursStep(s, "reference"),
-    "fused ops (auto)": lambda s: OursStep(s, "auto"),
+    "reference ops": lambda s: OursStep(s, "reference", CHANNELS_LAST),
+    "fused ops (auto)": lambda s: OursStep(s, "auto", CHANNELS_LAST),
     "transformers": TransformersStep,
 }
 
@@ -119,6 +131,8 @@ def test_bench_train_step_640(benchmark, size, variant):
         step = VARIANTS[variant](size)
     except ImportError as err:
         pytest.skip(str(err))
+    if loaded_allocator() == "system":
+        retain_freed_memory()  # as train.py does
     step()
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
@@ -153,9 +167,17 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a profile table of the fused step")
+    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="our model's layout")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="under the system allocator: keep freed memory (as train.py does) or not")
     args = parser.parse_args(argv)
+    global CHANNELS_LAST
+    CHANNELS_LAST = args.channels_last == "on"
+    allocator = loaded_allocator()
+    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
+        allocator = "system, retaining freed memory"
     print(f"one training step, batch {BATCH} x 3 x {IMAGE[0]} x {IMAGE[1]}, {torch.get_num_threads()} threads, "
-          f"median of {args.runs}")
+          f"median of {args.runs}; ours channels_last {CHANNELS_LAST}; allocator {allocator}")
     print("| size | variant | median s | vs reference ops | vs transformers |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
@@ -174,7 +196,7 @@ def main(argv=None):
     if args.profile:
         for size in args.sizes:
             print(f"\nprofile of the fused D-FINE-{size.upper()} training step:")
-            profile_table(OursStep(size, "auto"))
+            profile_table(OursStep(size, "auto", CHANNELS_LAST))
 
 
 if __name__ == "__main__":

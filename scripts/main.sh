@@ -14,6 +14,9 @@ DATA=${DATA:-data/synthetic}
 bash scripts/setup.sh
 $PY -m dfine.ops.compare --quick
 [ -f "$DATA/annotations/instances_val.json" ] || $PY -m dfine.data.synthetic --out "$DATA"
+# jemalloc without decay: freed activations are reused, not faulted in again every step
+JEMALLOC=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2 /{print $NF; exit}')
+LD_PRELOAD=${JEMALLOC:+$JEMALLOC${LD_PRELOAD:+:$LD_PRELOAD}} MALLOC_CONF=${MALLOC_CONF:-dirty_decay_ms:-1,muzzy_decay_ms:-1} \
 $PY train.py -c "$CFG" --output-dir "$OUT" \
     -u train_dataloader.dataset.img_folder="$DATA/train" \
        train_dataloader.dataset.ann_file="$DATA/annotations/instances_train.json" \

@@ -24,6 +24,7 @@ import torch
 
 from dfine.engine import distributed as du
 from dfine.engine.checkpoint_io import load_training_checkpoint, save_atomic
+from dfine.engine.cpu_speed import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine.data_config import loader_settings
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
@@ -65,7 +66,8 @@ class Trainer:
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
     evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
-    device.
+    device, channels_last (default auto: on for the CPU) and cpu_retain_freed_memory (default True);
+    the last two are explained in `dfine.engine.cpu_speed`.
     """
 
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
@@ -91,7 +93,12 @@ class Trainer:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 self.log_text("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU")
-        self.model = model.to(self.device)
+        self.channels_last = resolve_channels_last(cfg.get("channels_last"), self.device)
+        self.allocator = loaded_allocator()
+        if self.device.type == "cpu" and self.allocator == "system" and cfg.get("cpu_retain_freed_memory", True):
+            if retain_freed_memory():
+                self.allocator = "system, retaining freed memory"
+        self.model = to_memory_format(model.to(self.device), self.channels_last)
         self.criterion = build_criterion(cfg, backend=backend).to(self.device)
         self.postprocessor = dfine.build_postprocessor(dict(cfg, remap_mscoco_category=False))
 
@@ -220,7 +227,7 @@ class Trainer:
             bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         start = time.time()
         for images, targets in loader:
-            images = images.to(self.device, non_blocking=True)
+            images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
             targets = _to_device(targets, self.device)
             self.warmup.apply()
             lr = self.optimizer.param_groups[-1]["lr"]  # the lr this step uses (warm-up included)
@@ -237,7 +244,7 @@ class Trainer:
             if finite.item() < 1:
                 skipped += 1
                 consecutive_bad += 1
-                bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+                bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 self.log_text(f"epoch {epoch} step {self.global_step}: non-finite loss, step skipped; terms {bad}")
                 if consecutive_bad >= self.max_nonfinite:
                     raise NonFiniteLossError(
@@ -299,7 +306,7 @@ class Trainer:
 
             bar = tqdm(total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
         for images, targets in loader:
-            images = images.to(self.device)
+            images = to_memory_format(images.to(self.device), self.channels_last)
             with self._autocast():
                 outputs = module(images)
             outputs = _float_outputs(outputs)
@@ -387,6 +394,9 @@ class Trainer:
         the EMA decay by 1e-4 and restarts from best_stg1.pth (the EMA search)."""
         self.log_text(f"training epochs {self.start_epoch}..{self.epochs - 1} on {self.device} "
                       f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}")
+        if self.device.type == "cpu":
+            self.log_text(f"CPU: {torch.get_num_threads()} threads, channels_last {self.channels_last}, "
+                          f"allocator {self.allocator}")
         for epoch in range(self.start_epoch, self.epochs):
             if epoch == self.stop_epoch:
                 self._enter_stage2()

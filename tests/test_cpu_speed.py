@@ -1,0 +1,168 @@
+"""The CPU training-speed settings (dfine/engine/cpu_speed.py): channels_last gives the same numbers
+as NCHW, and retaining freed memory really stops large blocks from being faulted in again."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dfine.engine.cpu_speed import resolve_channels_last, to_memory_format
+from tests.model_helpers import IN_CI, REPO, build, match_queries
+
+
+def _perturbed_n(seed=0):
+    torch.manual_seed(seed)
+    model, _ = build("n", backend="auto")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and "up" not in name.split(".")[-1] and "reg_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _features_and_grads(model, x):
+    """Backbone + hybrid encoder in training mode (every convolution and BatchNorm of the model), and
+    the gradients of all their parameters. The decoder after it has no 4-d tensors; comparing its
+    outputs directly would only measure which near-tied queries the top-k selection picks."""
+    feats = model.encoder(model.backbone(x))
+    sum(f.square().mean() + f.mean() for f in feats).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [f.detach().contiguous() for f in feats], grads
+
+
+def _relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _flat(grads):
+    return torch.cat([grads[k].flatten() for k in sorted(grads)])
+
+
+def test_channels_last_gradients_match_nchw():
+    """Every convolution forward and backward, with BatchNorm statistics fixed (as `batchnorm_eval`
+    trains): channels_last and NCHW agree to fp32 rounding (measured ~1e-6 relative)."""
+    x = torch.rand(2, 3, 256, 320, generator=torch.Generator().manual_seed(1))
+    models = []
+    for channels_last in (False, True):
+        model = to_memory_format(_perturbed_n().train(), channels_last)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        models.append(model)
+    conv = models[1].backbone.stem.stem1.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    feats_a, grads_a = _features_and_grads(models[0], x)
+    feats_b, grads_b = _features_and_grads(models[1], to_memory_format(x, True))
+    assert len(feats_a) == len(feats_b) == 2 and feats_b[0].shape == feats_a[0].shape
+    for a, b in zip(feats_a, feats_b):
+        assert _relative(b, a) < 1e-5
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    assert _relative(_flat(grads_b), _flat(grads_a)) < 1e-5
+
+
+def test_channels_last_training_batchnorm_stays_accurate():
+    """Training-mode BatchNorm: PyTorch's channels_last kernel computes batch statistics less exactly
+    than the NCHW one (measured vs fp64 on this random net: 1e-4 vs 1.5e-5 relative on the encoder
+    outputs, far inside bf16 autocast's error). Bound it, so a worse regression would show."""
+    import copy
+
+    x = torch.rand(2, 3, 256, 320, generator=torch.Generator().manual_seed(1))
+    model = _perturbed_n().train()
+    truth, _ = _features_and_grads(copy.deepcopy(model).double(), x.double())
+    feats, _ = _features_and_grads(to_memory_format(model, True), to_memory_format(x, True))
+    for f, t in zip(feats, truth):
+        assert _relative(f, t) < 1e-3
+
+
+def _assert_same_detections(a, b):
+    idx = match_queries(a["pred_boxes"][0], b["pred_boxes"][0])
+    torch.testing.assert_close(b["pred_boxes"][0, idx], a["pred_boxes"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b["pred_logits"][0, idx], a["pred_logits"][0], rtol=0, atol=1e-4)
+
+
+def test_channels_last_eval_and_deploy_match_nchw():
+    x = torch.rand(1, 3, 288, 256, generator=torch.Generator().manual_seed(2))
+    nchw = _perturbed_n().eval()
+    nhwc = to_memory_format(_perturbed_n().eval(), True)
+    with torch.no_grad():
+        _assert_same_detections(nchw(x), nhwc(to_memory_format(x, True)))
+        nchw.deploy()
+        nhwc.deploy()
+        _assert_same_detections(nchw(x), nhwc(to_memory_format(x, True)))
+
+
+def test_to_memory_format_leaves_other_things_alone():
+    t = torch.rand(2, 3, 4, 5)
+    assert to_memory_format(t, False) is t
+    assert to_memory_format(t, True).is_contiguous(memory_format=torch.channels_last)
+    v = torch.rand(3, 4)
+    assert to_memory_format(v, True) is v
+
+
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [(None, "cpu", True), ("auto", "cpu", True), (None, "cuda", False), ("auto", "cuda", False),
+     (True, "cuda", True), (False, "cpu", False), ("false", "cpu", False), ("on", "cuda", True)],
+)
+def test_resolve_channels_last(setting, device, expected):
+    assert resolve_channels_last(setting, device) is expected
+
+
+def test_resolve_channels_last_rejects_nonsense():
+    with pytest.raises(ValueError, match="channels_last must be true, false or auto"):
+        resolve_channels_last("sometimes", "cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_retain_freed_memory_stops_refaulting_large_blocks():
+    """In a fresh process: a 64 MB block freed and allocated again faults all of its pages in again
+    by default (glibc mmaps it), and almost none once retain_freed_memory() is in effect and the heap
+    has grown (how far depends on where ASLR puts it: 1 to 3 blocks measured)."""
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        sys.path.insert(0, sys.argv[1])
+        import torch
+        from dfine.engine.cpu_speed import retain_freed_memory
+
+        def refaults():
+            torch.ones(16 * 2**20).sum()  # 64 MB, touched, freed
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(16 * 2**20).sum()
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        default = refaults()
+        applied = retain_freed_memory()
+        for _ in range(8):  # the heap grows to hold a few aligned blocks, then stops growing
+            refaults()
+        print(default, int(applied), refaults())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, check=True)
+    default, applied, retained = map(int, out.stdout.split())
+    assert applied == 1
+    pages = 64 * 2**20 // 4096
+    assert default > pages // 2  # fresh mmap: (nearly) every page faulted in again
+    assert retained < pages // 20, (default, retained)
+
+
+def _jemalloc_path():
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    return next((line.split()[-1] for line in out.splitlines() if "libjemalloc.so.2 " in line), None)
+
+
+def test_loaded_allocator_sees_jemalloc():
+    """scripts/setup.sh installs jemalloc (CI always has it); main.sh preloads it for training."""
+    path = _jemalloc_path()
+    if path is None:
+        if IN_CI:
+            pytest.fail("libjemalloc.so.2 is missing: scripts/setup.sh should have installed libjemalloc2")
+        pytest.skip("libjemalloc.so.2 is not installed")
+    code = "from dfine.engine.cpu_speed import loaded_allocator as a; print(a())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    env = dict(os.environ, LD_PRELOAD=path, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    pre = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    assert plain.stdout.split() == ["system"] and pre.stdout.split() == ["jemalloc"]
