@@ -1,7 +1,7 @@
 """Eval latency of whole D-FINE models at 1x3x640x640, 2 threads.
 
 Side by side in one run: this project with reference ops, with fused ops (backend "auto"), fused
-after deploy(), and - when `transformers` is installed (optional extra) - Hugging Face's
+after deploy(), the same in channels_last layout (input converted inside the timed call), and - when `transformers` is installed (optional extra) - Hugging Face's
 DFineForObjectDetection built from the equivalent config with random weights.
 
     python benchmarks/bench_model.py [--sizes n s] [--runs 10]       # markdown table
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
+from dfine.cpu_speed import to_memory_format  # noqa: E402
 
 torch.set_num_threads(2)
 IMAGE = (640, 640)
@@ -32,10 +33,22 @@ def config_path(size):
     return str(REPO / "configs" / "dfine" / f"dfine_hgnetv2_{size}_coco.yml")
 
 
-def build_ours(size, backend, deploy=False):
+def build_ours(size, backend, deploy=False, channels_last=False):
     torch.manual_seed(0)
     model = dfine.build_model(dfine.load_config(config_path(size)), backend=backend).eval()
-    return model.deploy() if deploy else model
+    model = model.deploy() if deploy else model
+    return ChannelsLast(model) if channels_last else model
+
+
+class ChannelsLast(torch.nn.Module):
+    """The model with NHWC weights, fed NHWC images (oneDNN's native layout on the CPU)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = to_memory_format(model, True)
+
+    def forward(self, images):
+        return self.model(to_memory_format(images, True))
 
 
 def build_transformers(size):
@@ -98,6 +111,7 @@ VARIANTS = {
     "reference ops": lambda s: build_ours(s, "reference"),
     "fused ops (auto)": lambda s: build_ours(s, "auto"),
     "fused + deploy()": lambda s: build_ours(s, "auto", deploy=True),
+    "fused + deploy() + channels_last": lambda s: build_ours(s, "auto", deploy=True, channels_last=True),
     "transformers": build_transformers,
 }
 

@@ -25,6 +25,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import dfine
 from dfine.checkpoint import load_checkpoint
+from dfine.cpu_speed import resolve_channels_last, to_memory_format
 from dfine.export import DetectorGraph, ExportError
 from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
 from dfine.runners import TorchRunner, onnxruntime_runner
@@ -91,7 +92,8 @@ def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: 
     cfg = dfine.load_config(config)
     model = dfine.build_model(cfg, backend=backend)
     load_checkpoint(model, checkpoint)
-    model = model.deploy().to(device)
+    # channels_last weights on the CPU: oneDNN then keeps every activation NHWC (no reorders)
+    model = to_memory_format(model.deploy().to(device), resolve_channels_last(cfg.get("channels_last"), device))
     if compiled:  # torch.compile, fused ops inside the graph (dfine/compiled.py)
         from dfine.compiled import compile_model
 

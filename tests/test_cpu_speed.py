@@ -1,4 +1,4 @@
-"""The CPU training-speed settings (dfine/engine/cpu_speed.py): channels_last gives the same numbers
+"""The CPU training-speed settings (dfine/cpu_speed.py): channels_last gives the same numbers
 as NCHW, and retaining freed memory really stops large blocks from being faulted in again."""
 
 import os
@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from dfine.engine.cpu_speed import resolve_channels_last, to_memory_format
+from dfine.cpu_speed import resolve_channels_last, to_memory_format
 from tests.model_helpers import IN_CI, REPO, build, match_queries
 
 
@@ -126,7 +126,7 @@ def test_retain_freed_memory_stops_refaulting_large_blocks():
         import resource, sys
         sys.path.insert(0, sys.argv[1])
         import torch
-        from dfine.engine.cpu_speed import retain_freed_memory
+        from dfine.cpu_speed import retain_freed_memory
 
         def refaults():
             torch.ones(16 * 2**20).sum()  # 64 MB, touched, freed
@@ -161,7 +161,7 @@ def test_loaded_allocator_sees_jemalloc():
         if IN_CI:
             pytest.fail("libjemalloc.so.2 is missing: scripts/setup.sh should have installed libjemalloc2")
         pytest.skip("libjemalloc.so.2 is not installed")
-    code = "from dfine.engine.cpu_speed import loaded_allocator as a; print(a())"
+    code = "from dfine.cpu_speed import loaded_allocator as a; print(a())"
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     env = dict(os.environ, LD_PRELOAD=path, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
     pre = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)

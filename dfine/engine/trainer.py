@@ -22,9 +22,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from dfine.cpu_speed import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine import distributed as du
 from dfine.engine.checkpoint_io import load_training_checkpoint, save_atomic
-from dfine.engine.cpu_speed import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine.data_config import loader_settings
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
@@ -67,7 +67,7 @@ class Trainer:
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
     evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
     device, channels_last (default auto: on for the CPU) and cpu_retain_freed_memory (default True);
-    the last two are explained in `dfine.engine.cpu_speed`.
+    the last two are explained in `dfine.cpu_speed`.
     """
 
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,

@@ -1,4 +1,4 @@
-"""Two process-level settings that decide how fast a training step runs on the CPU.
+"""Two settings that decide how fast D-FINE runs on the CPU (train.py uses both, predict the second).
 
 Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_step.py`):
 
