@@ -21,11 +21,15 @@ beyond inputs, output and gradients": the intermediates a backend needs. The met
 ``_check_memory_method``: a function that allocates a known 8 MiB temporary besides its output
 must report 8 MiB extra.
 
+Allocator: by default the script runs the way train.py does, with glibc told to keep freed memory
+(dfine.cpu_speed.retain_freed_memory; `--malloc default` to not). With glibc's defaults every
+tensor over 32 MiB is a fresh mmap, so each call page-faults in its gradient of value (34 MiB at the
+training shape) again: that costs about 10 ms per call on this machine, for every backend, and is
+an allocator effect rather than kernel work. The table header names the allocator in use.
+
 Reading the numbers: on this 2-core CPU torch.compile(reference) is slower than the eager reference
-(inductor's generated code for the grid_sample decomposition does not vectorise well here). In the
-cpp fwd+bwd time about 9 ms at the training shape is allocating and zeroing the 34 MiB grad_value
-(page faults of a fresh buffer), which the reference pays as well; timings on a shared machine vary
-by about +-30%, so run it twice.
+(inductor's generated code for the grid_sample decomposition does not vectorise well here). Timings
+on a shared machine vary by about +-30%, so run it twice.
 """
 
 from __future__ import annotations
@@ -161,7 +165,18 @@ def measure(shape_name, backend, mode):
     return seconds, extra
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="under the system allocator: keep freed memory (as train.py does) or not")
+    args = parser.parse_args(argv)
+    allocator = loaded_allocator()
+    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
+        allocator = "system, retaining freed memory"
     torch.set_num_threads(THREADS)
     if not extension_available():
         raise SystemExit("dfine._C is not built: python setup.py build_ext --inplace")
@@ -172,7 +187,8 @@ def main():
             results = {backend: measure(shape_name, backend, mode) for backend in BACKENDS}
             rows.append((shape_name, mode, results))
     print(f"ms_deform_attn on CPU, fp32, {THREADS} threads; levels {LEVELS}, points {POINTS}, M=8, D=32")
-    print("train: B=4, Q=500; infer: B=1, Q=300. Time = median; memory = peak extra beyond inputs/outputs/grads.\n")
+    print("train: B=4, Q=500; infer: B=1, Q=300. Time = median; memory = peak extra beyond inputs/outputs/grads.")
+    print(f"allocator: {allocator}\n")
     print(
         "| shape | pass | reference ms | compile(ref) ms | cpp ms | cpp vs ref | cpp vs compile | "
         "ref extra MiB | compile extra MiB | cpp extra MiB | cpp/ref memory |"

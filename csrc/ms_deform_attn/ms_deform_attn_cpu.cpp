@@ -247,30 +247,40 @@ DFINE_ALWAYS_INLINE inline void backward_four_rows(const scalar_t* go, const sca
                                                    scalar_t dots[4]) {
   constexpr int64_t kWidth = simd_width<scalar_t>();
   const scalar_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  // Local restrict copies: the stores into grad rows cannot change the pointers or the value rows,
+  // so the compiler keeps everything in registers instead of reloading after every store.
+  const scalar_t* __restrict__ r0 = rows[0];
+  const scalar_t* __restrict__ r1 = rows[1];
+  const scalar_t* __restrict__ r2 = rows[2];
+  const scalar_t* __restrict__ r3 = rows[3];
+  scalar_t* __restrict__ g0 = grad_rows[0];
+  scalar_t* __restrict__ g1 = grad_rows[1];
+  scalar_t* __restrict__ g2 = grad_rows[2];
+  scalar_t* __restrict__ g3 = grad_rows[3];
   Simd<scalar_t> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t d = 0;
   for (; d + kWidth <= D; d += kWidth) {
     const Simd<scalar_t> g = simd_load(go + d);
-    s0 += g * simd_load(rows[0] + d);
-    s1 += g * simd_load(rows[1] + d);
-    s2 += g * simd_load(rows[2] + d);
-    s3 += g * simd_load(rows[3] + d);
-    simd_store(grad_rows[0] + d, simd_load(grad_rows[0] + d) + w0 * g);
-    simd_store(grad_rows[1] + d, simd_load(grad_rows[1] + d) + w1 * g);
-    simd_store(grad_rows[2] + d, simd_load(grad_rows[2] + d) + w2 * g);
-    simd_store(grad_rows[3] + d, simd_load(grad_rows[3] + d) + w3 * g);
+    s0 += g * simd_load(r0 + d);
+    s1 += g * simd_load(r1 + d);
+    s2 += g * simd_load(r2 + d);
+    s3 += g * simd_load(r3 + d);
+    simd_store(g0 + d, simd_load(g0 + d) + w0 * g);
+    simd_store(g1 + d, simd_load(g1 + d) + w1 * g);
+    simd_store(g2 + d, simd_load(g2 + d) + w2 * g);
+    simd_store(g3 + d, simd_load(g3 + d) + w3 * g);
   }
   scalar_t t0 = simd_sum<scalar_t>(s0), t1 = simd_sum<scalar_t>(s1), t2 = simd_sum<scalar_t>(s2), t3 = simd_sum<scalar_t>(s3);
   for (; d < D; ++d) {  // tail: D not a multiple of the SIMD width
     const scalar_t g = go[d];
-    t0 += g * rows[0][d];
-    t1 += g * rows[1][d];
-    t2 += g * rows[2][d];
-    t3 += g * rows[3][d];
-    grad_rows[0][d] += w0 * g;
-    grad_rows[1][d] += w1 * g;
-    grad_rows[2][d] += w2 * g;
-    grad_rows[3][d] += w3 * g;
+    t0 += g * r0[d];
+    t1 += g * r1[d];
+    t2 += g * r2[d];
+    t3 += g * r3[d];
+    g0[d] += w0 * g;
+    g1[d] += w1 * g;
+    g2[d] += w2 * g;
+    g3[d] += w3 * g;
   }
   dots[0] = t0;
   dots[1] = t1;
@@ -303,7 +313,9 @@ struct PointPlan {
 
 DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
 #if defined(__GNUC__)
+  // Every line of [row, row + bytes), wherever the row starts inside a line.
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+  if (bytes > 0 && bytes % 64 != 0) __builtin_prefetch(static_cast<const char*>(row) + bytes - 1);
 #else
   (void)row;
   (void)bytes;
@@ -314,10 +326,24 @@ DFINE_ALWAYS_INLINE inline void prefetch_row(const void* row, int64_t bytes) {
 DFINE_ALWAYS_INLINE inline void prefetch_row_for_write(void* row, int64_t bytes) {
 #if defined(__GNUC__)
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<char*>(row) + off, 1);
+  if (bytes > 0 && bytes % 64 != 0) __builtin_prefetch(static_cast<char*>(row) + bytes - 1, 1);
 #else
   (void)row;
   (void)bytes;
 #endif
+}
+
+// The sampling locations and attention weights on level l of the query row kLocAhead queries after
+// the one being planned: they are M * P elements apart from query to query, and missed in the
+// cache when first read at planning time.
+constexpr int64_t kLocAhead = 4;
+template <typename Args>
+DFINE_ALWAYS_INLINE inline void prefetch_query_rows(const Args& args, int64_t row, int64_t l) {
+  const int64_t P = args.dims.P;
+  const int64_t first = args.layout->first_point[l], n = args.layout->points[l];
+  const int64_t elem = static_cast<int64_t>(sizeof(*args.loc));
+  prefetch_row(args.loc + (row * P + first) * 2, 2 * n * elem);
+  prefetch_row(args.attn + row * P + first, n * elem);
 }
 
 // Plans the points on level l of query row (b, q, m): corners, attention-scaled weights, prefetches.
@@ -336,11 +362,11 @@ DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>&
     for (int64_t j = 0; j < layout.points[l]; ++j) {
       const int64_t p = layout.first_point[l] + j;
       BilinearCorners<acc_t> c;
-      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                              /*with_grad=*/false, c);
+      const bool any_valid =
+          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
       const acc_t a = static_cast<acc_t>(attn_row[p]);
       PointPlan<scalar_t>& pp = plan[j];
-      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
+      pp.any_valid = any_valid;
       for (int k = 0; k < 4; ++k) {
         pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
         pp.weight[k] = static_cast<scalar_t>(a * c.weight[k]);
@@ -418,6 +444,7 @@ DFINE_ALWAYS_INLINE inline void forward_tasks(const ForwardArgs<scalar_t>& args,
           plan_forward_points(args, row + kPlanAhead * M, l, value_bm, zero_row.data(),
                               plans.data() + ((q + kPlanAhead - q_begin) % (kPlanAhead + 1)) * P);
         }
+        if (q + kPlanAhead + kLocAhead < q_end) prefetch_query_rows(args, row + (kPlanAhead + kLocAhead) * M, l);
         accumulate_points(args.out + row * D, current, n, D);
       }
     }
@@ -501,10 +528,9 @@ DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t
       const int64_t p = layout.first_point[l] + j;
       BackwardPointPlan<scalar_t>& pp = plan[j];
       BilinearCorners<acc_t>& c = pp.corners;
-      bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                              /*with_grad=*/true, c);
+      pp.any_valid =
+          bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
       pp.attn = static_cast<acc_t>(attn_row[p]);
-      pp.any_valid = c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
       for (int k = 0; k < 4; ++k) {
         const int64_t offset = level_offset + static_cast<int64_t>(c.offset[k]) * row_stride;
         pp.rows[k] = c.valid[k] ? value_bm + offset : zero_row;
@@ -533,6 +559,7 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
     // Level by level (as in the forward): the gathered and scattered rows of one level at a time.
     for (int64_t l = 0; l < args.dims.L && Q > 0; ++l) {
     const int64_t n = args.layout->points[l];
+    const int H = args.layout->height[l], W = args.layout->width[l];
     for (int64_t q = 0; q < std::min(Q, kPlanAhead); ++q) {
       plan_backward_points(args, (b * Q + q) * M + m, l, value_bm, grad_value_bm, M * D, zero_row.data(),
                            scratch_rows.data(), plans.data() + (q % (kPlanAhead + 1)) * P);
@@ -544,6 +571,7 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         plan_backward_points(args, row + kPlanAhead * M, l, value_bm, grad_value_bm, M * D, zero_row.data(),
                              scratch_rows.data(), plans.data() + ((q + kPlanAhead) % (kPlanAhead + 1)) * P);
       }
+      if (q + kPlanAhead + kLocAhead < Q) prefetch_query_rows(args, row + (kPlanAhead + kLocAhead) * M, l);
       const scalar_t* go = args.grad_out + row * D;
       scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * args.layout->first_point[l];
       scalar_t* grad_attn_row = args.grad_attn + row * P + args.layout->first_point[l];
@@ -559,7 +587,7 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
         acc_t dots_acc[4];
         for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
-        const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, dots_acc, pp.attn);
+        const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, H, W, dots_acc, pp.attn);
         grad_attn_row[p] = static_cast<scalar_t>(g.attn);
         grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
         grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);

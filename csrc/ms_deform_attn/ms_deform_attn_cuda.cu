@@ -67,8 +67,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
       const scalar_t* value_level = value_bm + level_start * M * D;
       for (int j = 0; j < ppl.count[l]; ++j, ++p) {
         BilinearCorners<acc_t> c;
-        bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W,
-                                /*with_grad=*/false, c);
+        bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
         acc_t sampled = acc_t(0);
         DFINE_UNROLL
         for (int k = 0; k < 4; ++k) {
@@ -114,8 +113,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
     const int H = static_cast<int>(spatial_shapes[2 * level]);
     const int W = static_cast<int>(spatial_shapes[2 * level + 1]);
     BilinearCorners<acc_t> c;
-    bilinear_corners<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W,
-                            /*with_grad=*/true, c);
+    bilinear_corners<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, c);
     const acc_t a = static_cast<acc_t>(attn[i]);
     const int64_t base = (b * S * M + m) * D + level_start * M * D;
     const scalar_t* go = grad_out + bqm * D;
@@ -133,7 +131,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
       }
       dots[k] = dot;
     }
-    const PointGrads<acc_t> g = point_grads<acc_t>(c, dots, a);
+    const PointGrads<acc_t> g = point_grads<acc_t>(c, H, W, dots, a);
     grad_attn[i] = static_cast<scalar_t>(g.attn);
     grad_loc[2 * i] = static_cast<scalar_t>(g.loc_x);
     grad_loc[2 * i + 1] = static_cast<scalar_t>(g.loc_y);
