@@ -203,7 +203,8 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and fake kernels (C++/CUDA kernels registered by dfine._C; Triton ops defined here).
+# Autograd and fake kernels of the Triton ops (defined here) and fake kernels of the C++/CUDA ops
+# (whose autograd is registered in C++, csrc/fdr/golsd_losses_autograd.cpp, with the same logic).
 # Forward ops return the weighted per-row loss [N] and, if asked (compute_grad), the gradient of
 # every row's loss w.r.t. pred_corners from the same pass; backward scales that gradient's rows by
 # the upstream gradient in place (no second pass, no second [N, K+1] buffer). Without it (second
@@ -283,24 +284,16 @@ def _grad_fake(grad_rows, pred, *args):
     return torch.empty_like(pred)
 
 
-def _register_cpp_autograd():
+def _register_cpp_fakes():
+    # Autograd of the C++/CUDA ops is registered in C++ (csrc/fdr/golsd_losses_autograd.cpp).
     for name in ("fgl_loss_forward", "ddf_loss_forward"):
         torch.library.register_fake(f"dfine::{name}")(_forward_fake)
     for name in ("fgl_loss_backward", "ddf_loss_backward"):
         torch.library.register_fake(f"dfine::{name}")(_grad_fake)
-    ops = torch.ops.dfine
-    torch.library.register_autograd(
-        "dfine::fgl_loss_forward", _make_fgl_backward(ops.fgl_loss_forward, ops.fgl_loss_backward),
-        setup_context=_fgl_setup_context,
-    )
-    torch.library.register_autograd(
-        "dfine::ddf_loss_forward", _make_ddf_backward(ops.ddf_loss_forward, ops.ddf_loss_backward),
-        setup_context=_ddf_setup_context,
-    )
 
 
 if extension_available() and hasattr(torch.ops.dfine, "fgl_loss_forward"):
-    _register_cpp_autograd()
+    _register_cpp_fakes()
 
 
 @torch.library.custom_op("dfine::fgl_loss_triton", mutates_args=())

@@ -1,0 +1,169 @@
+// Autograd of the GO-LSD loss ops (fgl_loss_forward, ddf_loss_forward), for every device.
+//
+// The forward ops return the weighted per-row loss [N] and, when compute_grad is set, the gradient
+// of every row's loss w.r.t. pred_corners from the same pass over the row. Backward then only
+// scales that gradient's rows by the upstream gradient, in place (no second pass over the logits,
+// no second [N, K+1] buffer). Without it (compute_grad unset, as under torch.compile, or a second
+// backward through a retained graph) the backward ops recompute it from the saved inputs.
+//
+// Registered in C++ (like torchvision's ops) rather than with torch.library.register_autograd: the
+// losses are small (~8k rows of 33 bins per decoder layer), and the Python autograd wrapper cost
+// about as much as the kernel. The kernels are reached through the dispatcher, so fake tensors
+// (torch.compile, export) trace through here too.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace dfine {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_fgl_forward(const at::Tensor& pred, const at::Tensor& target,
+                                                    const at::Tensor& wl, const at::Tensor& wr,
+                                                    const c10::optional<at::Tensor>& weight, bool compute_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dfine::fgl_loss_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const c10::optional<at::Tensor>&, bool)>();
+  return op.call(pred, target, wl, wr, weight, compute_grad);
+}
+
+at::Tensor call_fgl_backward(const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& target,
+                             const at::Tensor& wl, const at::Tensor& wr, const c10::optional<at::Tensor>& weight) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dfine::fgl_loss_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const c10::optional<at::Tensor>&)>();
+  return op.call(grad_rows, pred, target, wl, wr, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_ddf_forward(const at::Tensor& pred, const at::Tensor& teacher,
+                                                    const c10::optional<at::Tensor>& weight, double temperature,
+                                                    bool compute_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dfine::ddf_loss_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const c10::optional<at::Tensor>&, double, bool)>();
+  return op.call(pred, teacher, weight, temperature, compute_grad);
+}
+
+at::Tensor call_ddf_backward(const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& teacher,
+                             const c10::optional<at::Tensor>& weight, double temperature) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dfine::ddf_loss_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, double)>();
+  return op.call(grad_rows, pred, teacher, weight, temperature);
+}
+
+c10::optional<at::Tensor> as_optional(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// Keeps the fused gradient (if the forward made one) for the first backward, and tells the
+// engine not to materialise a zero gradient for the (non-differentiable) second output.
+void keep_fused_gradient(AutogradContext* ctx, const at::Tensor& fused) {
+  ctx->mark_non_differentiable({fused});
+  ctx->set_materialize_grads(false);
+  ctx->saved_data["fused"] = fused.numel() > 0 ? c10::IValue(fused) : c10::IValue();
+}
+
+// The fused gradient scaled by the upstream row gradients, or an undefined tensor if there is none
+// (used once: a second backward through a retained graph recomputes).
+at::Tensor take_fused_gradient(AutogradContext* ctx, const at::Tensor& grad_rows) {
+  c10::IValue& slot = ctx->saved_data["fused"];
+  if (slot.isNone()) return at::Tensor();
+  at::Tensor grad = slot.toTensor();
+  slot = c10::IValue();
+  return grad.mul_(grad_rows.unsqueeze(1));
+}
+
+class FglLossFunction : public torch::autograd::Function<FglLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
+                               const at::Tensor& wl, const at::Tensor& wr, const c10::optional<at::Tensor>& weight,
+                               bool compute_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [rows, fused] = call_fgl_forward(pred, target, wl, wr, weight, compute_grad);
+    ctx->save_for_backward({pred, target, wl, wr, weight.has_value() ? *weight : at::Tensor()});
+    keep_fused_gradient(ctx, fused);
+    return {rows, fused};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_rows = grads[0];
+    variable_list out(6);
+    if (!grad_rows.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const c10::optional<at::Tensor> weight = as_optional(saved[4]);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = take_fused_gradient(ctx, grad_rows);
+      if (!out[0].defined()) {
+        out[0] = call_fgl_backward(grad_rows.contiguous(), saved[0], saved[1], saved[2], saved[3], weight);
+      }
+    }
+    if (weight.has_value() && ctx->needs_input_grad(4)) {
+      out[4] = grad_rows.mul(std::get<0>(call_fgl_forward(saved[0], saved[1], saved[2], saved[3], c10::nullopt, false)));
+    }
+    return out;
+  }
+};
+
+class DdfLossFunction : public torch::autograd::Function<DdfLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& teacher,
+                               const c10::optional<at::Tensor>& weight, double temperature, bool compute_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [rows, fused] = call_ddf_forward(pred, teacher, weight, temperature, compute_grad);
+    ctx->save_for_backward({pred, teacher, weight.has_value() ? *weight : at::Tensor()});
+    ctx->saved_data["temperature"] = temperature;
+    keep_fused_gradient(ctx, fused);
+    return {rows, fused};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_rows = grads[0];
+    variable_list out(5);
+    if (!grad_rows.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const c10::optional<at::Tensor> weight = as_optional(saved[2]);
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    if (ctx->needs_input_grad(0)) {
+      out[0] = take_fused_gradient(ctx, grad_rows);
+      if (!out[0].defined()) {
+        out[0] = call_ddf_backward(grad_rows.contiguous(), saved[0], saved[1], weight, temperature);
+      }
+    }
+    if (weight.has_value() && ctx->needs_input_grad(2)) {
+      out[2] = grad_rows.mul(std::get<0>(call_ddf_forward(saved[0], saved[1], c10::nullopt, temperature, false)));
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_autograd(const at::Tensor& pred, const at::Tensor& target,
+                                                             const at::Tensor& wl, const at::Tensor& wr,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             bool compute_grad) {
+  const variable_list out = FglLossFunction::apply(pred, target, wl, wr, weight, compute_grad);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_autograd(const at::Tensor& pred, const at::Tensor& teacher,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             double temperature, bool compute_grad) {
+  const variable_list out = DdfLossFunction::apply(pred, teacher, weight, temperature, compute_grad);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace dfine
+
+TORCH_LIBRARY_IMPL(dfine, Autograd, m) {
+  m.impl("fgl_loss_forward", &dfine::fgl_loss_forward_autograd);
+  m.impl("ddf_loss_forward", &dfine::ddf_loss_forward_autograd);
+}
