@@ -39,15 +39,19 @@ def time_ms(fn, warmup: int = 3, repeat: int = 15) -> float:
     return statistics.median(samples)
 
 
-def peak_memory_bytes(fn) -> int:
-    """Peak of the running sum of CPU allocations made while ``fn()`` runs (see module doc)."""
+def peak_memory_bytes(fn, return_kept: bool = False):
+    """Peak of the running sum of CPU allocations made while ``fn()`` runs (see module doc).
+    With ``return_kept``: ``(peak, kept)``, kept = bytes of the tensors ``fn()`` returns (its outputs,
+    or the gradients for a forward+backward), so ``peak - kept`` is the extra memory beyond them."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    del result
+    results = result if isinstance(result, (tuple, list)) else [result]
+    kept = sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor))
+    del result, results
     allocations = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -60,7 +64,7 @@ def peak_memory_bytes(fn) -> int:
     for _, size in allocations:
         running += size
         peak = max(peak, running)
-    return peak
+    return (peak, kept) if return_kept else peak
 
 
 def _check_peak_memory():
@@ -71,8 +75,9 @@ def _check_peak_memory():
         c = torch.empty(250_000)  # 3 MB held
         return b, c
 
-    peak = peak_memory_bytes(known)
+    peak, kept = peak_memory_bytes(known, return_kept=True)
     assert peak == 6_000_000, f"peak-memory helper measured {peak} bytes for a known 6 MB peak"
+    assert kept == 3_000_000, f"peak-memory helper counted {kept} bytes of results, expected 3 MB"
 
 
 def cpp_available() -> bool:
