@@ -8,8 +8,11 @@ Shapes (fp32, torch.set_num_threads(2)):
 * train: D-FINE-L training, B=4, Q=500, M=8 heads, D=32, levels 80x80/40x40/20x20, points [3, 6, 3];
 * infer: the same model at inference, B=1, Q=300.
 
-Time is the median wall time of several calls after warm-up. "fwd+bwd" is one forward plus
-torch.autograd.grad of all three differentiable inputs.
+Time is the median wall time of several calls. The three backends of one row take turns
+(reference, compile, cpp, reference, ...: 5 rounds, in each one untimed call to warm the caches,
+then 2 timed ones), so that load from other processes on a shared machine hits all of them alike
+and the ratios stay meaningful; within a turn the caches are warm, as in pytest-benchmark. "fwd+bwd" is one forward
+plus torch.autograd.grad of all three differentiable inputs.
 
 Peak extra memory: the call runs under torch.profiler.profile(activities=[CPU], profile_memory=True).
 Every CPU allocation and free is recorded as an Allocation event with a signed byte count (read from
@@ -106,15 +109,19 @@ def forward_backward(fn, inputs):
 MODES = {"fwd": forward_only, "fwd+bwd": forward_backward}
 
 
-def median_time(call, warmup=2, repeats=7):
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(calls, rounds=5, per_round=2):
+    """Median wall time of every ``calls[name]()``; the calls take turns (see the module docstring)."""
+    for call in calls.values():
+        call()  # first calls: torch.compile builds, allocator warms up
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            call()  # untimed: this backend's data back in cache after the other backends ran
+            for _ in range(per_round):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_extra_bytes(call):
@@ -153,16 +160,17 @@ def _check_memory_method():
     assert abs(extra - 8 * 1024 * 1024) < 64 * 1024, f"memory method broken: measured {extra} bytes"
 
 
-def measure(shape_name, backend, mode):
+def measure(shape_name, mode):
+    """{backend: (median seconds, peak extra bytes)} for one shape and pass."""
     inputs = make_inputs(**SHAPES[shape_name])
-    fn, run = BACKENDS[backend], MODES[mode]
+    run = MODES[mode]
 
-    def call():
-        return run(fn, [t.detach() for t in inputs])
+    def make_call(fn):
+        return lambda: run(fn, [t.detach() for t in inputs])
 
-    seconds = median_time(call)
-    extra = peak_extra_bytes(call)
-    return seconds, extra
+    calls = {backend: make_call(fn) for backend, fn in BACKENDS.items()}
+    seconds = median_times(calls)
+    return {backend: (seconds[backend], peak_extra_bytes(call)) for backend, call in calls.items()}
 
 
 def main(argv=None):
@@ -184,8 +192,7 @@ def main(argv=None):
     rows = []
     for shape_name in SHAPES:
         for mode in MODES:
-            results = {backend: measure(shape_name, backend, mode) for backend in BACKENDS}
-            rows.append((shape_name, mode, results))
+            rows.append((shape_name, mode, measure(shape_name, mode)))
     print(f"ms_deform_attn on CPU, fp32, {THREADS} threads; levels {LEVELS}, points {POINTS}, M=8, D=32")
     print("train: B=4, Q=500; infer: B=1, Q=300. Time = median; memory = peak extra beyond inputs/outputs/grads.")
     print(f"allocator: {allocator}\n")
