@@ -27,6 +27,25 @@ def setup_threads():
     torch.set_num_threads(THREADS)
 
 
+def setup_allocator(argv=None) -> str:
+    """``--malloc retain`` (default): run the way train.py does, with glibc told to keep freed memory
+    (dfine.cpu_speed.retain_freed_memory); ``--malloc default``: glibc's defaults, under which the
+    per-call [N, K+1] gradients (1 MiB per layer) are returned to the system and page-faulted in
+    again on every call. Returns the allocator's name for the table header."""
+    import argparse
+
+    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="under the system allocator: keep freed memory (as train.py does) or not")
+    args = parser.parse_args(argv)
+    allocator = loaded_allocator()
+    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
+        allocator = "system, retaining freed memory"
+    return allocator
+
+
 def time_ms(fn, warmup: int = 3, repeat: int = 15) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
     for _ in range(warmup):
@@ -37,6 +56,23 @@ def time_ms(fn, warmup: int = 3, repeat: int = 15) -> float:
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def times_ms_in_turns(calls: dict, rounds: int = 5, per_round: int = 6) -> dict:
+    """Median wall time in milliseconds of every ``calls[name]()``. The calls take turns: in each of
+    ``rounds`` rounds every call runs once untimed (its data back in cache) and then ``per_round``
+    times timed, so that load from other processes on a shared machine hits all of them alike."""
+    for fn in calls.values():
+        fn()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            fn()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def peak_memory_bytes(fn, return_kept: bool = False):

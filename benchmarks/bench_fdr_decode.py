@@ -5,6 +5,7 @@ bins (8000 edge rows); the decoder runs six layers (six calls, one backward). Va
 PyTorch reference, torch.compile(reference) and the C++ kernel.
 
     python benchmarks/bench_fdr_decode.py                      # markdown table
+    python benchmarks/bench_fdr_decode.py --malloc default     # glibc's default allocator settings
     python -m pytest benchmarks/bench_fdr_decode.py --benchmark-only
 """
 
@@ -19,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from _fdr_bench_utils import (  # noqa: E402
-    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_threads, time_ms,
+    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_allocator, setup_threads, times_ms_in_turns,
 )
 from dfine.ops import fdr_decode, fdr_decode_reference, weighting_function  # noqa: E402
 
@@ -106,27 +107,29 @@ def test_fdr_decode_forward_one_layer(benchmark, variant):
 
 
 def main():
+    allocator = setup_allocator()
     setup_threads()
     _check_peak_memory()
     variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]
     rows = []
     for layers in (1, LAYERS):
         inputs = make_inputs(layers)
+        fwd = {v: forward_only(v, inputs) for v in variants}
+        fwd_bwd = {v: forward_backward(v, inputs) for v in variants}
+        t_fwd, t_fwd_bwd = times_ms_in_turns(fwd), times_ms_in_turns(fwd_bwd)
         base = {}
         for variant in variants:
-            fwd, fwd_bwd = forward_only(variant, inputs), forward_backward(variant, inputs)
-            fwd_bwd()  # compile / warm up
-            t_fwd, t_fwd_bwd = time_ms(fwd), time_ms(fwd_bwd)
-            m_fwd, m_fwd_bwd = peak_memory_bytes(fwd), peak_memory_bytes(fwd_bwd)
+            m_fwd, m_fwd_bwd = peak_memory_bytes(fwd[variant]), peak_memory_bytes(fwd_bwd[variant])
             if variant == "reference":
-                base = dict(t_fwd=t_fwd, t_fwd_bwd=t_fwd_bwd, m_fwd_bwd=m_fwd_bwd)
+                base = dict(m_fwd_bwd=m_fwd_bwd)
             rows.append([
                 f"{layers} layer{'s' if layers > 1 else ''} ({layers * BATCH * QUERIES} boxes)", variant,
-                f"{t_fwd:.2f}", f"{t_fwd_bwd:.2f}", f"{base['t_fwd'] / t_fwd:.2f}x",
-                f"{base['t_fwd_bwd'] / t_fwd_bwd:.2f}x", f"{m_fwd / 2**20:.2f}", f"{m_fwd_bwd / 2**20:.2f}",
-                f"{m_fwd_bwd / base['m_fwd_bwd']:.2f}",
+                f"{t_fwd[variant]:.2f}", f"{t_fwd_bwd[variant]:.2f}", f"{t_fwd['reference'] / t_fwd[variant]:.2f}x",
+                f"{t_fwd_bwd['reference'] / t_fwd_bwd[variant]:.2f}x", f"{m_fwd / 2**20:.2f}",
+                f"{m_fwd_bwd / 2**20:.2f}", f"{m_fwd_bwd / base['m_fwd_bwd']:.2f}",
             ])
-    print(f"fdr_decode, CPU fp32, {torch.get_num_threads()} threads, K+1 = {REG_MAX + 1} bins, lqe_topk = 4\n")
+    print(f"fdr_decode, CPU fp32, {torch.get_num_threads()} threads, K+1 = {REG_MAX + 1} bins, lqe_topk = 4; "
+          f"allocator: {allocator}; time = median, the variants timed in turns\n")
     print(markdown_table(
         ["shape", "variant", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up", "fwd peak MiB",
          "fwd+bwd peak MiB", "fwd+bwd memory / reference"], rows))

@@ -9,6 +9,7 @@ minus the gradients the call returns (6 x 8000 x 33 floats = 6.0 MiB for six lay
 a variant needs beyond inputs, outputs and gradients (the measure of the kernel issues).
 
     python benchmarks/bench_golsd_losses.py                    # markdown table
+    python benchmarks/bench_golsd_losses.py --malloc default   # glibc's default allocator settings
     python -m pytest benchmarks/bench_golsd_losses.py --benchmark-only
 """
 
@@ -23,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from _fdr_bench_utils import (  # noqa: E402
-    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_threads, time_ms,
+    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_allocator, setup_threads, times_ms_in_turns,
 )
 from dfine.ops import ddf_loss, ddf_loss_reference, fgl_loss, fgl_loss_reference  # noqa: E402
 
@@ -123,6 +124,7 @@ def accuracy_rows():
 
 
 def main():
+    allocator = setup_allocator()
     setup_threads()
     _check_peak_memory()
     variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]
@@ -130,22 +132,24 @@ def main():
     for name in LOSSES:
         for layers in (1, LAYERS):
             inputs = make_inputs(layers)
+            fwd = {v: forward_only(name, v, inputs) for v in variants}
+            fwd_bwd = {v: forward_backward(name, v, inputs) for v in variants}
+            t_fwd, t_fwd_bwd = times_ms_in_turns(fwd), times_ms_in_turns(fwd_bwd)
             base = {}
             for variant in variants:
-                fwd, fwd_bwd = forward_only(name, variant, inputs), forward_backward(name, variant, inputs)
-                fwd_bwd()  # compile / warm up
-                t_fwd, t_fwd_bwd = time_ms(fwd), time_ms(fwd_bwd)
-                m_fwd_bwd, kept = peak_memory_bytes(fwd_bwd, return_kept=True)
+                m_fwd_bwd, kept = peak_memory_bytes(fwd_bwd[variant], return_kept=True)
                 extra = max(m_fwd_bwd - kept, 0)
                 if variant == "reference":
-                    base = dict(t_fwd=t_fwd, t_fwd_bwd=t_fwd_bwd, m_fwd_bwd=m_fwd_bwd, extra=extra)
+                    base = dict(m_fwd_bwd=m_fwd_bwd, extra=extra)
                 rows.append([
-                    name, f"{layers} x {ROWS} rows", variant, f"{t_fwd:.2f}", f"{t_fwd_bwd:.2f}",
-                    f"{base['t_fwd'] / t_fwd:.2f}x", f"{base['t_fwd_bwd'] / t_fwd_bwd:.2f}x",
+                    name, f"{layers} x {ROWS} rows", variant, f"{t_fwd[variant]:.2f}", f"{t_fwd_bwd[variant]:.2f}",
+                    f"{t_fwd['reference'] / t_fwd[variant]:.2f}x",
+                    f"{t_fwd_bwd['reference'] / t_fwd_bwd[variant]:.2f}x",
                     f"{m_fwd_bwd / 2**20:.2f}", f"{m_fwd_bwd / base['m_fwd_bwd']:.2f}",
                     f"{extra / 2**20:.2f}", f"{extra / max(base['extra'], 1):.3f}",
                 ])
-    print(f"GO-LSD losses, CPU fp32, {torch.get_num_threads()} threads, 33 bins, reduction='sum'\n")
+    print(f"GO-LSD losses, CPU fp32, {torch.get_num_threads()} threads, 33 bins, reduction='sum'; "
+          f"allocator: {allocator}; time = median, the variants timed in turns\n")
     print(markdown_table(
         ["loss", "shape", "variant", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up",
          "fwd+bwd peak MiB", "peak / reference", "fwd+bwd extra MiB", "extra / reference"], rows))

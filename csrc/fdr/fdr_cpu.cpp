@@ -60,6 +60,37 @@ void for_each_row(int64_t rows, int64_t grain, const Body& body) {
 
 #define DFINE_ROW_BODY [&](int64_t r) __attribute__((always_inline))
 
+// body(r0, r1) for consecutive blocks [r0, r1) of at most kRowBlock rows, blocks split over threads
+// (for per-row work that vectorises across the rows of a block, such as the logarithms).
+constexpr int64_t kRowBlock = 16;
+
+#ifdef DFINE_X86
+template <typename Body>
+__attribute__((target("avx2,fma"))) void blocks_avx2(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; r += kRowBlock) body(r, std::min(end, r + kRowBlock));
+}
+#endif
+
+template <typename Body>
+void blocks_baseline(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t r = begin; r < end; r += kRowBlock) body(r, std::min(end, r + kRowBlock));
+}
+
+template <typename Body>
+void for_each_row_block(int64_t rows, int64_t grain, const Body& body) {
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#ifdef DFINE_X86
+    if (cpu_has_avx2()) {
+      blocks_avx2(begin, end, body);
+      return;
+    }
+#endif
+    blocks_baseline(begin, end, body);
+  });
+}
+
+#define DFINE_BLOCK_BODY [&](int64_t r0, int64_t r1) __attribute__((always_inline))
+
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
@@ -225,14 +256,30 @@ at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const 
     const scalar_t* up = optional_ptr<scalar_t>(upstream);
     scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
     scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
-    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
-      const scalar_t w = wp ? wp[r] : scalar_t(1);
-      const scalar_t g = up ? up[r] * w : w;
-      scalar_t* gz = gzp ? gzp + r * n : nullptr;
-      const scalar_t loss = n == kDfineBins
-                                ? fgl_row<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], g, gz)
-                                : fgl_row<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], g, gz);
-      if (op_) op_[r] = wp ? loss * w : loss;
+    // Rows in blocks: the pass over each row's bins first, then the logarithms of the block's sums
+    // in one vectorised loop (a logf call per row took a quarter of the time).
+    for_each_row_block(rows, kGrainRows * 4, DFINE_BLOCK_BODY {
+      scalar_t sums[kRowBlock], da[kRowBlock], db[kRowBlock];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = r - r0;
+        const scalar_t w = wp ? wp[r] : scalar_t(1);
+        const scalar_t g = up ? up[r] * w : w;
+        scalar_t* gz = gzp ? gzp + r * n : nullptr;
+        sums[i] = n == kDfineBins
+                      ? fgl_row_terms<scalar_t>(zp + r * kDfineBins, kDfineBins, tp[r], wlp[r], wrp[r], g, gz, da[i], db[i])
+                      : fgl_row_terms<scalar_t>(zp + r * n, n, tp[r], wlp[r], wrp[r], g, gz, da[i], db[i]);
+      }
+      if (!op_) return;
+      const int64_t count = r1 - r0;
+      for (int64_t i = count; i < kRowBlock; ++i) sums[i] = scalar_t(1);  // full-width loop below
+      scalar_t logs[kRowBlock];
+      DFINE_PRAGMA(omp simd)
+      for (int64_t i = 0; i < kRowBlock; ++i) logs[i] = log_sum_exp_total(sums[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = r0 + i;
+        const scalar_t loss = fgl_row_loss(logs[i], da[i], db[i], wlp[r], wrp[r]);
+        op_[r] = wp ? loss * wp[r] : loss;
+      }
     });
   });
   return out;
@@ -287,14 +334,34 @@ at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const
     scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
     scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
     const scalar_t temp = static_cast<scalar_t>(temperature);
-    for_each_row(rows, kGrainRows * 4, DFINE_ROW_BODY {
-      const scalar_t w = wp ? wp[r] : scalar_t(1);
-      const scalar_t g = up ? up[r] * w : w;
-      scalar_t* gz = gzp ? gzp + r * n : nullptr;
-      const scalar_t loss = n == kDfineBins
-                                ? ddf_row<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, g, gz)
-                                : ddf_row<scalar_t>(sp + r * n, tp + r * n, n, temp, g, gz);
-      if (op_) op_[r] = wp ? w * loss : loss;
+    for_each_row_block(rows, kGrainRows * 4, DFINE_BLOCK_BODY {
+      scalar_t sum_a[kRowBlock], sum_b[kRowBlock], kl[kRowBlock], sum_p[kRowBlock];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = r - r0;
+        const scalar_t w = wp ? wp[r] : scalar_t(1);
+        const scalar_t g = up ? up[r] * w : w;
+        scalar_t* gz = gzp ? gzp + r * n : nullptr;
+        if (n == kDfineBins) {
+          ddf_row_terms<scalar_t>(sp + r * kDfineBins, tp + r * kDfineBins, kDfineBins, temp, g, gz, sum_a[i],
+                                  sum_b[i], kl[i], sum_p[i]);
+        } else {
+          ddf_row_terms<scalar_t>(sp + r * n, tp + r * n, n, temp, g, gz, sum_a[i], sum_b[i], kl[i], sum_p[i]);
+        }
+      }
+      if (!op_) return;
+      const int64_t count = r1 - r0;
+      for (int64_t i = count; i < kRowBlock; ++i) sum_a[i] = sum_b[i] = scalar_t(1);  // full-width loop below
+      scalar_t log_a[kRowBlock], log_b[kRowBlock];
+      DFINE_PRAGMA(omp simd)
+      for (int64_t i = 0; i < kRowBlock; ++i) {
+        log_a[i] = log_sum_exp_total(sum_a[i]);
+        log_b[i] = log_sum_exp_total(sum_b[i]);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = r0 + i;
+        const scalar_t loss = ddf_row_loss(log_a[i], log_b[i], kl[i], sum_p[i], temp);
+        op_[r] = wp ? wp[r] * loss : loss;
+      }
     });
   });
   return out;

@@ -68,6 +68,44 @@ DFINE_HD float exp_nonpos(float x) {
 DFINE_HD double log_(double x) { return ::log(x); }
 DFINE_HD float log_(float x) { return ::logf(x); }
 
+// log(x) of a row's sum of exponentials, x in [1, n] (its largest term is exp(0) = 1), or NaN.
+DFINE_HD double log_sum_exp_total(double x) { return ::log(x); }
+
+DFINE_HD float log_sum_exp_total(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::logf(x);
+#else
+  // Branch-free logf (Cephes polynomial, ~1 ulp) for positive normal x, so that a loop over the sums
+  // of several rows vectorises on the CPU instead of calling logf once per row. x = 2^e * f with
+  // f in [sqrt(1/2), sqrt(2)), log x = e * ln2 + log1p(f - 1). NaN is passed through.
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // x = 2^e * m, m in [0.5, 1)
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(float));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  const float t = small ? m + m - 1.0f : m - 1.0f;
+  const float z = t * t;
+  float y = 7.0376836292e-2f;
+  y = y * t - 1.1514610310e-1f;
+  y = y * t + 1.1676998740e-1f;
+  y = y * t - 1.2420140846e-1f;
+  y = y * t + 1.4249322787e-1f;
+  y = y * t - 1.6668057665e-1f;
+  y = y * t + 2.0000714765e-1f;
+  y = y * t - 2.4999993993e-1f;
+  y = y * t + 3.3333331174e-1f;
+  y = y * t * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  const float r = (t + y) + 0.693359375f * fe;
+  return x == x ? r : x;
+#endif
+}
+
 // e[j] = exp(z[j] - max), returns sum_j e[j]; the maximum is written to `max_out`.
 template <typename T>
 DFINE_HD T edge_exp(const T* z, int n, T* e, T& max_out) {
@@ -266,14 +304,18 @@ DFINE_HD int fgl_left_bin(T target, int n) {
   return static_cast<int>(target);
 }
 
-// One FGL row: returns CE(z, a) * wl + CE(z, a + 1) * wr (without the row weight) and, when
-// grad_z is not null, writes g * d(loss)/dz from the same exponentials (g = upstream * row weight).
+// One FGL row, CE(z, a) * wl + CE(z, a + 1) * wr (without the row weight), in two steps:
+// fgl_row_terms does the pass over the bins and returns the sum of exponentials S, and the shifted
+// logits da = z[a] - max, db = z[a + 1] - max; the loss is then fgl_row_loss(log S, da, db, wl, wr).
+// When grad_z is
+// not null, fgl_row_terms also writes g * d(loss)/dz from the same exponentials (g = upstream * row
+// weight). The CPU kernel takes the logarithms of several rows at once (one vector instruction
+// stream instead of a logf call per row); fgl_row does both steps for one row.
 template <typename T>
-DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
+DFINE_HD T fgl_row_terms(const T* z, int n, T target, T wl, T wr, T g, T* grad_z, T& da, T& db) {
   T e[kMaxBins];
   T m;
   const T sum = edge_exp(z, n, e, m);
-  const T log_sum = log_(sum);
   const int a = fgl_left_bin(target, n);
   if (grad_z != nullptr) {
     const T scale = g * (wl + wr) / sum;
@@ -281,19 +323,38 @@ DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
     grad_z[a] -= g * wl;
     grad_z[a + 1] -= g * wr;
   }
-  return (log_sum - (z[a] - m)) * wl + (log_sum - (z[a + 1] - m)) * wr;
+  da = z[a] - m;
+  db = z[a + 1] - m;
+  return sum;
 }
 
-// One DDF row: returns T^2 * sum_j p_j (log p_j - log q_j), p = softmax(teacher / T) and
-// q = softmax(pred / T), terms with p_j = 0 count 0; when grad_z is not null, writes
-// g * d(loss)/d(pred) = g * T * (q_j * sum(p) - p_j). The log-ratio is the difference of two
-// log-softmaxes computed by identical code, so it is exactly 0 for every bin when pred == teacher.
 template <typename T>
-DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
+DFINE_HD T fgl_row_loss(T log_sum, T da, T db, T wl, T wr) {
+  return (log_sum - da) * wl + (log_sum - db) * wr;
+}
+
+template <typename T>
+DFINE_HD T fgl_row(const T* z, int n, T target, T wl, T wr, T g, T* grad_z) {
+  T da, db;
+  const T sum = fgl_row_terms(z, n, target, wl, wr, g, grad_z, da, db);
+  return fgl_row_loss(log_sum_exp_total(sum), da, db, wl, wr);
+}
+
+// One DDF row, T^2 * sum_j p_j (log p_j - log q_j) with p = softmax(teacher / T) and
+// q = softmax(pred / T), terms with p_j = 0 counting 0, in two steps like the FGL row:
+// ddf_row_terms does the pass over the bins and returns the sums of exponentials of the student
+// (sum_a) and of the teacher (sum_b), sum_p = sum_j p_j and kl_shifted = sum_j p_j (b_j - a_j) over
+// the max-shifted scaled logits a_j = zs_j / T - max_a, b_j = zt_j / T - max_b; then
+// log p_j - log q_j = (b_j - a_j) - (log sum_b - log sum_a), and ddf_row_loss adds the logarithms.
+// When pred == teacher both parts are exactly 0 (identical code on identical inputs). When grad_z
+// is not null, ddf_row_terms writes g * d(loss)/d(pred) = g * T * (q_j * sum(p) - p_j).
+template <typename T>
+DFINE_HD void ddf_row_terms(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z, T& sum_a, T& sum_b,
+                            T& kl_shifted, T& sum_p) {
   T ea[kMaxBins], eb[kMaxBins];
   const T inv_t = T(1) / temperature;
   // max(z * inv_t) == max(z) * inv_t exactly (rounding is monotone), so the scaled logits are
-  // never stored: a_j = zs_j * inv_t and b_j = zt_j * inv_t are recomputed where needed.
+  // never stored: zs_j * inv_t and zt_j * inv_t are recomputed where needed.
   T max_s = zs[0], max_t = zt[0];
   DFINE_SIMD_MAX2(max_s, max_t)
   for (int j = 1; j < n; ++j) {
@@ -301,31 +362,45 @@ DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_
     max_t = zt[j] > max_t ? zt[j] : max_t;
   }
   const T max_a = max_s * inv_t, max_b = max_t * inv_t;
-  T sum_a = T(0), sum_b = T(0);
-  DFINE_SIMD_SUM2(sum_a, sum_b)
+  T sa = T(0), sb = T(0);
+  DFINE_SIMD_SUM2(sa, sb)
   for (int j = 0; j < n; ++j) {
     const T va = exp_nonpos(zs[j] * inv_t - max_a);
     const T vb = exp_nonpos(zt[j] * inv_t - max_b);
     ea[j] = va;
     eb[j] = vb;
-    sum_a += va;
-    sum_b += vb;
+    sa += va;
+    sb += vb;
   }
-  const T log_sum_a = log_(sum_a), log_sum_b = log_(sum_b);
-  const T inv_a = T(1) / sum_a, inv_b = T(1) / sum_b;
-  T kl = T(0), sum_p = T(0);
-  DFINE_SIMD_SUM2(kl, sum_p)
+  const T inv_a = T(1) / sa, inv_b = T(1) / sb;
+  T kl = T(0), sp = T(0);
+  DFINE_SIMD_SUM2(kl, sp)
   for (int j = 0; j < n; ++j) {
     const T p = eb[j] * inv_b;
-    const T log_ratio = ((zt[j] * inv_t - max_b) - log_sum_b) - ((zs[j] * inv_t - max_a) - log_sum_a);
-    kl += p > T(0) ? p * log_ratio : T(0);
-    sum_p += p;
+    const T shifted_ratio = (zt[j] * inv_t - max_b) - (zs[j] * inv_t - max_a);
+    kl += p > T(0) ? p * shifted_ratio : T(0);
+    sp += p;
   }
   if (grad_z != nullptr) {
     const T scale = g * temperature;
-    for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sum_p - eb[j] * inv_b);
+    for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sp - eb[j] * inv_b);
   }
-  return temperature * temperature * kl;
+  sum_a = sa;
+  sum_b = sb;
+  kl_shifted = kl;
+  sum_p = sp;
+}
+
+template <typename T>
+DFINE_HD T ddf_row_loss(T log_sum_a, T log_sum_b, T kl_shifted, T sum_p, T temperature) {
+  return temperature * temperature * (kl_shifted - (log_sum_b - log_sum_a) * sum_p);
+}
+
+template <typename T>
+DFINE_HD T ddf_row(const T* zs, const T* zt, int n, T temperature, T g, T* grad_z) {
+  T sum_a, sum_b, kl_shifted, sum_p;
+  ddf_row_terms(zs, zt, n, temperature, g, grad_z, sum_a, sum_b, kl_shifted, sum_p);
+  return ddf_row_loss(log_sum_exp_total(sum_a), log_sum_exp_total(sum_b), kl_shifted, sum_p, temperature);
 }
 
 }  // namespace fdr
