@@ -281,18 +281,20 @@ DFINE_HD void fdr_decode_row_backward(const T* z, const T* W, int n, const T* re
   grad_ref[1] = gy1 + gy2;
   grad_ref[2] = (gx2 * (half + d[2]) - gx1 * (half + d[0])) / rs;
   grad_ref[3] = (gy2 * (half + d[3]) - gy1 * (half + d[1])) / rs;
-  T grad_p[kMaxBins];
+  // Softmax backward: gz_j = p_j * (gp_j - sum_i p_i gp_i) with gp_j = grad_d * W_j plus the top-k
+  // terms t_j; sum_i p_i W_i is the expectation d already computed, so the dot product needs no
+  // pass over the bins: dot = grad_d * d + sum over the top-k of p * t.
   for (int e = 0; e < 4; ++e) {
     const T* pe = p + e * kMaxBins;
-    for (int j = 0; j < n; ++j) grad_p[j] = grad_d[e] * W[j];
     const T* gs = grad_stats + e * (k + 1);
+    const uint8_t* top = topk_index + e * k;
     const T grad_mean = gs[k] / T(k);
-    for (int i = 0; i < k; ++i) grad_p[topk_index[e * k + i]] += gs[i] + grad_mean;
-    T dot = T(0);
-    DFINE_SIMD_SUM(dot)
-    for (int j = 0; j < n; ++j) dot += pe[j] * grad_p[j];
+    T dot = grad_d[e] * d[e];
+    for (int i = 0; i < k; ++i) dot += pe[top[i]] * (gs[i] + grad_mean);
     T* gz = grad_z + e * n;
-    for (int j = 0; j < n; ++j) gz[j] = pe[j] * (grad_p[j] - dot);
+    const T g = grad_d[e];
+    for (int j = 0; j < n; ++j) gz[j] = pe[j] * (g * W[j] - dot);
+    for (int i = 0; i < k; ++i) gz[top[i]] += pe[top[i]] * (gs[i] + grad_mean);
   }
 }
 
