@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
-from dfine.cpu_speed import to_memory_format  # noqa: E402
+from dfine.cpu_speed import prepack_linear_weights, to_memory_format  # noqa: E402
 
 torch.set_num_threads(2)
 IMAGE = (640, 640)
@@ -33,10 +33,12 @@ def config_path(size):
     return str(REPO / "configs" / "dfine" / f"dfine_hgnetv2_{size}_coco.yml")
 
 
-def build_ours(size, backend, deploy=False, channels_last=False):
+def build_ours(size, backend, deploy=False, channels_last=False, onednn_linear=False):
     torch.manual_seed(0)
     model = dfine.build_model(dfine.load_config(config_path(size)), backend=backend).eval()
     model = model.deploy() if deploy else model
+    if onednn_linear:
+        prepack_linear_weights(model)
     return ChannelsLast(model) if channels_last else model
 
 
@@ -112,6 +114,8 @@ VARIANTS = {
     "fused ops (auto)": lambda s: build_ours(s, "auto"),
     "fused + deploy()": lambda s: build_ours(s, "auto", deploy=True),
     "fused + deploy() + channels_last": lambda s: build_ours(s, "auto", deploy=True, channels_last=True),
+    "fused + deploy() + channels_last + oneDNN linear (predict on CPU)":
+        lambda s: build_ours(s, "auto", deploy=True, channels_last=True, onednn_linear=True),
     "transformers": build_transformers,
 }
 
@@ -161,6 +165,9 @@ def main(argv=None):
         dec_fused = time_decoder(build_ours(size, "auto"), runs=args.runs)
         print(f"| {size.upper()} | decoder only, reference ops | {dec_ref:.1f} | 1.00x | |")
         print(f"| {size.upper()} | decoder only, fused ops (auto) | {dec_fused:.1f} | {dec_ref / dec_fused:.2f}x | |")
+        dec_onednn = time_decoder(build_ours(size, "auto", onednn_linear=True), runs=args.runs)
+        print(f"| {size.upper()} | decoder only, fused ops + oneDNN linear | {dec_onednn:.1f} | "
+              f"{dec_ref / dec_onednn:.2f}x | |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_st
   6.2 GB vs 5.0 GB with glibc defaults and 4.0 GB under jemalloc).
 * oneDNN convolutions run natively on NHWC. Given NCHW tensors, every convolution (forward and both
   backward passes) reorders its input, weight and output. `channels_last` is the layout they want.
+
+A third one, for inference: `prepack_linear_weights(model)` runs the model's nn.Linear layers through
+oneDNN with their weights reordered once into its blocked layout, instead of MKL's sgemm on the plain
+weight. On this machine's AMD CPU (2 threads) that is 1.05-1.6x faster per layer at D-FINE's shapes
+(1.6x for the 8400-anchor query selection, 1.3-1.5x for the FFNs); `predict` uses it on the CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +27,15 @@ import sys
 from typing import Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["loaded_allocator", "retain_freed_memory", "resolve_channels_last", "to_memory_format"]
+from dfine.ops._backend import symbolic_shapes
+
+__all__ = [
+    "OneDNNLinear", "loaded_allocator", "prepack_linear_weights", "retain_freed_memory", "resolve_channels_last",
+    "to_memory_format",
+]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
 _M_MMAP_MAX = -4
@@ -86,3 +98,60 @@ def to_memory_format(x, channels_last: Optional[bool]):
     if isinstance(x, torch.Tensor) and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def onednn_linear_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose inference on CPU float32 runs through oneDNN with a prepacked weight.
+
+    The weight and bias stay ordinary parameters (same state_dict). The packed copy is rebuilt when
+    the weight changes (in-place updates such as load_state_dict bump its version), so it is never
+    stale. Anything else - autograd, other devices or dtypes, tracing for export, torch.compile -
+    takes plain F.linear, so the module is a drop-in replacement.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._packed = None
+        self._packed_key = None
+
+    def _packed_weight(self):
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.shape)
+        if self._packed is None or self._packed_key != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_onednn = (
+            x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+            and x.dim() >= 2 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.compiler.is_compiling() and not symbolic_shapes()
+        )
+        if not use_onednn:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+
+
+def prepack_linear_weights(model: nn.Module) -> int:
+    """Replace every nn.Linear of ``model`` (in place) by a :class:`OneDNNLinear`; returns how many.
+    Linear layers owned by nn.MultiheadAttention are left alone (it reads their weights directly).
+    Does nothing (returns 0) when this torch has no oneDNN linear ops."""
+    if not onednn_linear_available():
+        return 0
+    count = 0
+    for parent in model.modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            continue
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, OneDNNLinear(child))
+                count += 1
+    return count

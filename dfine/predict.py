@@ -25,7 +25,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import dfine
 from dfine.checkpoint import load_checkpoint
-from dfine.cpu_speed import resolve_channels_last, to_memory_format
+from dfine.cpu_speed import prepack_linear_weights, resolve_channels_last, to_memory_format
 from dfine.export import DetectorGraph, ExportError
 from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
 from dfine.runners import TorchRunner, onnxruntime_runner
@@ -94,6 +94,8 @@ def load_predictor(config: str, checkpoint: str, backend: str = "auto", device: 
     load_checkpoint(model, checkpoint)
     # channels_last weights on the CPU: oneDNN then keeps every activation NHWC (no reorders)
     model = to_memory_format(model.deploy().to(device), resolve_channels_last(cfg.get("channels_last"), device))
+    if torch.device(device).type == "cpu":
+        prepack_linear_weights(model)  # linear layers through oneDNN with prepacked weights
     if compiled:  # torch.compile, fused ops inside the graph (dfine/compiled.py)
         from dfine.compiled import compile_model
 

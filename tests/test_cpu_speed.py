@@ -166,3 +166,96 @@ def test_loaded_allocator_sees_jemalloc():
     env = dict(os.environ, LD_PRELOAD=path, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
     pre = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)
     assert plain.stdout.split() == ["system"] and pre.stdout.split() == ["jemalloc"]
+
+
+# --- linear layers through oneDNN with prepacked weights (inference) ---------------------------
+
+
+def _onednn_linear(in_features=48, out_features=20, bias=True, seed=0):
+    from dfine.cpu_speed import OneDNNLinear, onednn_linear_available
+
+    assert onednn_linear_available()  # the pinned CPU torch has oneDNN's linear ops
+    torch.manual_seed(seed)
+    plain = torch.nn.Linear(in_features, out_features, bias=bias)
+    return plain, OneDNNLinear(plain)
+
+
+@pytest.mark.parametrize("shape", [(7, 48), (2, 33, 48), (1, 0, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_linear_in_inference(shape, bias):
+    plain, fast = _onednn_linear(bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        out = fast(x)
+        assert out.shape == plain(x).shape
+        assert torch.allclose(out, plain(x), atol=1e-5, rtol=1e-5)
+    assert fast._packed is not None  # the oneDNN path ran (packed on the first CPU fp32 call)
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    assert fast.weight is plain.weight  # same parameters: a drop-in replacement
+
+
+def test_onednn_linear_repacks_when_the_weight_changes():
+    plain, fast = _onednn_linear()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        fast(x)
+        first = fast._packed
+        fast.load_state_dict({"weight": torch.randn(20, 48), "bias": torch.randn(20)})
+        assert torch.allclose(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias), atol=1e-5)
+        assert fast._packed is not first
+        fast.weight.mul_(-2.0)  # in-place update: a stale packed copy would give the old answer
+        assert torch.allclose(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias), atol=1e-5)
+
+
+def test_onednn_linear_uses_plain_linear_for_autograd_and_other_dtypes():
+    plain, fast = _onednn_linear()
+    x = torch.randn(4, 48, requires_grad=True)
+    fast(x).square().sum().backward()
+    grad_fast, grad_w = x.grad.clone(), fast.weight.grad.clone()
+    x.grad = None
+    plain.weight.grad = None
+    plain(x).square().sum().backward()
+    assert torch.equal(grad_fast, x.grad) and torch.equal(grad_w, plain.weight.grad)
+    with torch.no_grad():
+        x64 = torch.randn(3, 48, dtype=torch.float64)
+        fast64 = fast.double()
+        assert torch.allclose(fast64(x64), torch.nn.functional.linear(x64, fast64.weight, fast64.bias))
+
+
+def test_prepack_linear_weights_replaces_linears_but_not_attention_internals():
+    from dfine.cpu_speed import OneDNNLinear, prepack_linear_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected, expected_attn = model(x), attn(x, x, x)[0]
+        assert prepack_linear_weights(model) == 2 and prepack_linear_weights(attn) == 0
+        assert isinstance(model[0], OneDNNLinear) and isinstance(model[2], OneDNNLinear)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        assert torch.allclose(attn(x, x, x)[0], expected_attn)
+
+
+def test_onednn_linear_model_still_traces_for_export():
+    """Under tracing (ONNX export, torch.jit.trace) the module takes F.linear, so the graph has no
+    oneDNN-private op."""
+    from dfine.cpu_speed import prepack_linear_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)).eval()
+    prepack_linear_weights(model)
+    x = torch.randn(2, 8)
+    traced = torch.jit.trace(model, x)
+    assert "mkldnn" not in str(traced.inlined_graph)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+
+def test_predict_loader_prepacks_linears_on_the_cpu(tmp_path):
+    from dfine.cpu_speed import OneDNNLinear
+    from dfine.predict import load_predictor
+
+    model, _ = build("n", backend="auto")
+    ckpt = tmp_path / "n.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    loaded, _, _ = load_predictor(str(REPO / "configs" / "dfine" / "dfine_hgnetv2_n_coco.yml"), str(ckpt))
+    assert sum(isinstance(m, OneDNNLinear) for m in loaded.modules()) > 10

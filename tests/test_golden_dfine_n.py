@@ -110,6 +110,24 @@ def test_golden_after_deploy(golden):
     _compare_post({"labels": labels[0], "boxes": boxes[0], "scores": scores[0]}, golden_out)
 
 
+def test_golden_after_deploy_with_onednn_linear(golden):
+    """What `predict` runs on the CPU: deploy() plus the linear layers through oneDNN."""
+    from dfine.cpu_speed import OneDNNLinear, onednn_linear_available, prepack_linear_weights
+
+    assert onednn_linear_available()  # the pinned torch (CPU build with oneDNN) has them
+    golden_out, state = golden
+    model, cfg = _model(state)
+    model.deploy()
+    assert prepack_linear_weights(model) > 0
+    assert any(isinstance(m, OneDNNLinear) for m in model.modules())
+    with torch.no_grad():
+        out = model(golden_out["input"])
+    _compare_final(out, golden_out)
+    post = dfine.build_postprocessor(cfg).deploy()
+    labels, boxes, scores = post(out, torch.tensor([[640, 640]]))
+    _compare_post({"labels": labels[0], "boxes": boxes[0], "scores": scores[0]}, golden_out)
+
+
 def test_golden_train_mode_outputs():
     losses = torch.load(shared_file("reference", "golden", "dfine_n_losses.pt"), weights_only=False)
     state = torch.load(shared_file("reference", "golden", "dfine_n_state_dict.pt"), weights_only=False)
