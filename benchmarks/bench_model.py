@@ -1,8 +1,11 @@
 """Eval latency of whole D-FINE models at 1x3x640x640, 2 threads.
 
 Side by side in one run: this project with reference ops, with fused ops (backend "auto"), fused
-after deploy(), the same in channels_last layout (input converted inside the timed call), and - when `transformers` is installed (optional extra) - Hugging Face's
-DFineForObjectDetection built from the equivalent config with random weights.
+after deploy(), the same in channels_last layout (input converted inside the timed call), that plus
+linear layers through oneDNN (what `predict` runs on the CPU), and - when `transformers` is installed
+(optional extra) - Hugging Face's DFineForObjectDetection built from the equivalent config with
+random weights. Then the decoder alone on fixed encoder features. Median of --runs calls; the
+variants take turns (one call each per round), so that load from other processes hits all alike.
 
     python benchmarks/bench_model.py [--sizes n s] [--runs 10]       # markdown table
     python -m pytest benchmarks/bench_model.py --benchmark-only        # pytest-benchmark
@@ -97,16 +100,24 @@ def _defaults(cls):
 
 
 def time_model(model, runs=10, warmup=2):
+    return time_in_turns({"model": model}, runs, warmup)["model"]
+
+
+def time_in_turns(calls, runs=10, warmup=2):
+    """Median ms of every ``calls[name](x)`` on one 640x640 image; the calls take turns (one call of
+    each per round), so that load from other processes on a shared machine hits all alike."""
     x = torch.rand(1, 3, *IMAGE)
+    times = {name: [] for name in calls}
     with torch.no_grad():
-        for _ in range(warmup):
-            model(x)
-        times = []
+        for call in calls.values():
+            for _ in range(warmup):
+                call(x)
         for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call(x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 VARIANTS = {
@@ -132,12 +143,16 @@ def test_bench_eval_640(benchmark, size, variant):
         benchmark.pedantic(model, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
 
 
-def time_decoder(model, runs=10, warmup=2):
+def decoder_call(model):
     """The decoder alone (query selection, FDR layers, heads) on fixed encoder features."""
     x = torch.rand(1, 3, *IMAGE)
     with torch.no_grad():
         feats = model.encoder(model.backbone(x))
-    return time_model(lambda _x: model.decoder(feats), runs, warmup)
+    return lambda _x: model.decoder(feats)
+
+
+def time_decoder(model, runs=10, warmup=2):
+    return time_model(decoder_call(model), runs, warmup)
 
 
 def main(argv=None):
@@ -151,23 +166,22 @@ def main(argv=None):
     print("| size | variant | median ms | vs reference ops | vs transformers |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
-        results = {}
-        for name, make in VARIANTS.items():
-            model = make(size)
-            if model is not None:
-                results[name] = time_model(model, runs=args.runs)
-            del model
+        models = {name: make(size) for name, make in VARIANTS.items()}
+        results = time_in_turns({name: m for name, m in models.items() if m is not None}, runs=args.runs)
+        del models
         ref, hf = results.get("reference ops"), results.get("transformers")
         for name, ms in results.items():
             vs_hf = f"{hf / ms:.2f}x" if hf else "n/a"
             print(f"| {size.upper()} | {name} | {ms:.1f} | {ref / ms:.2f}x | {vs_hf} |")
-        dec_ref = time_decoder(build_ours(size, "reference"), runs=args.runs)
-        dec_fused = time_decoder(build_ours(size, "auto"), runs=args.runs)
-        print(f"| {size.upper()} | decoder only, reference ops | {dec_ref:.1f} | 1.00x | |")
-        print(f"| {size.upper()} | decoder only, fused ops (auto) | {dec_fused:.1f} | {dec_ref / dec_fused:.2f}x | |")
-        dec_onednn = time_decoder(build_ours(size, "auto", onednn_linear=True), runs=args.runs)
-        print(f"| {size.upper()} | decoder only, fused ops + oneDNN linear | {dec_onednn:.1f} | "
-              f"{dec_ref / dec_onednn:.2f}x | |")
+        decoders = {
+            "decoder only, reference ops": decoder_call(build_ours(size, "reference")),
+            "decoder only, fused ops (auto)": decoder_call(build_ours(size, "auto")),
+            "decoder only, fused ops + oneDNN linear": decoder_call(build_ours(size, "auto", onednn_linear=True)),
+        }
+        dec = time_in_turns(decoders, runs=args.runs)
+        dec_ref = dec["decoder only, reference ops"]
+        for name, ms in dec.items():
+            print(f"| {size.upper()} | {name} | {ms:.1f} | {dec_ref / ms:.2f}x | |")
 
 
 if __name__ == "__main__":

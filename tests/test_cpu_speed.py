@@ -171,6 +171,14 @@ def test_loaded_allocator_sees_jemalloc():
 # --- linear layers through oneDNN with prepacked weights (inference) ---------------------------
 
 
+@pytest.fixture(autouse=True)
+def _onednn_for_every_size(monkeypatch):
+    """The small layers of these tests would otherwise stay on F.linear (ONEDNN_MIN_MACS)."""
+    import dfine.cpu_speed
+
+    monkeypatch.setattr(dfine.cpu_speed, "ONEDNN_MIN_MACS", 0)
+
+
 def _onednn_linear(in_features=48, out_features=20, bias=True, seed=0):
     from dfine.cpu_speed import OneDNNLinear, onednn_linear_available
 
@@ -178,6 +186,16 @@ def _onednn_linear(in_features=48, out_features=20, bias=True, seed=0):
     torch.manual_seed(seed)
     plain = torch.nn.Linear(in_features, out_features, bias=bias)
     return plain, OneDNNLinear(plain)
+
+
+def test_onednn_linear_leaves_small_products_to_mkl(monkeypatch):
+    import dfine.cpu_speed
+
+    monkeypatch.setattr(dfine.cpu_speed, "ONEDNN_MIN_MACS", 10**9)
+    plain, fast = _onednn_linear()
+    with torch.no_grad():
+        assert torch.equal(fast(torch.ones(3, 48)), plain(torch.ones(3, 48)))
+    assert fast._packed is None
 
 
 @pytest.mark.parametrize("shape", [(7, 48), (2, 33, 48), (1, 0, 48)])
