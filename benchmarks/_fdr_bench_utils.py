@@ -27,16 +27,17 @@ def setup_threads():
     torch.set_num_threads(THREADS)
 
 
-def setup_allocator(argv=None) -> str:
-    """``--malloc retain`` (default): run the way train.py does, with glibc told to keep freed memory
-    (dfine.cpu_speed.retain_freed_memory); ``--malloc default``: glibc's defaults, under which the
-    per-call [N, K+1] gradients (1 MiB per layer) are returned to the system and page-faulted in
-    again on every call. Returns the allocator's name for the table header."""
+def setup_allocator(argv=None, description=None) -> str:
+    """Parses the benchmark scripts' command line. ``--malloc retain`` (default): run the way
+    train.py does, with glibc told to keep freed memory (dfine.cpu_speed.retain_freed_memory);
+    ``--malloc default``: glibc's defaults, under which the fresh gradients of every call (1 MiB
+    per layer for the losses, 34 MiB for ms_deform_attn) are returned to the system and page-faulted
+    in again on the next call. Returns the allocator's name for the table header."""
     import argparse
 
     from dfine.cpu_speed import loaded_allocator, retain_freed_memory
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="under the system allocator: keep freed memory (as train.py does) or not")
     args = parser.parse_args(argv)
@@ -44,18 +45,6 @@ def setup_allocator(argv=None) -> str:
     if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
         allocator = "system, retaining freed memory"
     return allocator
-
-
-def time_ms(fn, warmup: int = 3, repeat: int = 15) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def times_ms_in_turns(calls: dict, rounds: int = 5, per_round: int = 6) -> dict:

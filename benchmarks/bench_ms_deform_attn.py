@@ -46,6 +46,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _fdr_bench_utils
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -174,17 +175,9 @@ def measure(shape_name, mode):
 
 
 def main(argv=None):
-    import argparse
+    from _fdr_bench_utils import setup_allocator
 
-    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
-                        help="under the system allocator: keep freed memory (as train.py does) or not")
-    args = parser.parse_args(argv)
-    allocator = loaded_allocator()
-    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
-        allocator = "system, retaining freed memory"
+    allocator = setup_allocator(argv, description=__doc__.split("\n")[0])
     torch.set_num_threads(THREADS)
     if not extension_available():
         raise SystemExit("dfine._C is not built: python setup.py build_ext --inplace")
