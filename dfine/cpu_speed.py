@@ -127,6 +127,14 @@ class OneDNNLinear(nn.Linear):
         self._packed = None
         self._packed_key = None
 
+    def __getstate__(self):
+        # The packed weight is an opaque oneDNN tensor (no storage: it cannot be pickled or
+        # deep-copied); copies rebuild it on their first call.
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        state["_packed_key"] = None
+        return state
+
     def _packed_weight(self):
         key = (self.weight.data_ptr(), self.weight._version, self.weight.shape)
         if self._packed is None or self._packed_key != key:

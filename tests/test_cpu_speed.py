@@ -225,6 +225,19 @@ def test_onednn_linear_repacks_when_the_weight_changes():
         assert torch.allclose(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias), atol=1e-5)
 
 
+def test_onednn_linear_can_be_copied_and_saved(tmp_path):
+    import copy
+
+    plain, fast = _onednn_linear()
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        expected = fast(x)  # packs the weight (an opaque oneDNN tensor)
+        torch.save(fast, tmp_path / "m.pt")
+        for other in (copy.deepcopy(fast), torch.load(tmp_path / "m.pt", weights_only=False)):
+            assert torch.allclose(other(x), expected, atol=1e-6)
+            assert other._packed is not None  # rebuilt on the first call
+
+
 def test_onednn_linear_uses_plain_linear_for_autograd_and_other_dtypes():
     plain, fast = _onednn_linear()
     x = torch.randn(4, 48, requires_grad=True)
