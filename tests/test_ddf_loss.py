@@ -80,7 +80,7 @@ def test_teacher_equal_to_student_gives_exactly_zero(backend, dtype):
 def test_zero_teacher_probability_contributes_zero(backend):
     # a teacher bin at -inf has probability 0: xlogy semantics make its term 0 instead of NaN
     require_backend(backend)
-    pred, teacher, weight = _inputs(n=5)
+    pred, teacher, weight = _inputs(n=13)  # 8 rows in a CPU lane group, 5 through the row kernel
     teacher[:, :3] = float("-inf")
     pred = pred.requires_grad_(True)
     loss = ddf_loss(pred, teacher, weight, backend=backend)
@@ -89,6 +89,31 @@ def test_zero_teacher_probability_contributes_zero(backend):
     finite_teacher = teacher.clone()
     finite_teacher[:, :3] = -1e30  # same probabilities (0) through the published formula
     torch.testing.assert_close(loss, _published(pred.detach(), finite_teacher, weight), rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_row_and_lane_kernels_agree():
+    # float32 rows of 33 bins go through the CPU lane kernel (8 rows per SIMD lane group) when
+    # they fill a group, the others through the row kernel: the same row must give the same loss
+    # and gradient either way (19 rows = 2 groups + 3)
+    require_backend("cpp")
+    pred, teacher, weight = _inputs(n=19)
+    pred[2] = torch.sign(pred[2]) * 1e4
+    teacher[3] = -torch.sign(teacher[3]) * 1e4
+    teacher[4, :5] = float("-inf")
+    teacher[9] = pred[9]
+
+    def rows_and_grads(p, t, w):
+        p = p.detach().clone().requires_grad_(True)
+        loss = ddf_loss(p, t, w, temperature=3.0, backend="cpp")
+        return loss.detach(), torch.autograd.grad(loss, p, torch.linspace(0.5, 1.5, loss.numel()))[0]
+
+    # upstream gradients 0.5 ... 1.5 over the rows: 0.5 for a row alone
+    together = rows_and_grads(pred, teacher, weight)
+    alone = [rows_and_grads(pred[i:i + 1], teacher[i:i + 1], weight[i:i + 1]) for i in range(19)]
+    upstream = torch.linspace(0.5, 1.5, 19)
+    assert together[0][9] == 0
+    torch.testing.assert_close(together[0], torch.cat([a[0] for a in alone]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[1], torch.cat([a[1] / 0.5 * u for a, u in zip(alone, upstream)]), rtol=1e-5, atol=1e-6)
 
 
 def test_cpp_gradcheck_float64():

@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 // The branch-free exp of fdr_math.h vectorises only when float compares may be if-converted,
 // i.e. without -ftrapping-math; no code here relies on floating-point traps.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -90,6 +92,243 @@ void for_each_row_block(int64_t rows, int64_t grain, const Body& body) {
 }
 
 #define DFINE_BLOCK_BODY [&](int64_t r0, int64_t r1) __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// Lane kernels of the losses (float32, 33 bins, AVX2): 8 rows at a time, one row per SIMD lane.
+// A 33-bin row is 4 vectors plus a scalar bin, and its max, sum and dot products end in horizontal
+// reductions whose latency chains leave the row loop waiting. With the 8 rows transposed (bin j of
+// all 8 rows in one vector), every step is a vertical vector operation, no bin is left over, and
+// the 8 rows' reductions run side by side. The per-element math is the same fdr_math.h code as the
+// row kernels, on [bin][lane] arrays. Rows are grouped from row 0 (groups never depend on the
+// thread split), and the last rows of an incomplete group take the row kernel.
+#ifdef DFINE_X86
+#include <immintrin.h>
+
+constexpr int kLanes = 8;
+
+__attribute__((target("avx2,fma"))) inline void transpose8x8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Lane offsets of the 8 rows' first bins, for gathers.
+__attribute__((target("avx2,fma"))) inline __m256i lane_row_offsets() {
+  return _mm256_setr_epi32(0, kDfineBins, 2 * kDfineBins, 3 * kDfineBins, 4 * kDfineBins, 5 * kDfineBins,
+                           6 * kDfineBins, 7 * kDfineBins);
+}
+
+// out[j] = bin j of 8 consecutive rows of 33 floats.
+__attribute__((target("avx2,fma"))) inline void load_lanes(const float* rows, __m256* out) {
+  for (int b = 0; b < 4; ++b) {
+    __m256* v = out + 8 * b;
+    for (int i = 0; i < kLanes; ++i) v[i] = _mm256_loadu_ps(rows + i * kDfineBins + 8 * b);
+    transpose8x8(v);
+  }
+  out[32] = _mm256_i32gather_ps(rows + 32, lane_row_offsets(), 4);
+}
+
+// The inverse of load_lanes (clobbers in[0..32)).
+__attribute__((target("avx2,fma"))) inline void store_lanes(__m256* in, float* rows) {
+  for (int b = 0; b < 4; ++b) {
+    __m256* v = in + 8 * b;
+    transpose8x8(v);
+    for (int i = 0; i < kLanes; ++i) _mm256_storeu_ps(rows + i * kDfineBins + 8 * b, v[i]);
+  }
+  alignas(32) float last[kLanes];
+  _mm256_store_ps(last, in[32]);
+  for (int i = 0; i < kLanes; ++i) rows[i * kDfineBins + 32] = last[i];
+}
+
+// exp_nonpos of fdr_math.h on 8 lanes (same polynomial and steps; NaN passes through).
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpos8(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(kExpLowest);
+  const __m256 xc = _mm256_max_ps(lowest, x);  // max_ps returns its second operand for NaN
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(kExpPoly[i]));
+  poly = _mm256_add_ps(_mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lowest, _CMP_LT_OQ), y);
+}
+
+// log_sum_exp_total of fdr_math.h on 8 lanes (through an array: GCC vectorises the loop).
+__attribute__((target("avx2,fma"))) inline __m256 log_sum_exp_total8(__m256 x) {
+  alignas(32) float v[kLanes];
+  _mm256_store_ps(v, x);
+  DFINE_PRAGMA(omp simd)
+  for (int i = 0; i < kLanes; ++i) v[i] = log_sum_exp_total(v[i]);
+  return _mm256_load_ps(v);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load_or(const float* p, float value) {
+  return p ? _mm256_loadu_ps(p) : _mm256_set1_ps(value);
+}
+
+template <typename T>
+struct FglLaneArgs {
+  const T *z, *target, *wl, *wr, *weight, *upstream;
+  T *loss, *grad;  // either may be null
+};
+
+// FGL rows [begin, end), end - begin a multiple of 8: fgl_row_terms / fgl_row_loss in vector form.
+__attribute__((target("avx2,fma"))) void fgl_lanes_avx2(const FglLaneArgs<float>& a, int64_t begin, int64_t end) {
+  constexpr int n = kDfineBins;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t r = begin; r < end; r += kLanes) {
+    const float* rows = a.z + r * n;
+    __m256 z[n];
+    load_lanes(rows, z);
+    __m256 m0 = z[0], m1 = z[1];  // two chains of max, then of sums, so that they overlap
+    for (int j = 2; j < n; j += 2) {
+      m0 = _mm256_max_ps(z[j], m0);
+      if (j + 1 < n) m1 = _mm256_max_ps(z[j + 1], m1);
+    }
+    const __m256 m = _mm256_max_ps(m0, m1);
+    __m256 s0 = zero, s1 = zero;
+    for (int j = 0; j < n; ++j) {
+      z[j] = exp_nonpos8(_mm256_sub_ps(z[j], m));  // z now holds the exponentials
+      if (j % 2) s1 = _mm256_add_ps(s1, z[j]); else s0 = _mm256_add_ps(s0, z[j]);
+    }
+    const __m256 sum = _mm256_add_ps(s0, s1);
+    // fgl_left_bin: 0 for t <= 0 or NaN (max_ps returns its second operand), n - 2 at the top
+    const __m256 t = _mm256_loadu_ps(a.target + r);
+    const __m256i left =
+        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, zero), _mm256_set1_ps(static_cast<float>(n - 2))));
+    const __m256 wl = _mm256_loadu_ps(a.wl + r), wr = _mm256_loadu_ps(a.wr + r);
+    const __m256 w = load_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    if (a.loss) {
+      const __m256i at = _mm256_add_epi32(lane_row_offsets(), left);
+      const __m256 da = _mm256_sub_ps(_mm256_i32gather_ps(rows, at, 4), m);
+      const __m256 db = _mm256_sub_ps(_mm256_i32gather_ps(rows + 1, at, 4), m);
+      const __m256 lg = log_sum_exp_total8(sum);
+      const __m256 loss = _mm256_fmadd_ps(_mm256_sub_ps(lg, da), wl, _mm256_mul_ps(_mm256_sub_ps(lg, db), wr));
+      _mm256_storeu_ps(a.loss + r, a.weight ? _mm256_mul_ps(loss, w) : loss);
+    }
+    if (a.grad) {
+      const __m256 g = a.upstream ? _mm256_mul_ps(_mm256_loadu_ps(a.upstream + r), w) : w;
+      const __m256 scale = _mm256_div_ps(_mm256_mul_ps(g, _mm256_add_ps(wl, wr)), sum);
+      const __m256 gl = _mm256_mul_ps(g, wl), gr = _mm256_mul_ps(g, wr);
+      // minus g * wl at the left bin and g * wr at the right one, selected per lane (scalar
+      // updates after the stores would stall on store-to-load forwarding)
+      const __m256i right = _mm256_add_epi32(left, _mm256_set1_epi32(1));
+      for (int j = 0; j < n; ++j) {
+        const __m256i bin = _mm256_set1_epi32(j);
+        const __m256 at_left = _mm256_castsi256_ps(_mm256_cmpeq_epi32(left, bin));
+        const __m256 at_right = _mm256_castsi256_ps(_mm256_cmpeq_epi32(right, bin));
+        const __m256 target_terms = _mm256_or_ps(_mm256_and_ps(at_left, gl), _mm256_and_ps(at_right, gr));
+        z[j] = _mm256_fmsub_ps(z[j], scale, target_terms);
+      }
+      store_lanes(z, a.grad + r * n);
+    }
+  }
+}
+
+template <typename T>
+struct DdfLaneArgs {
+  const T *student, *teacher, *weight, *upstream;
+  T temperature;
+  T *loss, *grad;  // either may be null
+};
+
+// DDF rows [begin, end), end - begin a multiple of 8: ddf_row_terms / ddf_row_loss in vector form.
+__attribute__((target("avx2,fma"))) void ddf_lanes_avx2(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) {
+  constexpr int n = kDfineBins;
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 temp = _mm256_set1_ps(a.temperature), inv_t = _mm256_set1_ps(1.0f / a.temperature);
+  for (int64_t r = begin; r < end; r += kLanes) {
+    __m256 zs[n], zt[n], ea[n], eb[n];
+    load_lanes(a.student + r * n, zs);
+    load_lanes(a.teacher + r * n, zt);
+    __m256 ms = zs[0], mt = zt[0];
+    for (int j = 1; j < n; ++j) {
+      ms = _mm256_max_ps(zs[j], ms);
+      mt = _mm256_max_ps(zt[j], mt);
+    }
+    // max(z * inv_t) == max(z) * inv_t exactly (rounding is monotone), as in ddf_row_terms
+    const __m256 max_a = _mm256_mul_ps(ms, inv_t), max_b = _mm256_mul_ps(mt, inv_t);
+    __m256 sa = zero, sb = zero;
+    for (int j = 0; j < n; ++j) {
+      // the max-shifted scaled logits a_j, b_j: one expression for both, so that teacher ==
+      // student gives exactly 0
+      zs[j] = _mm256_fmsub_ps(zs[j], inv_t, max_a);
+      zt[j] = _mm256_fmsub_ps(zt[j], inv_t, max_b);
+      ea[j] = exp_nonpos8(zs[j]);
+      eb[j] = exp_nonpos8(zt[j]);
+      sa = _mm256_add_ps(sa, ea[j]);
+      sb = _mm256_add_ps(sb, eb[j]);
+    }
+    const __m256 inv_a = _mm256_div_ps(_mm256_set1_ps(1.0f), sa);
+    const __m256 inv_b = _mm256_div_ps(_mm256_set1_ps(1.0f), sb);
+    __m256 kl = zero, sp = zero;
+    for (int j = 0; j < n; ++j) {
+      const __m256 p = _mm256_mul_ps(eb[j], inv_b);
+      const __m256 term = _mm256_mul_ps(p, _mm256_sub_ps(zt[j], zs[j]));
+      kl = _mm256_add_ps(kl, _mm256_and_ps(_mm256_cmp_ps(p, zero, _CMP_GT_OQ), term));  // p = 0 counts 0
+      sp = _mm256_add_ps(sp, p);
+    }
+    const __m256 w = load_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    if (a.loss) {
+      const __m256 log_ratio = _mm256_sub_ps(log_sum_exp_total8(sb), log_sum_exp_total8(sa));
+      const __m256 loss = _mm256_mul_ps(_mm256_mul_ps(temp, temp), _mm256_fnmadd_ps(log_ratio, sp, kl));
+      _mm256_storeu_ps(a.loss + r, a.weight ? _mm256_mul_ps(w, loss) : loss);
+    }
+    if (a.grad) {
+      const __m256 g = a.upstream ? _mm256_mul_ps(_mm256_loadu_ps(a.upstream + r), w) : w;
+      const __m256 scale = _mm256_mul_ps(g, temp);
+      const __m256 qs = _mm256_mul_ps(_mm256_mul_ps(scale, inv_a), sp), ps = _mm256_mul_ps(scale, inv_b);
+      for (int j = 0; j < n; ++j) ea[j] = _mm256_fmsub_ps(ea[j], qs, _mm256_mul_ps(eb[j], ps));
+      store_lanes(ea, a.grad + r * n);
+    }
+  }
+}
+
+void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) { fgl_lanes_avx2(a, begin, end); }
+void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) { ddf_lanes_avx2(a, begin, end); }
+#endif  // DFINE_X86
+
+// float64 has no lane kernels (for_each_lane_group never calls these)
+void run_lanes(const FglLaneArgs<double>&, int64_t, int64_t) {}
+void run_lanes(const DdfLaneArgs<double>&, int64_t, int64_t) {}
+
+// Runs lanes(begin, end) on the complete groups of 8 rows (split over threads) and the block body
+// on the remaining rows, when the lane kernels apply (float32, 33 bins, AVX2); returns false
+// (nothing run) otherwise.
+template <typename scalar_t, typename Lanes, typename Body>
+bool for_each_lane_group(int64_t rows, int n, int64_t grain, const Lanes& lanes, const Body& body) {
+#ifdef DFINE_X86
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n != kDfineBins || !cpu_has_avx2()) return false;
+    const int64_t groups = rows / kLanes;
+    at::parallel_for(0, groups, std::max<int64_t>(grain / kLanes, 1),
+                     [&](int64_t g0, int64_t g1) { lanes(g0 * kLanes, g1 * kLanes); });
+    if (groups * kLanes < rows) blocks_avx2(groups * kLanes, rows, body);
+    return true;
+  }
+#endif
+  return false;
+}
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
@@ -258,7 +497,7 @@ at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const 
     scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
     // Rows in blocks: the pass over each row's bins first, then the logarithms of the block's sums
     // in one vectorised loop (a logf call per row took a quarter of the time).
-    for_each_row_block(rows, kGrainRows * 4, DFINE_BLOCK_BODY {
+    const auto block = DFINE_BLOCK_BODY {
       scalar_t sums[kRowBlock], da[kRowBlock], db[kRowBlock];
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i = r - r0;
@@ -280,7 +519,13 @@ at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const 
         const scalar_t loss = fgl_row_loss(logs[i], da[i], db[i], wlp[r], wrp[r]);
         op_[r] = wp ? loss * wp[r] : loss;
       }
-    });
+    };
+    const auto lanes = [&](int64_t begin, int64_t end) {
+      run_lanes(FglLaneArgs<scalar_t>{zp, tp, wlp, wrp, wp, up, op_, gzp}, begin, end);
+    };
+    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lanes, block)) {
+      for_each_row_block(rows, kGrainRows * 4, block);
+    }
   });
   return out;
 }
@@ -334,7 +579,7 @@ at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const
     scalar_t* op_ = want_loss ? out.data_ptr<scalar_t>() : nullptr;
     scalar_t* gzp = grad_out.defined() ? grad_out.data_ptr<scalar_t>() : nullptr;
     const scalar_t temp = static_cast<scalar_t>(temperature);
-    for_each_row_block(rows, kGrainRows * 4, DFINE_BLOCK_BODY {
+    const auto block = DFINE_BLOCK_BODY {
       scalar_t sum_a[kRowBlock], sum_b[kRowBlock], kl[kRowBlock], sum_p[kRowBlock];
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i = r - r0;
@@ -362,7 +607,13 @@ at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const
         const scalar_t loss = ddf_row_loss(log_a[i], log_b[i], kl[i], sum_p[i], temp);
         op_[r] = wp ? wp[r] * loss : loss;
       }
-    });
+    };
+    const auto lanes = [&](int64_t begin, int64_t end) {
+      run_lanes(DdfLaneArgs<scalar_t>{sp, tp, wp, up, temp, op_, gzp}, begin, end);
+    };
+    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lanes, block)) {
+      for_each_row_block(rows, kGrainRows * 4, block);
+    }
   });
   return out;
 }

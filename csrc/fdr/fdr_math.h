@@ -39,23 +39,25 @@ constexpr int kMaxTopk = 8;   // LQE uses k = 4
 // exp(x) for x <= 0 (every exponent here is a logit minus its row maximum).
 DFINE_HD double exp_nonpos(double x) { return ::exp(x); }
 
+// Cephes expf: below kExpLowest the result is under FLT_MIN (returned as 0); polynomial of
+// exp(r) - 1 - r for |r| <= ln2 / 2, highest power first (also used by the CPU lane kernels).
+constexpr float kExpLowest = -87.33654f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 DFINE_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
   // Branch-free expf (Cephes polynomial, ~1 ulp) so that loops over the bins vectorise on the CPU.
-  const float lowest = -87.33654f;  // below this the result is under FLT_MIN: return 0
+  const float lowest = kExpLowest;
   const float xc = x < lowest ? lowest : x;
   // n = round(x / ln2) with the 1.5 * 2^23 trick (no -ffast-math here, so it is kept as written)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
+  float poly = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) poly = poly * r + kExpPoly[i];
   poly = poly * (r * r) + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
