@@ -240,6 +240,38 @@ def test_fused_non_contiguous_inputs(fused_backend):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("lqe_topk", [1, 3, 4, 8])
+def test_cpp_row_and_lane_kernels_agree(lqe_topk):
+    # float32 boxes with 33 bins go through the CPU lane kernel in pairs (8 edge rows per SIMD lane
+    # group), a last odd box through the row kernel: a box must decode to the same values, top-k
+    # bins and gradients either way. 7 boxes = 3 pairs + 1; ties: an all-zero edge (equal
+    # probabilities: the lowest bins first) and +-1e4 logits.
+    require_backend("cpp")
+    corners, project, ref = _inputs(lead=(7,))
+    corners[1, :BINS] = 0.0
+    corners[2] = torch.sign(corners[2]) * 1e4
+    corners[3, 2 * BINS:3 * BINS] = corners[3, 3 * BINS:]  # two identical edges
+    gen = torch.Generator().manual_seed(1)
+    grad_boxes, grad_stats = torch.randn(7, 4, generator=gen), torch.randn(7, 4, lqe_topk + 1, generator=gen)
+    op_forward, op_backward = torch.ops.dfine.fdr_decode_forward, torch.ops.dfine.fdr_decode_backward
+
+    def decode(i, j):
+        outputs = op_forward(corners[i:j], project, ref[i:j], 4.0, lqe_topk)
+        grads = op_backward(grad_boxes[i:j], grad_stats[i:j], corners[i:j], project, ref[i:j], outputs[2], 4.0, lqe_topk)
+        return list(outputs) + list(grads)
+
+    together = decode(0, 7)
+    alone = [decode(i, i + 1) for i in range(7)]
+    names = ["boxes", "lqe_stats", "topk_index", "grad pred_corners", "grad ref_boxes"]
+    for k, name in enumerate(names):
+        torch.testing.assert_close(together[k], torch.cat([a[k] for a in alone]), rtol=1e-6, atol=1e-6, msg=name)
+    assert torch.equal(together[2][1, 0], torch.arange(lqe_topk, dtype=torch.uint8))  # ties: lowest bins first
+    want = _values_and_grads("reference", corners[4:], project, ref[4:], lqe_topk)  # no ties in these
+    got = _values_and_grads("cpp", corners[4:], project, ref[4:], lqe_topk)
+    for name, g, w in zip(("boxes", "lqe_stats", "grad pred_corners", "grad ref_boxes"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=name)
+
+
 def test_cpp_gradcheck_float64():
     require_backend("cpp")
     corners, project, ref = _inputs(lead=(3,), dtype=torch.float64, scale=1.0)

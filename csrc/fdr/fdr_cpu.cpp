@@ -323,6 +323,164 @@ __attribute__((target("avx2,fma"))) void ddf_lanes_avx2(const DdfLaneArgs<float>
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
+// fdr_decode, float32, 33 bins, AVX2: 2 boxes (8 edge rows, edges l, t, r, b) per lane group; the
+// math of edge_softmax_expectation / fdr_decode_row_forward / fdr_decode_row_backward. The top-K
+// runs as a sorted insertion per lane over the bins (strictly greater moves up, so among equal
+// probabilities the lower bin comes first, as in topk_small).
+template <typename T>
+struct DecodeLaneArgs {
+  const T *z, *W, *ref;
+  T rs;
+  // forward
+  T *boxes, *stats;
+  uint8_t* topk_index;
+  // backward
+  const uint8_t* saved_index;
+  const T *grad_boxes, *grad_stats;
+  T *grad_z, *grad_ref;
+};
+
+// Softmax of the 8 edge rows of box pair `pair` into p (transposed), returns the expectations.
+__attribute__((target("avx2,fma"))) inline __m256 decode_lanes_softmax(const float* z, const __m256* w, __m256* p) {
+  constexpr int n = kDfineBins;
+  load_lanes(z, p);
+  __m256 m0 = p[0], m1 = p[1];
+  for (int j = 2; j < n; j += 2) {
+    m0 = _mm256_max_ps(p[j], m0);
+    if (j + 1 < n) m1 = _mm256_max_ps(p[j + 1], m1);
+  }
+  const __m256 m = _mm256_max_ps(m0, m1);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    p[j] = exp_nonpos8(_mm256_sub_ps(p[j], m));
+    if (j % 2) s1 = _mm256_add_ps(s1, p[j]); else s0 = _mm256_add_ps(s0, p[j]);
+  }
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(s0, s1));
+  __m256 d = _mm256_setzero_ps();
+  for (int j = 0; j < n; ++j) {
+    p[j] = _mm256_mul_ps(p[j], inv);
+    d = _mm256_fmadd_ps(p[j], w[j], d);
+  }
+  return d;
+}
+
+template <int K>
+__attribute__((target("avx2,fma"))) void decode_forward_lanes_avx2(const DecodeLaneArgs<float>& a, int64_t pair_begin,
+                                                                    int64_t pair_end) {
+  constexpr int n = kDfineBins;
+  __m256 w[n];
+  for (int j = 0; j < n; ++j) w[j] = _mm256_set1_ps(a.W[j]);
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+    const int64_t box = 2 * pair, edge = 4 * box;
+    __m256 p[n];
+    const __m256 d = decode_lanes_softmax(a.z + edge * n, w, p);
+    __m256 top_p[K], top_j[K];
+    for (int i = 0; i < K; ++i) top_p[i] = _mm256_set1_ps(-1.0f), top_j[i] = _mm256_setzero_ps();
+    for (int j = 0; j < n; ++j) {
+      const __m256 v = p[j], bin = _mm256_set1_ps(static_cast<float>(j));
+      __m256 up[K];  // v goes above place i (and then above every later place)
+      for (int i = 0; i < K; ++i) up[i] = _mm256_cmp_ps(v, top_p[i], _CMP_GT_OQ);
+      for (int i = K - 1; i > 0; --i) {
+        top_p[i] = _mm256_blendv_ps(_mm256_blendv_ps(top_p[i], v, up[i]), top_p[i - 1], up[i - 1]);
+        top_j[i] = _mm256_blendv_ps(_mm256_blendv_ps(top_j[i], bin, up[i]), top_j[i - 1], up[i - 1]);
+      }
+      top_p[0] = _mm256_blendv_ps(top_p[0], v, up[0]);
+      top_j[0] = _mm256_blendv_ps(top_j[0], bin, up[0]);
+    }
+    alignas(32) float vals[K][kLanes], bins[K][kLanes], dist[kLanes];
+    for (int i = 0; i < K; ++i) _mm256_store_ps(vals[i], top_p[i]), _mm256_store_ps(bins[i], top_j[i]);
+    _mm256_store_ps(dist, d);
+    for (int e = 0; e < kLanes; ++e) {
+      float* st = a.stats + (edge + e) * (K + 1);
+      uint8_t* ti = a.topk_index + (edge + e) * K;
+      float total = 0.0f;
+      for (int i = 0; i < K; ++i) {
+        st[i] = vals[i][e];
+        ti[i] = static_cast<uint8_t>(bins[i][e]);
+        total += vals[i][e];
+      }
+      st[K] = total / static_cast<float>(K);
+    }
+    distance_to_box(a.ref + box * 4, dist, a.rs, a.boxes + box * 4);
+    distance_to_box(a.ref + box * 4 + 4, dist + 4, a.rs, a.boxes + box * 4 + 4);
+  }
+}
+
+template <int K>
+__attribute__((target("avx2,fma"))) void decode_backward_lanes_avx2(const DecodeLaneArgs<float>& a, int64_t pair_begin,
+                                                                     int64_t pair_end) {
+  constexpr int n = kDfineBins;
+  __m256 w[n];
+  for (int j = 0; j < n; ++j) w[j] = _mm256_set1_ps(a.W[j]);
+  const float rs = a.rs, half = 0.5f * rs;
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+    const int64_t box = 2 * pair, edge = 4 * box;
+    __m256 p[n];
+    alignas(32) float dist[kLanes], grad_d[kLanes], dot[kLanes];
+    _mm256_store_ps(dist, decode_lanes_softmax(a.z + edge * n, w, p));
+    // per box: box = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), as in fdr_decode_row_backward
+    for (int b = 0; b < 2; ++b) {
+      const float* ref = a.ref + (box + b) * 4;
+      const float* gb = a.grad_boxes + (box + b) * 4;
+      float* gr = a.grad_ref + (box + b) * 4;
+      const float* d = dist + 4 * b;
+      const float unit_w = ref[2] / rs, unit_h = ref[3] / rs;
+      const float gx1 = 0.5f * gb[0] - gb[2], gx2 = 0.5f * gb[0] + gb[2];
+      const float gy1 = 0.5f * gb[1] - gb[3], gy2 = 0.5f * gb[1] + gb[3];
+      grad_d[4 * b + 0] = -gx1 * unit_w, grad_d[4 * b + 1] = -gy1 * unit_h;
+      grad_d[4 * b + 2] = gx2 * unit_w, grad_d[4 * b + 3] = gy2 * unit_h;
+      gr[0] = gx1 + gx2;
+      gr[1] = gy1 + gy2;
+      gr[2] = (gx2 * (half + d[2]) - gx1 * (half + d[0])) / rs;
+      gr[3] = (gy2 * (half + d[3]) - gy1 * (half + d[1])) / rs;
+    }
+    // the top-k terms t_j, added at their bins (transposed): gz_j = p_j * (grad_d * W_j - dot) + t_j
+    __m256 extra[n];
+    for (int j = 0; j < n; ++j) extra[j] = _mm256_setzero_ps();
+    const float* pf = reinterpret_cast<const float*>(p);
+    float* xf = reinterpret_cast<float*>(extra);
+    for (int e = 0; e < kLanes; ++e) {
+      const float* gs = a.grad_stats + (edge + e) * (K + 1);
+      const uint8_t* top = a.saved_index + (edge + e) * K;
+      const float grad_mean = gs[K] / static_cast<float>(K);
+      float dt = grad_d[e] * dist[e];
+      for (int i = 0; i < K; ++i) {
+        const float term = pf[top[i] * kLanes + e] * (gs[i] + grad_mean);
+        dt += term;
+        xf[top[i] * kLanes + e] += term;
+      }
+      dot[e] = dt;
+    }
+    const __m256 g = _mm256_load_ps(grad_d), dv = _mm256_load_ps(dot);
+    for (int j = 0; j < n; ++j) p[j] = _mm256_fmadd_ps(p[j], _mm256_fmsub_ps(g, w[j], dv), extra[j]);
+    store_lanes_to(p, a.grad_z + edge * n);
+  }
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
+}
+
+template <int K>
+void run_decode_lanes(const DecodeLaneArgs<float>& a, bool forward, int64_t begin, int64_t end) {
+  if (forward) {
+    decode_forward_lanes_avx2<K>(a, begin, end);
+  } else {
+    decode_backward_lanes_avx2<K>(a, begin, end);
+  }
+}
+
+// Box pairs [begin, end) of fdr_decode forward or backward through the lane kernels.
+void run_lanes(const DecodeLaneArgs<float>& a, int k, bool forward, int64_t begin, int64_t end) {
+  switch (k) {
+    case 1: return run_decode_lanes<1>(a, forward, begin, end);
+    case 2: return run_decode_lanes<2>(a, forward, begin, end);
+    case 3: return run_decode_lanes<3>(a, forward, begin, end);
+    case 4: return run_decode_lanes<4>(a, forward, begin, end);
+    case 5: return run_decode_lanes<5>(a, forward, begin, end);
+    case 6: return run_decode_lanes<6>(a, forward, begin, end);
+    case 7: return run_decode_lanes<7>(a, forward, begin, end);
+    default: return run_decode_lanes<8>(a, forward, begin, end);
+  }
+}
+
 void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) { fgl_lanes_avx2(a, begin, end); }
 void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) { ddf_lanes_avx2(a, begin, end); }
 #endif  // DFINE_X86
@@ -330,6 +488,24 @@ void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) { ddf_la
 // float64 has no lane kernels (for_each_lane_group never calls these)
 void run_lanes(const FglLaneArgs<double>&, int64_t, int64_t) {}
 void run_lanes(const DdfLaneArgs<double>&, int64_t, int64_t) {}
+void run_lanes(const DecodeLaneArgs<double>&, int, bool, int64_t, int64_t) {}
+
+// Runs lanes(pair_begin, pair_end) on the pairs of boxes (split over threads) and the row body on
+// a last odd box, when the fdr_decode lane kernels apply (float32, 33 bins, AVX2); returns false
+// (nothing run) otherwise.
+template <typename scalar_t, typename Lanes, typename Body>
+bool for_each_box_pair(int64_t boxes, int n, int64_t grain, const Lanes& lanes, const Body& body) {
+#ifdef DFINE_X86
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n != kDfineBins || !cpu_has_avx2()) return false;
+    const int64_t pairs = boxes / 2;
+    at::parallel_for(0, pairs, std::max<int64_t>(grain / 2, 1), [&](int64_t p0, int64_t p1) { lanes(p0, p1); });
+    if (2 * pairs < boxes) rows_avx2(2 * pairs, boxes, body);
+    return true;
+  }
+#endif
+  return false;
+}
 
 // Runs lanes(begin, end) on the complete groups of 8 rows (split over threads) and the block body
 // on the remaining rows, when the lane kernels apply (float32, 33 bins, AVX2); returns false
@@ -410,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::
     scalar_t* sp = stats.data_ptr<scalar_t>();
     uint8_t* ip = topk_index.data_ptr<uint8_t>();
     const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
-    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+    const auto row = DFINE_ROW_BODY {
       if (n == kDfineBins) {
         fdr_decode_row_forward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, bp + r * 4,
                                          sp + r * 4 * (k + 1), ip + r * 4 * k);
@@ -418,7 +594,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::
         fdr_decode_row_forward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, bp + r * 4, sp + r * 4 * (k + 1),
                                          ip + r * 4 * k);
       }
-    });
+    };
+    DecodeLaneArgs<scalar_t> lane_args{zp, wp, rp, rs, bp, sp, ip, nullptr, nullptr, nullptr, nullptr, nullptr};
+    const auto lanes = [&](int64_t p0, int64_t p1) { run_lanes(lane_args, k, true, p0, p1); };
+    if (!for_each_box_pair<scalar_t>(rows, n, kGrainRows, lanes, row)) for_each_row(rows, kGrainRows, row);
   });
   return {boxes, stats, topk_index};
 }
@@ -457,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
     scalar_t* grp = grad_ref.data_ptr<scalar_t>();
     const uint8_t* ip = ti.data_ptr<uint8_t>();
     const scalar_t rs = std::abs(static_cast<scalar_t>(reg_scale));
-    for_each_row(rows, kGrainRows, DFINE_ROW_BODY {
+    const auto row = DFINE_ROW_BODY {
       if (n == kDfineBins) {
         fdr_decode_row_backward<scalar_t>(zp + r * 4 * kDfineBins, wp, kDfineBins, rp + r * 4, rs, k, ip + r * 4 * k,
                                           gbp + r * 4, gsp + r * 4 * (k + 1), gzp + r * 4 * kDfineBins, grp + r * 4);
@@ -465,7 +644,10 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
         fdr_decode_row_backward<scalar_t>(zp + r * 4 * n, wp, n, rp + r * 4, rs, k, ip + r * 4 * k, gbp + r * 4,
                                           gsp + r * 4 * (k + 1), gzp + r * 4 * n, grp + r * 4);
       }
-    });
+    };
+    DecodeLaneArgs<scalar_t> lane_args{zp, wp, rp, rs, nullptr, nullptr, nullptr, ip, gbp, gsp, gzp, grp};
+    const auto lanes = [&](int64_t p0, int64_t p1) { run_lanes(lane_args, k, false, p0, p1); };
+    if (!for_each_box_pair<scalar_t>(rows, n, kGrainRows, lanes, row)) for_each_row(rows, kGrainRows, row);
   });
   return {grad_z, grad_ref};
 }
