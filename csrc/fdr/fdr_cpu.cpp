@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 // The branch-free exp of fdr_math.h vectorises only when float compares may be if-converted,
@@ -35,8 +37,13 @@ __attribute__((target("avx2,fma"))) void rows_avx2(int64_t begin, int64_t end, c
   for (int64_t r = begin; r < end; ++r) body(r);
 }
 
+// DFINE_CPU_DISABLE_AVX2=1 forces the baseline copies (read once; the tests compare both).
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = [] {
+    const char* disable = std::getenv("DFINE_CPU_DISABLE_AVX2");
+    if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 #endif
