@@ -181,6 +181,42 @@ __attribute__((target("avx2,fma"))) inline void store_lanes_to(__m256* in, float
   }
 }
 
+// z[j] = exp(z[j] - max_j z[j]) per lane over the 33 bins; returns the per-lane sums and the
+// maxima in `max`. Unrolled by 4 with 4 partial maxima and sums: each exponential is a chain of ~15
+// dependent operations, so several must be in flight at once.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpos8(__m256 x);
+
+__attribute__((target("avx2,fma"))) inline __m256 lanes_exp_sum(__m256* z, __m256& max) {
+  constexpr int n = kDfineBins;
+  __m256 m0 = z[0], m1 = z[1], m2 = z[2], m3 = z[3];
+#pragma GCC unroll 8
+  for (int j = 4; j + 3 < n; j += 4) {
+    m0 = _mm256_max_ps(z[j], m0);
+    m1 = _mm256_max_ps(z[j + 1], m1);
+    m2 = _mm256_max_ps(z[j + 2], m2);
+    m3 = _mm256_max_ps(z[j + 3], m3);
+  }
+  m0 = _mm256_max_ps(z[n - 1], m0);  // n = 33 = 8 * 4 + 1
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#pragma GCC unroll 8
+  for (int j = 0; j + 3 < n; j += 4) {
+    z[j] = exp_nonpos8(_mm256_sub_ps(z[j], m));
+    z[j + 1] = exp_nonpos8(_mm256_sub_ps(z[j + 1], m));
+    z[j + 2] = exp_nonpos8(_mm256_sub_ps(z[j + 2], m));
+    z[j + 3] = exp_nonpos8(_mm256_sub_ps(z[j + 3], m));
+    s0 = _mm256_add_ps(s0, z[j]);
+    s1 = _mm256_add_ps(s1, z[j + 1]);
+    s2 = _mm256_add_ps(s2, z[j + 2]);
+    s3 = _mm256_add_ps(s3, z[j + 3]);
+  }
+  z[n - 1] = exp_nonpos8(_mm256_sub_ps(z[n - 1], m));
+  s0 = _mm256_add_ps(s0, z[n - 1]);
+  max = m;
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+}
+static_assert(kDfineBins == 33, "lanes_exp_sum unrolls 33 bins as 8 * 4 + 1");
+
 // exp_nonpos of fdr_math.h on 8 lanes (same polynomial and steps; NaN passes through).
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpos8(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(kExpLowest);
@@ -224,18 +260,8 @@ __attribute__((target("avx2,fma"))) void fgl_lanes_avx2(const FglLaneArgs<float>
     const float* rows = a.z + r * n;
     __m256 z[n];
     load_lanes(rows, z);
-    __m256 m0 = z[0], m1 = z[1];  // two chains of max, then of sums, so that they overlap
-    for (int j = 2; j < n; j += 2) {
-      m0 = _mm256_max_ps(z[j], m0);
-      if (j + 1 < n) m1 = _mm256_max_ps(z[j + 1], m1);
-    }
-    const __m256 m = _mm256_max_ps(m0, m1);
-    __m256 s0 = zero, s1 = zero;
-    for (int j = 0; j < n; ++j) {
-      z[j] = exp_nonpos8(_mm256_sub_ps(z[j], m));  // z now holds the exponentials
-      if (j % 2) s1 = _mm256_add_ps(s1, z[j]); else s0 = _mm256_add_ps(s0, z[j]);
-    }
-    const __m256 sum = _mm256_add_ps(s0, s1);
+    __m256 m;
+    const __m256 sum = lanes_exp_sum(z, m);  // z now holds the exponentials
     // fgl_left_bin: 0 for t <= 0 or NaN (max_ps returns its second operand), n - 2 at the top
     const __m256 t = _mm256_loadu_ps(a.target + r);
     const __m256i left =
@@ -351,18 +377,8 @@ struct DecodeLaneArgs {
 __attribute__((target("avx2,fma"))) inline __m256 decode_lanes_softmax(const float* z, const __m256* w, __m256* p) {
   constexpr int n = kDfineBins;
   load_lanes(z, p);
-  __m256 m0 = p[0], m1 = p[1];
-  for (int j = 2; j < n; j += 2) {
-    m0 = _mm256_max_ps(p[j], m0);
-    if (j + 1 < n) m1 = _mm256_max_ps(p[j + 1], m1);
-  }
-  const __m256 m = _mm256_max_ps(m0, m1);
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  for (int j = 0; j < n; ++j) {
-    p[j] = exp_nonpos8(_mm256_sub_ps(p[j], m));
-    if (j % 2) s1 = _mm256_add_ps(s1, p[j]); else s0 = _mm256_add_ps(s0, p[j]);
-  }
-  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(s0, s1));
+  __m256 m;
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), lanes_exp_sum(p, m));
   __m256 d = _mm256_setzero_ps();
   for (int j = 0; j < n; ++j) {
     p[j] = _mm256_mul_ps(p[j], inv);
