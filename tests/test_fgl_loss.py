@@ -106,11 +106,12 @@ def test_fused_non_contiguous_inputs(fused_backend):
 
 
 def test_cpp_row_and_lane_kernels_agree():
-    # float32 rows of 33 bins go through the CPU lane kernel (8 rows per SIMD lane group) when
-    # they fill a group, the others through the row kernel: the same row must give the same loss
-    # and gradient either way (19 rows = 2 groups + 3; edge targets 0 and K - 0.1 are in the groups)
+    # float32 rows of 33 bins go through the CPU lane kernels (16 rows per group with AVX-512, then
+    # 8 with AVX2) when they fill a group, the others through the row kernel: the same row must give
+    # the same loss and gradient either way (27 rows = 16 + 8 + 3; edge targets 0 and K - 0.1 are in
+    # the first group)
     require_backend("cpp")
-    pred, target, wl, wr, iou = _inputs(n=19)
+    pred, target, wl, wr, iou = _inputs(n=27)
     pred[5] = torch.sign(pred[5]) * 1e4
     target[6], wl[6], wr[6] = -1.0, 1.0, 0.0  # below the range: left bin 0
     target[7] = K + 3.0  # above the range: left bin K - 1
@@ -122,8 +123,8 @@ def test_cpp_row_and_lane_kernels_agree():
 
     # upstream gradients 0.5 ... 1.5 over the rows: 0.5 for a row alone
     together = rows_and_grads(pred, target, wl, wr, iou)
-    alone = [rows_and_grads(pred[i:i + 1], target[i:i + 1], wl[i:i + 1], wr[i:i + 1], iou[i:i + 1]) for i in range(19)]
-    upstream = torch.linspace(0.5, 1.5, 19)
+    alone = [rows_and_grads(pred[i:i + 1], target[i:i + 1], wl[i:i + 1], wr[i:i + 1], iou[i:i + 1]) for i in range(27)]
+    upstream = torch.linspace(0.5, 1.5, 27)
     torch.testing.assert_close(together[0], torch.cat([a[0] for a in alone]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(together[1], torch.cat([a[1] / 0.5 * u for a, u in zip(alone, upstream)]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together[0], fgl_loss_reference(pred, target, wl, wr, iou, reduction="none"),

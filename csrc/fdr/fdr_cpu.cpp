@@ -296,6 +296,142 @@ __attribute__((target("avx2,fma"))) void fgl_lanes_avx2(const FglLaneArgs<float>
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
+// ---- AVX-512: 16 rows per group (two 8-row transposes side by side in one 512-bit vector). Fewer
+// instructions per bin than AVX2 (the power of two by vscalefps, the underflow to 0 by a mask), and
+// on CPUs that split 512-bit operations in two halves, half as many to schedule.
+#define DFINE_AVX512_TARGET "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+// GCC 12's AVX-512 headers pass self-initialised "undefined" vectors as merge sources (e.g. in
+// _mm512_max_ps), which -Wmaybe-uninitialized reports at every use; the values are never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+constexpr int kLanes16 = 16;
+
+// DFINE_CPU_DISABLE_AVX512=1 keeps the AVX2 lane kernels (read once; the tests compare both).
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    const char* disable = std::getenv("DFINE_CPU_DISABLE_AVX512");
+    if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  }();
+  return has;
+}
+
+// exp_nonpos of fdr_math.h on 16 lanes (same reduction and polynomial; NaN passes through).
+__attribute__((target(DFINE_AVX512_TARGET))) inline __m512 exp_nonpos16(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(kExpLowest);
+  const __m512 xc = _mm512_max_ps(lowest, x);  // max_ps returns its second operand for NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[i]));
+  poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // 0 below the lowest exponent
+  return _mm512_maskz_scalef_ps(keep, poly, n);
+}
+
+// out[j] = bin j of 16 consecutive rows of 33 floats.
+__attribute__((target(DFINE_AVX512_TARGET))) inline void load_lanes16(const float* rows, __m512* out) {
+  __m256 lo[kDfineBins], hi[kDfineBins];
+  load_lanes(rows, lo);
+  load_lanes(rows + kLanes * kDfineBins, hi);
+  for (int j = 0; j < kDfineBins; ++j) out[j] = _mm512_insertf32x8(_mm512_zextps256_ps512(lo[j]), hi[j], 1);
+}
+
+__attribute__((target(DFINE_AVX512_TARGET))) inline void store_lanes16_to(const __m512* in, float* rows) {
+  __m256 lo[kDfineBins], hi[kDfineBins];
+  for (int j = 0; j < kDfineBins; ++j) lo[j] = _mm512_castps512_ps256(in[j]), hi[j] = _mm512_extractf32x8_ps(in[j], 1);
+  store_lanes_to(lo, rows);
+  store_lanes_to(hi, rows + kLanes * kDfineBins);
+}
+
+// lanes_exp_sum on 16 lanes.
+__attribute__((target(DFINE_AVX512_TARGET))) inline __m512 lanes_exp_sum16(__m512* z, __m512& max) {
+  constexpr int n = kDfineBins;
+  __m512 m0 = z[0], m1 = z[1], m2 = z[2], m3 = z[3];
+#pragma GCC unroll 8
+  for (int j = 4; j + 3 < n; j += 4) {
+    m0 = _mm512_max_ps(z[j], m0);
+    m1 = _mm512_max_ps(z[j + 1], m1);
+    m2 = _mm512_max_ps(z[j + 2], m2);
+    m3 = _mm512_max_ps(z[j + 3], m3);
+  }
+  m0 = _mm512_max_ps(z[n - 1], m0);
+  const __m512 m = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#pragma GCC unroll 8
+  for (int j = 0; j + 3 < n; j += 4) {
+    z[j] = exp_nonpos16(_mm512_sub_ps(z[j], m));
+    z[j + 1] = exp_nonpos16(_mm512_sub_ps(z[j + 1], m));
+    z[j + 2] = exp_nonpos16(_mm512_sub_ps(z[j + 2], m));
+    z[j + 3] = exp_nonpos16(_mm512_sub_ps(z[j + 3], m));
+    s0 = _mm512_add_ps(s0, z[j]);
+    s1 = _mm512_add_ps(s1, z[j + 1]);
+    s2 = _mm512_add_ps(s2, z[j + 2]);
+    s3 = _mm512_add_ps(s3, z[j + 3]);
+  }
+  z[n - 1] = exp_nonpos16(_mm512_sub_ps(z[n - 1], m));
+  s0 = _mm512_add_ps(s0, z[n - 1]);
+  max = m;
+  return _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+}
+
+__attribute__((target(DFINE_AVX512_TARGET))) inline __m512 log_sum_exp_total16(__m512 x) {
+  alignas(64) float v[kLanes16];
+  _mm512_store_ps(v, x);
+  DFINE_PRAGMA(omp simd)
+  for (int i = 0; i < kLanes16; ++i) v[i] = log_sum_exp_total(v[i]);
+  return _mm512_load_ps(v);
+}
+
+__attribute__((target(DFINE_AVX512_TARGET))) inline __m512 load16_or(const float* p, float value) {
+  return p ? _mm512_loadu_ps(p) : _mm512_set1_ps(value);
+}
+
+// fgl_lanes_avx2 on 16 rows at a time: rows [begin, end), end - begin a multiple of 16.
+__attribute__((target(DFINE_AVX512_TARGET))) void fgl_lanes_avx512(const FglLaneArgs<float>& a, int64_t begin,
+                                                                    int64_t end) {
+  constexpr int n = kDfineBins;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(n));
+  for (int64_t r = begin; r < end; r += kLanes16) {
+    const float* rows = a.z + r * n;
+    __m512 z[n];
+    load_lanes16(rows, z);
+    __m512 m;
+    const __m512 sum = lanes_exp_sum16(z, m);  // z now holds the exponentials
+    const __m512 t = _mm512_loadu_ps(a.target + r);
+    const __m512i left =
+        _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, zero), _mm512_set1_ps(static_cast<float>(n - 2))));
+    const __m512 wl = _mm512_loadu_ps(a.wl + r), wr = _mm512_loadu_ps(a.wr + r);
+    const __m512 w = load16_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    if (a.loss) {
+      const __m512i at = _mm512_add_epi32(offsets, left);
+      const __m512 da = _mm512_sub_ps(_mm512_i32gather_ps(at, rows, 4), m);
+      const __m512 db = _mm512_sub_ps(_mm512_i32gather_ps(at, rows + 1, 4), m);
+      const __m512 lg = log_sum_exp_total16(sum);
+      const __m512 loss = _mm512_fmadd_ps(_mm512_sub_ps(lg, da), wl, _mm512_mul_ps(_mm512_sub_ps(lg, db), wr));
+      _mm512_storeu_ps(a.loss + r, a.weight ? _mm512_mul_ps(loss, w) : loss);
+    }
+    if (a.grad) {
+      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r), w) : w;
+      const __m512 scale = _mm512_div_ps(_mm512_mul_ps(g, _mm512_add_ps(wl, wr)), sum);
+      const __m512 gl = _mm512_mul_ps(g, wl), gr = _mm512_mul_ps(g, wr);
+      const __m512i right = _mm512_add_epi32(left, _mm512_set1_epi32(1));
+      for (int j = 0; j < n; ++j) {
+        const __m512i bin = _mm512_set1_epi32(j);
+        __m512 v = _mm512_mul_ps(z[j], scale);
+        v = _mm512_mask_sub_ps(v, _mm512_cmpeq_epi32_mask(left, bin), v, gl);
+        z[j] = _mm512_mask_sub_ps(v, _mm512_cmpeq_epi32_mask(right, bin), v, gr);
+      }
+      store_lanes16_to(z, a.grad + r * n);
+    }
+  }
+  _mm_sfence();
+}
+
 template <typename T>
 struct DdfLaneArgs {
   const T *student, *teacher, *weight, *upstream;
@@ -354,6 +490,57 @@ __attribute__((target("avx2,fma"))) void ddf_lanes_avx2(const DdfLaneArgs<float>
     }
   }
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
+}
+
+// ddf_lanes_avx2 on 16 rows at a time: rows [begin, end), end - begin a multiple of 16.
+__attribute__((target(DFINE_AVX512_TARGET))) void ddf_lanes_avx512(const DdfLaneArgs<float>& a, int64_t begin,
+                                                                    int64_t end) {
+  constexpr int n = kDfineBins;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 temp = _mm512_set1_ps(a.temperature), inv_t = _mm512_set1_ps(1.0f / a.temperature);
+  for (int64_t r = begin; r < end; r += kLanes16) {
+    __m512 zs[n], zt[n], ea[n], eb[n];
+    load_lanes16(a.student + r * n, zs);
+    load_lanes16(a.teacher + r * n, zt);
+    __m512 ms = zs[0], mt = zt[0];
+    for (int j = 1; j < n; ++j) {
+      ms = _mm512_max_ps(zs[j], ms);
+      mt = _mm512_max_ps(zt[j], mt);
+    }
+    const __m512 max_a = _mm512_mul_ps(ms, inv_t), max_b = _mm512_mul_ps(mt, inv_t);
+    __m512 sa = zero, sb = zero;
+    for (int j = 0; j < n; ++j) {
+      zs[j] = _mm512_fmsub_ps(zs[j], inv_t, max_a);  // one expression for both (exact 0 if equal)
+      zt[j] = _mm512_fmsub_ps(zt[j], inv_t, max_b);
+      ea[j] = exp_nonpos16(zs[j]);
+      eb[j] = exp_nonpos16(zt[j]);
+      sa = _mm512_add_ps(sa, ea[j]);
+      sb = _mm512_add_ps(sb, eb[j]);
+    }
+    const __m512 inv_a = _mm512_div_ps(_mm512_set1_ps(1.0f), sa);
+    const __m512 inv_b = _mm512_div_ps(_mm512_set1_ps(1.0f), sb);
+    __m512 kl = zero, sp = zero;
+    for (int j = 0; j < n; ++j) {
+      const __m512 p = _mm512_mul_ps(eb[j], inv_b);
+      const __mmask16 positive = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);  // p = 0 counts 0
+      kl = _mm512_mask_add_ps(kl, positive, kl, _mm512_mul_ps(p, _mm512_sub_ps(zt[j], zs[j])));
+      sp = _mm512_add_ps(sp, p);
+    }
+    const __m512 w = load16_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    if (a.loss) {
+      const __m512 log_ratio = _mm512_sub_ps(log_sum_exp_total16(sb), log_sum_exp_total16(sa));
+      const __m512 loss = _mm512_mul_ps(_mm512_mul_ps(temp, temp), _mm512_fnmadd_ps(log_ratio, sp, kl));
+      _mm512_storeu_ps(a.loss + r, a.weight ? _mm512_mul_ps(w, loss) : loss);
+    }
+    if (a.grad) {
+      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r), w) : w;
+      const __m512 scale = _mm512_mul_ps(g, temp);
+      const __m512 qs = _mm512_mul_ps(_mm512_mul_ps(scale, inv_a), sp), ps = _mm512_mul_ps(scale, inv_b);
+      for (int j = 0; j < n; ++j) ea[j] = _mm512_fmsub_ps(ea[j], qs, _mm512_mul_ps(eb[j], ps));
+      store_lanes16_to(ea, a.grad + r * n);
+    }
+  }
+  _mm_sfence();
 }
 
 // fdr_decode, float32, 33 bins, AVX2: 2 boxes (8 edge rows, edges l, t, r, b) per lane group; the
@@ -504,11 +691,33 @@ void run_lanes(const DecodeLaneArgs<float>& a, int k, bool forward, int64_t begi
   }
 }
 
-void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) { fgl_lanes_avx2(a, begin, end); }
-void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) { ddf_lanes_avx2(a, begin, end); }
+// Rows [begin, end) (a multiple of 8 rows, starting at a multiple of 8): groups of 16 through the
+// AVX-512 kernel where available, a last group of 8 through the AVX2 one.
+void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) {
+  if (cpu_has_avx512()) {
+    const int64_t mid = begin + (end - begin) / kLanes16 * kLanes16;
+    fgl_lanes_avx512(a, begin, mid);
+    begin = mid;
+  }
+  fgl_lanes_avx2(a, begin, end);
+}
+void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) {
+  if (cpu_has_avx512()) {
+    const int64_t mid = begin + (end - begin) / kLanes16 * kLanes16;
+    ddf_lanes_avx512(a, begin, mid);
+    begin = mid;
+  }
+  ddf_lanes_avx2(a, begin, end);
+}
 #endif  // DFINE_X86
 
 // float64 has no lane kernels (for_each_lane_group never calls these)
+int64_t lane_group_rows(bool has_avx512_kernel) {
+#ifdef DFINE_X86
+  if (has_avx512_kernel && cpu_has_avx512()) return kLanes16;
+#endif
+  return 8;
+}
 void run_lanes(const FglLaneArgs<double>&, int64_t, int64_t) {}
 void run_lanes(const DdfLaneArgs<double>&, int64_t, int64_t) {}
 void run_lanes(const DecodeLaneArgs<double>&, int, bool, int64_t, int64_t) {}
@@ -530,18 +739,21 @@ bool for_each_box_pair(int64_t boxes, int n, int64_t grain, const Lanes& lanes, 
   return false;
 }
 
-// Runs lanes(begin, end) on the complete groups of 8 rows (split over threads) and the block body
-// on the remaining rows, when the lane kernels apply (float32, 33 bins, AVX2); returns false
-// (nothing run) otherwise.
+// Runs lanes(begin, end) on the complete groups of `group` rows (8, or 16 for AVX-512 kernels; split
+// over threads), then on a last complete group of 8, and the block body on the remaining rows, when
+// the lane kernels apply (float32, 33 bins, AVX2); returns false (nothing run) otherwise. Groups
+// start at row 0, so which kernel computes a row never depends on the thread split.
 template <typename scalar_t, typename Lanes, typename Body>
-bool for_each_lane_group(int64_t rows, int n, int64_t grain, const Lanes& lanes, const Body& body) {
+bool for_each_lane_group(int64_t rows, int n, int64_t grain, int64_t group, const Lanes& lanes, const Body& body) {
 #ifdef DFINE_X86
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n != kDfineBins || !cpu_has_avx2()) return false;
-    const int64_t groups = rows / kLanes;
-    at::parallel_for(0, groups, std::max<int64_t>(grain / kLanes, 1),
-                     [&](int64_t g0, int64_t g1) { lanes(g0 * kLanes, g1 * kLanes); });
-    if (groups * kLanes < rows) blocks_avx2(groups * kLanes, rows, body);
+    const int64_t groups = rows / group;
+    at::parallel_for(0, groups, std::max<int64_t>(grain / group, 1),
+                     [&](int64_t g0, int64_t g1) { lanes(g0 * group, g1 * group); });
+    const int64_t rest = groups * group, rest_lanes = rest + (rows - rest) / kLanes * kLanes;
+    if (rest_lanes > rest) lanes(rest, rest_lanes);
+    if (rest_lanes < rows) blocks_avx2(rest_lanes, rows, body);
     return true;
   }
 #endif
@@ -747,7 +959,7 @@ at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const 
     const auto lanes = [&](int64_t begin, int64_t end) {
       run_lanes(FglLaneArgs<scalar_t>{zp, tp, wlp, wrp, wp, up, op_, gzp}, begin, end);
     };
-    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lanes, block)) {
+    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lane_group_rows(true), lanes, block)) {
       for_each_row_block(rows, kGrainRows * 4, block);
     }
   });
@@ -835,7 +1047,7 @@ at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const
     const auto lanes = [&](int64_t begin, int64_t end) {
       run_lanes(DdfLaneArgs<scalar_t>{sp, tp, wp, up, temp, op_, gzp}, begin, end);
     };
-    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lanes, block)) {
+    if (!for_each_lane_group<scalar_t>(rows, n, kGrainRows * 4, lane_group_rows(true), lanes, block)) {
       for_each_row_block(rows, kGrainRows * 4, block);
     }
   });
