@@ -211,3 +211,15 @@ def test_torch_compile_fullgraph_cpp():
     loss_eager.backward()
     torch.testing.assert_close(loss_compiled, loss_eager)
     torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_fused_gradient_of_a_plain_sum(fused_backend):
+    # .backward() of a reduction="sum" loss sends an expanded 1 to every row: the C++ backward
+    # then returns the fused gradient without scaling it (any other value is a scalar multiply)
+    pred, teacher, weight = _inputs(n=40)
+    grads = []
+    for fn in (lambda p: ddf_loss(p, teacher, weight, reduction="sum", backend=fused_backend), lambda p: ddf_loss_reference(p, teacher, weight, reduction="sum")):
+        p = pred.clone().requires_grad_(True)
+        fn(p).backward()
+        grads.append(p.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-6, atol=2e-6)

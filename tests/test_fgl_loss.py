@@ -205,3 +205,15 @@ def test_fused_second_backward_through_the_graph(fused_backend):
     want, = torch.autograd.grad(fgl_loss_reference(pred, target, wl, wr, iou), pred)
     torch.testing.assert_close(first, want, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(second, 2 * want, rtol=2e-6, atol=4e-6)
+
+
+def test_fused_gradient_of_a_plain_sum(fused_backend):
+    # .backward() of a reduction="sum" loss sends an expanded 1 to every row: the C++ backward
+    # then returns the fused gradient without scaling it (any other value is a scalar multiply)
+    pred, target, wl, wr, iou = _inputs(n=40)
+    grads = []
+    for fn in (lambda p: fgl_loss(p, target, wl, wr, iou, reduction="sum", backend=fused_backend), lambda p: fgl_loss_reference(p, target, wl, wr, iou, reduction="sum")):
+        p = pred.clone().requires_grad_(True)
+        fn(p).backward()
+        grads.append(p.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-6, atol=2e-6)

@@ -82,9 +82,11 @@ at::Tensor take_fused_gradient(AutogradContext* ctx, const at::Tensor& grad_rows
   // A reduction="sum"/"mean" loss sends one value to every row (an expanded scalar). On the CPU,
   // reading it is free: a factor of exactly 1 (a plain sum) leaves the gradient as it is, saving a
   // pass over [N, K+1]; any other value is a scalar multiply.
-  if (grad_rows.device().is_cpu() && grad_rows.dim() == 1 && grad_rows.numel() > 0 && grad_rows.stride(0) == 0) {
-    const at::Scalar factor = grad_rows[0].item();
-    if (factor.toDouble() == 1.0) return grad;
+  if (grad_rows.device().is_cpu() && grad_rows.dim() == 1 && grad_rows.numel() > 0 && grad_rows.stride(0) == 0 &&
+      (grad_rows.scalar_type() == at::kFloat || grad_rows.scalar_type() == at::kDouble)) {
+    const double factor = grad_rows.scalar_type() == at::kFloat ? *grad_rows.const_data_ptr<float>()
+                                                                : *grad_rows.const_data_ptr<double>();
+    if (factor == 1.0) return grad;
     return grad.mul_(factor);
   }
   return grad.mul_(grad_rows.unsqueeze(1));
