@@ -50,17 +50,26 @@ def setup_allocator(argv=None, description=None) -> str:
 def times_ms_in_turns(calls: dict, rounds: int = 5, per_round: int = 6) -> dict:
     """Median wall time in milliseconds of every ``calls[name]()``. The calls take turns: in each of
     ``rounds`` rounds every call runs once untimed (its data back in cache) and then ``per_round``
-    times timed, so that load from other processes on a shared machine hits all of them alike."""
+    times timed, so that load from other processes on a shared machine hits all of them alike.
+    Python's garbage collector is off while timing, as in ``timeit``: a collection of the whole heap
+    (millions of objects once torch is imported) would otherwise land in whichever call triggers it."""
     for fn in calls.values():
         fn()
     samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            fn()
-            for _ in range(per_round):
-                start = time.perf_counter()
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in calls.items():
                 fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    fn()
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return {name: statistics.median(t) for name, t in samples.items()}
 
 

@@ -14,6 +14,7 @@ variants take turns (one call each per round), so that load from other processes
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -108,15 +109,22 @@ def time_in_turns(calls, runs=10, warmup=2):
     each per round), so that load from other processes on a shared machine hits all alike."""
     x = torch.rand(1, 3, *IMAGE)
     times = {name: [] for name in calls}
+    gc_was_enabled = gc.isenabled()
     with torch.no_grad():
         for call in calls.values():
             for _ in range(warmup):
                 call(x)
-        for _ in range(runs):
-            for name, call in calls.items():
-                t0 = time.perf_counter()
-                call(x)
-                times[name].append(time.perf_counter() - t0)
+        gc.collect()
+        gc.disable()  # as in timeit: no whole-heap collection inside a timed call
+        try:
+            for _ in range(runs):
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    call(x)
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 

@@ -38,9 +38,7 @@ on a shared machine vary by about +-30%, so run it twice.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -52,6 +50,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dfine.ops import extension_available
 from dfine.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+
+from _fdr_bench_utils import times_ms_in_turns  # noqa: E402
 
 THREADS = 2
 LEVELS = [(80, 80), (40, 40), (20, 20)]
@@ -111,18 +111,9 @@ MODES = {"fwd": forward_only, "fwd+bwd": forward_backward}
 
 
 def median_times(calls, rounds=5, per_round=2):
-    """Median wall time of every ``calls[name]()``; the calls take turns (see the module docstring)."""
-    for call in calls.values():
-        call()  # first calls: torch.compile builds, allocator warms up
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            call()  # untimed: this backend's data back in cache after the other backends ran
-            for _ in range(per_round):
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median wall time in seconds of every ``calls[name]()``; the calls take turns (see the module
+    docstring and ``_fdr_bench_utils.times_ms_in_turns``)."""
+    return {name: ms / 1e3 for name, ms in times_ms_in_turns(calls, rounds, per_round).items()}
 
 
 def peak_extra_bytes(call):
