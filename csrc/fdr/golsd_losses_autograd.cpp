@@ -100,6 +100,8 @@ class FglLossFunction : public torch::autograd::Function<FglLossFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [rows, fused] = call_fgl_forward(pred, target, wl, wr, weight, compute_grad);
     ctx->save_for_backward({pred, target, wl, wr, weight.has_value() ? *weight : at::Tensor()});
+    // (needs_input_grad cannot be asked about an absent optional input)
+    ctx->saved_data["weight_grad"] = weight.has_value() && weight->defined() && weight->requires_grad();
     keep_fused_gradient(ctx, fused);
     return {rows, fused};
   }
@@ -108,15 +110,16 @@ class FglLossFunction : public torch::autograd::Function<FglLossFunction> {
     const at::Tensor& grad_rows = grads[0];
     variable_list out(6);
     if (!grad_rows.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = take_fused_gradient(ctx, grad_rows);
+    // the usual case ends here, without unpacking the saved inputs
+    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
+    if ((out[0].defined() || !ctx->needs_input_grad(0)) && !weight_grad) return out;
     const variable_list saved = ctx->get_saved_variables();
     const c10::optional<at::Tensor> weight = as_optional(saved[4]);
-    if (ctx->needs_input_grad(0)) {
-      out[0] = take_fused_gradient(ctx, grad_rows);
-      if (!out[0].defined()) {
-        out[0] = call_fgl_backward(grad_rows.contiguous(), saved[0], saved[1], saved[2], saved[3], weight);
-      }
+    if (ctx->needs_input_grad(0) && !out[0].defined()) {
+      out[0] = call_fgl_backward(grad_rows.contiguous(), saved[0], saved[1], saved[2], saved[3], weight);
     }
-    if (weight.has_value() && ctx->needs_input_grad(4)) {
+    if (weight_grad) {
       out[4] = grad_rows.mul(std::get<0>(call_fgl_forward(saved[0], saved[1], saved[2], saved[3], c10::nullopt, false)));
     }
     return out;
@@ -131,6 +134,7 @@ class DdfLossFunction : public torch::autograd::Function<DdfLossFunction> {
     auto [rows, fused] = call_ddf_forward(pred, teacher, weight, temperature, compute_grad);
     ctx->save_for_backward({pred, teacher, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["weight_grad"] = weight.has_value() && weight->defined() && weight->requires_grad();
     keep_fused_gradient(ctx, fused);
     return {rows, fused};
   }
@@ -139,16 +143,17 @@ class DdfLossFunction : public torch::autograd::Function<DdfLossFunction> {
     const at::Tensor& grad_rows = grads[0];
     variable_list out(5);
     if (!grad_rows.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = take_fused_gradient(ctx, grad_rows);
+    // the usual case ends here, without unpacking the saved inputs
+    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
+    if ((out[0].defined() || !ctx->needs_input_grad(0)) && !weight_grad) return out;
     const variable_list saved = ctx->get_saved_variables();
     const c10::optional<at::Tensor> weight = as_optional(saved[2]);
     const double temperature = ctx->saved_data["temperature"].toDouble();
-    if (ctx->needs_input_grad(0)) {
-      out[0] = take_fused_gradient(ctx, grad_rows);
-      if (!out[0].defined()) {
-        out[0] = call_ddf_backward(grad_rows.contiguous(), saved[0], saved[1], weight, temperature);
-      }
+    if (ctx->needs_input_grad(0) && !out[0].defined()) {
+      out[0] = call_ddf_backward(grad_rows.contiguous(), saved[0], saved[1], weight, temperature);
     }
-    if (weight.has_value() && ctx->needs_input_grad(2)) {
+    if (weight_grad) {
       out[2] = grad_rows.mul(std::get<0>(call_ddf_forward(saved[0], saved[1], c10::nullopt, temperature, false)));
     }
     return out;
