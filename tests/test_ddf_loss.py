@@ -116,12 +116,14 @@ def test_cpp_row_and_lane_kernels_agree():
     torch.testing.assert_close(together[1], torch.cat([a[1] / 0.5 * u for a, u in zip(alone, upstream)]), rtol=1e-5, atol=1e-6)
 
 
-def test_cpp_gradcheck_float64():
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])  # sum/mean: reduced inside the op
+def test_cpp_gradcheck_float64(reduction):
     require_backend("cpp")
     pred, teacher, weight = _inputs(n=6, dtype=torch.float64, scale=1.0)
     pred.requires_grad_(True)
     weight.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p, w: ddf_loss(p, teacher, w, backend="cpp"), (pred, weight))
+    assert torch.autograd.gradcheck(lambda p, w: ddf_loss(p, teacher, w, reduction=reduction, backend="cpp"),
+                                    (pred, weight))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -196,12 +198,13 @@ def test_fused_second_backward_through_the_graph(fused_backend):
     torch.testing.assert_close(second, 2 * want, rtol=1e-5, atol=4e-6)
 
 
-def test_torch_compile_fullgraph_cpp():
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_torch_compile_fullgraph_cpp(reduction):
     require_backend("cpp")
     pred, teacher, weight = _inputs(n=16)
 
     def step(p):
-        return ddf_loss(p, teacher, weight, reduction="sum", backend="cpp")
+        return ddf_loss(p, teacher, weight, reduction=reduction, backend="cpp").sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)

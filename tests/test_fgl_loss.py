@@ -131,14 +131,31 @@ def test_cpp_row_and_lane_kernels_agree():
                                rtol=2e-6, atol=2e-6)
 
 
-def test_cpp_gradcheck_float64():
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])  # sum/mean: reduced inside the op
+def test_cpp_gradcheck_float64(reduction):
     require_backend("cpp")
     pred, target, wl, wr, iou = _inputs(n=6, dtype=torch.float64, scale=1.0)
     pred.requires_grad_(True)
     iou.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda p, w: fgl_loss(p, target, wl, wr, w, reduction="none", backend="cpp"), (pred, iou)
+        lambda p, w: fgl_loss(p, target, wl, wr, w, reduction=reduction, backend="cpp"), (pred, iou)
     )
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_torch_compile_fullgraph_cpp(reduction):
+    require_backend("cpp")
+    pred, target, wl, wr, iou = _inputs(n=16)
+
+    def step(p):
+        return fgl_loss(p, target, wl, wr, iou, reduction=reduction, backend="cpp")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    (compiled(p1) * 3).backward()
+    (step(p2) * 3).backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
+    torch.testing.assert_close(compiled(pred), fgl_loss_reference(pred, target, wl, wr, iou, reduction=reduction))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])

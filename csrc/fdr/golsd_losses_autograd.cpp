@@ -72,6 +72,31 @@ void keep_fused_gradient(AutogradContext* ctx, const at::Tensor& fused) {
   ctx->saved_data["fused"] = fused.numel() > 0 ? c10::IValue(fused) : c10::IValue();
 }
 
+// The upstream gradient of a reduction="sum"/"mean" loss: one value sent to every row (an expanded
+// scalar on the CPU). Returns that value, or nullopt for any other upstream gradient and while
+// tracing (fake and functional tensors have no data to read).
+c10::optional<double> expanded_scalar(const at::Tensor& grad_rows) {
+  static const c10::DispatchKeySet tracing_keys({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                                 c10::DispatchKey::PythonTLSSnapshot});
+  if (grad_rows.device().is_cpu() && !grad_rows.key_set().has_any(tracing_keys) && grad_rows.dim() == 1 &&
+      grad_rows.numel() > 0 && grad_rows.stride(0) == 0 &&
+      (grad_rows.scalar_type() == at::kFloat || grad_rows.scalar_type() == at::kDouble)) {
+    return grad_rows.scalar_type() == at::kFloat ? *grad_rows.const_data_ptr<float>()
+                                                 : *grad_rows.const_data_ptr<double>();
+  }
+  return c10::nullopt;
+}
+
+// A per-row gradient of the loss (from a forward with compute_grad) scaled by the upstream row
+// gradients, in place. For an expanded scalar, reading it is free: a factor of exactly 1 (a plain
+// sum) leaves the gradient as it is, saving a pass over [N, K+1]; any other value is a scalar multiply.
+at::Tensor scale_row_gradient(at::Tensor grad, const at::Tensor& grad_rows) {
+  if (const auto factor = expanded_scalar(grad_rows)) {
+    return *factor == 1.0 ? grad : grad.mul_(*factor);
+  }
+  return grad.mul_(grad_rows.unsqueeze(1));
+}
+
 // The fused gradient scaled by the upstream row gradients, or an undefined tensor if there is none
 // (used once: a second backward through a retained graph recomputes).
 at::Tensor take_fused_gradient(AutogradContext* ctx, const at::Tensor& grad_rows) {
@@ -79,17 +104,7 @@ at::Tensor take_fused_gradient(AutogradContext* ctx, const at::Tensor& grad_rows
   if (slot.isNone()) return at::Tensor();
   at::Tensor grad = slot.toTensor();
   slot = c10::IValue();
-  // A reduction="sum"/"mean" loss sends one value to every row (an expanded scalar). On the CPU,
-  // reading it is free: a factor of exactly 1 (a plain sum) leaves the gradient as it is, saving a
-  // pass over [N, K+1]; any other value is a scalar multiply.
-  if (grad_rows.device().is_cpu() && grad_rows.dim() == 1 && grad_rows.numel() > 0 && grad_rows.stride(0) == 0 &&
-      (grad_rows.scalar_type() == at::kFloat || grad_rows.scalar_type() == at::kDouble)) {
-    const double factor = grad_rows.scalar_type() == at::kFloat ? *grad_rows.const_data_ptr<float>()
-                                                                : *grad_rows.const_data_ptr<double>();
-    if (factor == 1.0) return grad;
-    return grad.mul_(factor);
-  }
-  return grad.mul_(grad_rows.unsqueeze(1));
+  return scale_row_gradient(grad, grad_rows);
 }
 
 class FglLossFunction : public torch::autograd::Function<FglLossFunction> {
@@ -117,7 +132,12 @@ class FglLossFunction : public torch::autograd::Function<FglLossFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const c10::optional<at::Tensor> weight = as_optional(saved[4]);
     if (ctx->needs_input_grad(0) && !out[0].defined()) {
-      out[0] = call_fgl_backward(grad_rows.contiguous(), saved[0], saved[1], saved[2], saved[3], weight);
+      // Recompute. For an expanded scalar, the way the first backward did (fused gradient, then the
+      // same scaling), so that every backward through the graph gives the same bits.
+      out[0] = expanded_scalar(grad_rows)
+                   ? scale_row_gradient(
+                         std::get<1>(call_fgl_forward(saved[0], saved[1], saved[2], saved[3], weight, true)), grad_rows)
+                   : call_fgl_backward(grad_rows.contiguous(), saved[0], saved[1], saved[2], saved[3], weight);
     }
     if (weight_grad) {
       out[4] = grad_rows.mul(std::get<0>(call_fgl_forward(saved[0], saved[1], saved[2], saved[3], c10::nullopt, false)));
@@ -151,7 +171,10 @@ class DdfLossFunction : public torch::autograd::Function<DdfLossFunction> {
     const c10::optional<at::Tensor> weight = as_optional(saved[2]);
     const double temperature = ctx->saved_data["temperature"].toDouble();
     if (ctx->needs_input_grad(0) && !out[0].defined()) {
-      out[0] = call_ddf_backward(grad_rows.contiguous(), saved[0], saved[1], weight, temperature);
+      out[0] = expanded_scalar(grad_rows)
+                   ? scale_row_gradient(std::get<1>(call_ddf_forward(saved[0], saved[1], weight, temperature, true)),
+                                        grad_rows)
+                   : call_ddf_backward(grad_rows.contiguous(), saved[0], saved[1], weight, temperature);
     }
     if (weight_grad) {
       out[2] = grad_rows.mul(std::get<0>(call_ddf_forward(saved[0], saved[1], c10::nullopt, temperature, false)));
