@@ -4,8 +4,10 @@ Side by side in one run: this project with reference ops, with fused ops (backen
 after deploy(), the same in channels_last layout (input converted inside the timed call), that plus
 linear layers through oneDNN (what `predict` runs on the CPU), and - when `transformers` is installed
 (optional extra) - Hugging Face's DFineForObjectDetection built from the equivalent config with
-random weights. Then the decoder alone on fixed encoder features. Median of --runs calls; the
-variants take turns (one call each per round), so that load from other processes hits all alike.
+random weights. Then the decoder alone on fixed encoder features, and the time its matrix multiplies
+need at least (their FLOPs at this machine's best sgemm rate): the linear layers are the same in every
+backend, so they bound what fusing the other ops can gain. Median of --runs calls; the variants take
+turns (one call each per round), so that load from other processes hits all alike.
 
     python benchmarks/bench_model.py [--sizes n s] [--runs 10]       # markdown table
     python -m pytest benchmarks/bench_model.py --benchmark-only        # pytest-benchmark
@@ -163,6 +165,33 @@ def time_decoder(model, runs=10, warmup=2):
     return time_model(decoder_call(model), runs, warmup)
 
 
+def sgemm_peak_gflops(runs=5):
+    """The best fp32 matrix-multiply rate of this machine (GFLOP/s, current thread count), over a
+    large square GEMM and the decoder's largest one (8400 anchors x 256 x 256)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (8400, 256, 256)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * m * k * n / min(times) / 1e9)
+    return best
+
+
+def decoder_gemm_gflop(model):
+    """GFLOP of the matrix multiplies in one decoder call (torch.utils.flop_counter), the same in
+    every backend: the fused ops replace the sampling and the FDR decode, not the linear layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    call = decoder_call(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call(None)
+    return counter.get_total_flops() / 1e9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
@@ -173,6 +202,7 @@ def main(argv=None):
     print(f"fused backend on CPU resolves to: {resolve_backend('auto', torch.device('cpu'), 'ms_deform_attn')}")
     print("| size | variant | median ms | vs reference ops | vs transformers |")
     print("|---|---|---|---|---|")
+    bound = []
     for size in args.sizes:
         models = {name: make(size) for name, make in VARIANTS.items()}
         results = time_in_turns({name: m for name, m in models.items() if m is not None}, runs=args.runs)
@@ -190,6 +220,13 @@ def main(argv=None):
         dec_ref = dec["decoder only, reference ops"]
         for name, ms in dec.items():
             print(f"| {size.upper()} | {name} | {ms:.1f} | {dec_ref / ms:.2f}x | |")
+        gflop, peak = decoder_gemm_gflop(build_ours(size, "reference")), sgemm_peak_gflops()
+        bound.append(f"{size.upper()}: the decoder's matrix multiplies are {gflop:.2f} GFLOP; at this machine's best "
+                     f"sgemm rate ({peak:.0f} GFLOP/s) they alone take >= {gflop / peak * 1e3:.1f} ms, vs "
+                     f"{dec_ref / 2:.1f} ms for the whole decoder at 2x the reference-op decoder's {dec_ref:.1f} ms")
+    print("\nLower bound from the linear layers (identical in every backend):")
+    for line in bound:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":
