@@ -25,3 +25,27 @@ def test_freeze_and_pretrained_file(tmp_path):
     assert isinstance(net.stem.stem1.bn, FrozenBatchNorm2d)
     with pytest.raises(ValueError, match="B9"):
         HGNetv2("B9")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stem_pool_without_gradient_equals_max_pool(channels_last):
+    from dfine.model.hgnetv2 import StemBlock, max_pool_2x2_stride1
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 17, 12, generator=gen).relu()  # ReLU zeros: windows with ties
+    x[0, 0, 3, 4] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.MaxPool2d(2, stride=1, ceil_mode=True)(x)
+    got = max_pool_2x2_stride1(x)
+    assert got.shape == want.shape == (2, 5, 16, 11)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(got[0, 0, 2:4, 3:5]).all()
+
+    # the stem: without gradient through the shifted maxima, with gradient through the pooling op
+    stem = StemBlock(3, 16, 16).eval()
+    img = torch.randn(1, 3, 33, 47, generator=gen)
+    with torch.no_grad():
+        fast = stem(img)
+    slow = stem(img.requires_grad_(True))
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
