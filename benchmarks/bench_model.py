@@ -9,7 +9,7 @@ need at least (their FLOPs at this machine's best sgemm rate): the linear layers
 backend, so they bound what fusing the other ops can gain. Median of --runs calls; the variants take
 turns (one call each per round), so that load from other processes hits all alike.
 
-    python benchmarks/bench_model.py [--sizes n s] [--runs 10]       # markdown table
+    python benchmarks/bench_model.py [--sizes n s] [--runs 10] [--malloc retain|default]   # markdown table
     python -m pytest benchmarks/bench_model.py --benchmark-only        # pytest-benchmark
 """
 
@@ -196,7 +196,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="under the system allocator: keep freed memory, as `python -m dfine predict` does "
+                             "on the CPU (process-wide, so every variant runs under it), or glibc's defaults")
     args = parser.parse_args(argv)
+    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
+
+    allocator = loaded_allocator()
+    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
+        allocator = "system, retaining freed memory"
+    print(f"allocator: {allocator}")
     from dfine.ops._backend import resolve_backend
 
     print(f"fused backend on CPU resolves to: {resolve_backend('auto', torch.device('cpu'), 'ms_deform_attn')}")

@@ -1,6 +1,7 @@
-"""Two settings that decide how fast D-FINE runs on the CPU (train.py uses both, predict the second).
+"""Two settings that decide how fast D-FINE runs on the CPU (train.py and `python -m dfine predict` use both).
 
-Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_step.py`):
+Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_step.py`), and for
+inference on one 640 x 640 image (`benchmarks/bench_model.py`):
 
 * glibc malloc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and
   unmaps it on free. A training step allocates and frees hundreds of activations that large, so every
@@ -11,6 +12,9 @@ Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_st
   trim it, so the next step reuses what the previous one freed. It is almost as fast, but the heap
   fragments more: resident memory ends up higher (measured after 30 multi-scale D-FINE-N steps:
   6.2 GB vs 5.0 GB with glibc defaults and 4.0 GB under jemalloc).
+  Inference pays the same toll per image: the encoder's 80 x 80 maps are 6-13 MB each. Retaining
+  freed memory made the deployed model 5-25% faster per image (D-FINE-S 235 -> 195-227 ms,
+  D-FINE-N 100-120 -> 85-92 ms, medians of alternating runs); `predict` turns it on for the CPU.
 * oneDNN convolutions run natively on NHWC. Given NCHW tensors, every convolution (forward and both
   backward passes) reorders its input, weight and output. `channels_last` is the layout they want.
 

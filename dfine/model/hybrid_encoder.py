@@ -86,10 +86,12 @@ class RepNCSPELAN4(nn.Module):
         self.cv4 = ConvNormLayer(c3 + 2 * c4, c2, 1, act="silu")
 
     def forward(self, x):
-        y0, y1 = self.cv1(x).split([self.half, self.half], dim=1)
-        y2 = self.cv2(y1)
+        y01 = self.cv1(x)
+        y2 = self.cv2(y01[:, self.half:])
         y3 = self.cv3(y2)
-        return self.cv4(torch.cat([y0, y1, y2, y3], dim=1))
+        # cat([y0, y1, y2, y3]) with y0, y1 the halves of y01, concatenated as the whole: in channels_last
+        # the halves are strided views, and a cat of mixed layouts runs ~4x slower (6 ms at 80x80 for S)
+        return self.cv4(torch.cat([y01, y2, y3], dim=1))
 
 
 class SCDown(nn.Module):
