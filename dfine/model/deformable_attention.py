@@ -15,8 +15,9 @@ from dfine.ops._backend import symbolic_shapes
 def softmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     """``x.softmax(-1)`` for a short last dim (the 12 points of a head). On the CPU, ATen's softmax
     over a last dim this short runs ~3.5x slower than these four vectorised ops (forward; ~2x with
-    backward). CUDA, and graphs traced for export, keep the single softmax op."""
-    if x.device.type != "cpu" or symbolic_shapes():
+    backward). CUDA, half-precision inputs (whose softmax accumulates in float32) and graphs traced
+    for export keep the single softmax op."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or symbolic_shapes():
         return x.softmax(-1)
     e = (x - x.detach().amax(-1, keepdim=True)).exp()
     return e / e.sum(-1, keepdim=True)
