@@ -119,8 +119,8 @@ class StemBlock(nn.Module):
     def forward(self, x):
         x = F.pad(self.stem1(x), (0, 1, 0, 1))
         branch = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))
-        # the exported graph keeps the pooling op; training keeps its gradient (see max_pool_2x2_stride1)
-        if (torch.is_grad_enabled() and x.requires_grad) or symbolic_shapes():
+        # the exported graph keeps the pooling op, training its gradient, CUDA its kernel (max_pool_2x2_stride1)
+        if (torch.is_grad_enabled() and x.requires_grad) or symbolic_shapes() or x.device.type != "cpu":
             pooled = self.pool(x)
         else:
             pooled = max_pool_2x2_stride1(x)
