@@ -316,13 +316,14 @@ bool cpu_has_avx512() {
   return has;
 }
 
-// exp_nonpos of fdr_math.h on 16 lanes (same reduction and polynomial; NaN passes through).
+// exp_nonpos of fdr_math.h on 16 lanes (same reduction and polynomial; NaN passes through). No
+// clamp at the lowest exponent: the lanes below it (-inf included) are masked to 0 at the end,
+// whatever the steps before computed for them.
 __attribute__((target(DFINE_AVX512_TARGET))) inline __m512 exp_nonpos16(__m512 x) {
   const __m512 lowest = _mm512_set1_ps(kExpLowest);
-  const __m512 xc = _mm512_max_ps(lowest, x);  // max_ps returns its second operand for NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 poly = _mm512_set1_ps(kExpPoly[0]);
   for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[i]));
@@ -389,47 +390,123 @@ __attribute__((target(DFINE_AVX512_TARGET))) inline __m512 load16_or(const float
   return p ? _mm512_loadu_ps(p) : _mm512_set1_ps(value);
 }
 
-// fgl_lanes_avx2 on 16 rows at a time: rows [begin, end), end - begin a multiple of 16.
-__attribute__((target(DFINE_AVX512_TARGET))) void fgl_lanes_avx512(const FglLaneArgs<float>& a, int64_t begin,
-                                                                    int64_t end) {
+// Per-row reductions of 16 rows at once: returns R with R[r] = op over the 16 lanes of row r's
+// partial vector, where part[tree_slot(r)] holds that vector. A tree of 15 ops on pairs of shuffled
+// vectors, which halves the lanes per row at every level; its last level leaves row 4j + k in lane
+// 4k + j, so rows are stored transposed (tree_slot) and come out in order.
+constexpr int tree_slot(int r) { return 4 * (r % 4) + r / 4; }
+
+template <bool kMax>  // max, else sum
+__attribute__((target(DFINE_AVX512_TARGET), always_inline)) inline __m512 reduce_op16(__m512 x, __m512 y) {
+  return kMax ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y);
+}
+
+template <bool kMax>
+__attribute__((target(DFINE_AVX512_TARGET), always_inline)) inline __m512 reduce_rows16(const __m512* part) {
+  constexpr auto op = reduce_op16<kMax>;
+  __m512 u[8], w[4], q[2];
+  for (int k = 0; k < 8; ++k) {  // lanes 0-7: row of part[2k], 8-15: row of part[2k+1]
+    const __m512 a = part[2 * k], b = part[2 * k + 1];
+    u[k] = op(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int k = 0; k < 4; ++k) {  // 128-bit block i: row of part[4k + i]
+    const __m512 a = u[2 * k], b = u[2 * k + 1];
+    w[k] = op(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int k = 0; k < 2; ++k) {  // block i: two lanes for each of two rows
+    const __m512 a = w[2 * k], b = w[2 * k + 1];
+    q[k] = op(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return op(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// FGL on 16 rows at a time, rows [begin, end), end - begin a multiple of 16: fgl_row_terms /
+// fgl_row_loss with each row in its natural layout (bins 0-15 and 16-31 in two vectors, bin 32 of
+// the 16 rows gathered into one), not transposed: the transposes and the 33 live vectors of a lane
+// kernel cost more here than the per-row reductions, which reduce_rows16 does 16 rows at a time.
+// Three passes over a group (its 2 KiB stay in L1): the row maxima; the exponentials (written to the
+// gradient's rows) and their sums; the gradient, scaled in place.
+__attribute__((target(DFINE_AVX512_TARGET))) void fgl_rows16_avx512(const FglLaneArgs<float>& a, int64_t begin,
+                                                                     int64_t end) {
   constexpr int n = kDfineBins;
+  static_assert(kDfineBins == 33, "fgl_rows16_avx512 splits a row as 16 + 16 + 1 bins");
   const __m512 zero = _mm512_setzero_ps();
   const __m512i offsets = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(n));
-  for (int64_t r = begin; r < end; r += kLanes16) {
-    const float* rows = a.z + r * n;
-    __m512 z[n];
-    load_lanes16(rows, z);
-    __m512 m;
-    const __m512 sum = lanes_exp_sum16(z, m);  // z now holds the exponentials
-    const __m512 t = _mm512_loadu_ps(a.target + r);
+  alignas(64) float row_max[kLanes16], row_scale[kLanes16], last_grad[kLanes16], row_gl[kLanes16], row_gr[kLanes16];
+  alignas(64) int32_t row_left[kLanes16];
+  alignas(64) float group[kLanes16 * kDfineBins];  // the group's gradient, built here in L1
+  for (int64_t r0 = begin; r0 < end; r0 += kLanes16) {
+    const float* rows = a.z + r0 * n;
+    float* grad = a.grad ? a.grad + r0 * n : nullptr;
+    __m512 part[kLanes16];
+#pragma GCC unroll 16
+    for (int r = 0; r < kLanes16; ++r) {  // bins 17-32 overlap 16-31: harmless in a maximum
+      const float* row = rows + r * n;
+      part[tree_slot(r)] = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16)),
+                                         _mm512_loadu_ps(row + 17));
+    }
+    const __m512 m = reduce_rows16<true>(part);
+    _mm512_store_ps(row_max, m);
+#pragma GCC unroll 16
+    for (int r = 0; r < kLanes16; ++r) {
+      const float* row = rows + r * n;
+      const __m512 mr = _mm512_set1_ps(row_max[r]);
+      const __m512 e0 = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row), mr));
+      const __m512 e1 = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row + 16), mr));
+      if (grad) {
+        _mm512_storeu_ps(group + r * n, e0);
+        _mm512_storeu_ps(group + r * n + 16, e1);
+      }
+      part[tree_slot(r)] = _mm512_add_ps(e0, e1);
+    }
+    const __m512 last = exp_nonpos16(_mm512_sub_ps(_mm512_i32gather_ps(offsets, rows + n - 1, 4), m));
+    const __m512 sum = _mm512_add_ps(reduce_rows16<false>(part), last);
+    // fgl_left_bin: 0 for t <= 0 or NaN (max_ps returns its second operand), n - 2 at the top
+    const __m512 t = _mm512_loadu_ps(a.target + r0);
     const __m512i left =
         _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, zero), _mm512_set1_ps(static_cast<float>(n - 2))));
-    const __m512 wl = _mm512_loadu_ps(a.wl + r), wr = _mm512_loadu_ps(a.wr + r);
-    const __m512 w = load16_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    const __m512 wl = _mm512_loadu_ps(a.wl + r0), wr = _mm512_loadu_ps(a.wr + r0);
+    const __m512 w = load16_or(a.weight ? a.weight + r0 : nullptr, 1.0f);
     if (a.loss) {
       const __m512i at = _mm512_add_epi32(offsets, left);
       const __m512 da = _mm512_sub_ps(_mm512_i32gather_ps(at, rows, 4), m);
       const __m512 db = _mm512_sub_ps(_mm512_i32gather_ps(at, rows + 1, 4), m);
       const __m512 lg = log_sum_exp_total16(sum);
       const __m512 loss = _mm512_fmadd_ps(_mm512_sub_ps(lg, da), wl, _mm512_mul_ps(_mm512_sub_ps(lg, db), wr));
-      _mm512_storeu_ps(a.loss + r, a.weight ? _mm512_mul_ps(loss, w) : loss);
+      _mm512_storeu_ps(a.loss + r0, a.weight ? _mm512_mul_ps(loss, w) : loss);
     }
-    if (a.grad) {
-      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r), w) : w;
+    if (grad) {
+      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r0), w) : w;
       const __m512 scale = _mm512_div_ps(_mm512_mul_ps(g, _mm512_add_ps(wl, wr)), sum);
-      const __m512 gl = _mm512_mul_ps(g, wl), gr = _mm512_mul_ps(g, wr);
-      const __m512i right = _mm512_add_epi32(left, _mm512_set1_epi32(1));
-      for (int j = 0; j < n; ++j) {
-        const __m512i bin = _mm512_set1_epi32(j);
-        __m512 v = _mm512_mul_ps(z[j], scale);
-        v = _mm512_mask_sub_ps(v, _mm512_cmpeq_epi32_mask(left, bin), v, gl);
-        z[j] = _mm512_mask_sub_ps(v, _mm512_cmpeq_epi32_mask(right, bin), v, gr);
+      _mm512_store_ps(row_scale, scale);
+      _mm512_store_ps(last_grad, _mm512_mul_ps(last, scale));
+      _mm512_store_ps(row_gl, _mm512_mul_ps(g, wl));
+      _mm512_store_ps(row_gr, _mm512_mul_ps(g, wr));
+      _mm512_store_si512(row_left, left);
+#pragma GCC unroll 16
+      for (int r = 0; r < kLanes16; ++r) {
+        float* row = group + r * n;
+        const __m512 s = _mm512_set1_ps(row_scale[r]);
+        _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(row), s));
+        _mm512_storeu_ps(row + 16, _mm512_mul_ps(_mm512_loadu_ps(row + 16), s));
+        row[n - 1] = last_grad[r];
       }
-      store_lanes16_to(z, a.grad + r * n);
+      // minus g * wl at the left bin and g * wr at the right one
+      for (int r = 0; r < kLanes16; ++r) {
+        float* row = group + r * n + row_left[r];
+        row[0] -= row_gl[r];
+        row[1] -= row_gr[r];
+      }
+      // 16 rows of 33 floats are 33 cache lines: streamed out if aligned (see store_lanes_streaming)
+      if (reinterpret_cast<uintptr_t>(grad) % 64 == 0) {
+        for (int c = 0; c < n; ++c) _mm512_stream_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+      } else {
+        for (int c = 0; c < n; ++c) _mm512_storeu_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+      }
     }
   }
-  _mm_sfence();
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
 template <typename T>
@@ -696,7 +773,7 @@ void run_lanes(const DecodeLaneArgs<float>& a, int k, bool forward, int64_t begi
 void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) {
   if (cpu_has_avx512()) {
     const int64_t mid = begin + (end - begin) / kLanes16 * kLanes16;
-    fgl_lanes_avx512(a, begin, mid);
+    fgl_rows16_avx512(a, begin, mid);
     begin = mid;
   }
   fgl_lanes_avx2(a, begin, end);
