@@ -226,3 +226,33 @@ def test_fused_gradient_of_a_plain_sum(fused_backend):
         fn(p).backward()
         grads.append(p.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 40])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cpp_total_op_equals_rows_then_reduction(reduction, n):
+    # reduction="sum"/"mean" with the C++ backend runs ddf_loss_total (the rows reduced inside the
+    # op, one autograd node): the same bits as the per-row op followed by the Python reduction, for
+    # the value, the gradients of pred and weight, and a second backward through the graph
+    require_backend("cpp")
+    pred, teacher, weight = _inputs(n=max(n, 1))
+    pred, teacher, weight = pred[:n], teacher[:n], weight[:n]
+    results = []
+    for fused_total in (True, False):
+        p, w = pred.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused_total:
+            loss = ddf_loss(p, teacher, w, reduction=reduction, backend="cpp")
+            assert "DdfLossTotal" in loss.grad_fn.name()
+        else:
+            rows = ddf_loss(p, teacher, w, reduction="none", backend="cpp")
+            loss = rows.sum() if reduction == "sum" else rows.sum() / max(n, 1)
+        first = torch.autograd.grad(loss * 1.5, [p, w], retain_graph=True)
+        second = torch.autograd.grad(loss, [p, w])
+        results.append((loss.detach(), *first, *second))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], ddf_loss_reference(pred, teacher, weight, reduction=reduction),
+                               rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # below autograd: the op's composite kernel
+        total, grad = torch.ops.dfine.ddf_loss_total(pred, teacher, weight, 5.0, True, reduction == "mean")
+    assert torch.equal(total, results[0][0]) and grad.shape == pred.shape

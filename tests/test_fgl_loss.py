@@ -234,3 +234,33 @@ def test_fused_gradient_of_a_plain_sum(fused_backend):
         fn(p).backward()
         grads.append(p.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 40])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cpp_total_op_equals_rows_then_reduction(reduction, n):
+    # reduction="sum"/"mean" with the C++ backend runs fgl_loss_total (the rows reduced inside the
+    # op, one autograd node): the same bits as the per-row op followed by the Python reduction, for
+    # the value, the gradients of pred and weight, and a second backward through the graph
+    require_backend("cpp")
+    pred, target, wl, wr, iou = _inputs(n=max(n, 4))
+    pred, target, wl, wr, iou = pred[:n], target[:n], wl[:n], wr[:n], iou[:n]
+    results = []
+    for fused_total in (True, False):
+        p, w = pred.clone().requires_grad_(True), iou.clone().requires_grad_(True)
+        if fused_total:
+            loss = fgl_loss(p, target, wl, wr, w, reduction=reduction, backend="cpp")
+            assert "FglLossTotal" in loss.grad_fn.name()
+        else:
+            rows = fgl_loss(p, target, wl, wr, w, reduction="none", backend="cpp")
+            loss = rows.sum() if reduction == "sum" else rows.sum() / max(n, 1)
+        first = torch.autograd.grad(loss * 1.5, [p, w], retain_graph=True)
+        second = torch.autograd.grad(loss, [p, w])
+        results.append((loss.detach(), *first, *second))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], fgl_loss_reference(pred, target, wl, wr, iou, reduction=reduction),
+                               rtol=2e-6, atol=2e-6)
+    with torch.inference_mode():  # below autograd: the op's composite kernel
+        total, grad = torch.ops.dfine.fgl_loss_total(pred, target, wl, wr, iou, True, reduction == "mean")
+    assert torch.equal(total, results[0][0]) and grad.shape == pred.shape

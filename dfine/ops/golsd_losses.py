@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dfine.ops._backend import extension_available, resolve_backend
+from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
 __all__ = ["fgl_loss", "fgl_loss_reference", "ddf_loss", "ddf_loss_reference", "compare_cases"]
 
@@ -125,6 +125,15 @@ def _keep_gradient(pred_corners) -> bool:
     return pred_corners.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def _reduce_in_op(which, reduction, dtype, pred_corners) -> bool:
+    """Whether a "sum"/"mean" loss comes from the C++ ``*_loss_total`` op, which reduces the rows
+    itself (one autograd node, no reduction dispatched from Python; the same values and gradients).
+    Eager mode only: traced graphs (torch.compile, export) keep the per-row op and ``_reduce``, whose
+    sizes stay symbolic. Half-precision inputs too, whose rows are reduced in their own dtype."""
+    return (which == "cpp" and reduction != "none" and dtype == pred_corners.dtype
+            and not torch.compiler.is_compiling() and not symbolic_shapes())
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops.
 
@@ -157,6 +166,8 @@ def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left:
     dtype = _compute_dtype(pred_corners.dtype)
     args = (_as(pred_corners, dtype), _rows_arg(target_bins, dtype), _rows_arg(weight_left, dtype),
             _rows_arg(weight_right, dtype), _rows_arg(weight, dtype), _keep_gradient(pred_corners))
+    if _reduce_in_op(which, reduction, dtype, pred_corners):
+        return torch.ops.dfine.fgl_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.fgl_loss_forward if which == "cpp" else torch.ops.dfine.fgl_loss_triton
     rows, _ = op(*args)
     return _reduce(_as(rows, pred_corners.dtype), reduction)
@@ -197,6 +208,8 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
     dtype = _compute_dtype(pred_corners.dtype)
     args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype), _rows_arg(weight, dtype),
             float(temperature), _keep_gradient(pred_corners))
+    if _reduce_in_op(which, reduction, dtype, pred_corners):
+        return torch.ops.dfine.ddf_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.ddf_loss_forward if which == "cpp" else torch.ops.dfine.ddf_loss_triton
     rows, _ = op(*args)
     return _reduce(_as(rows, pred_corners.dtype), reduction)
@@ -284,10 +297,17 @@ def _grad_fake(grad_rows, pred, *args):
     return torch.empty_like(pred)
 
 
+def _total_fake(pred, *args):
+    compute_grad = args[-2]
+    return pred.new_empty(()), torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
+
+
 def _register_cpp_fakes():
     # Autograd of the C++/CUDA ops is registered in C++ (csrc/fdr/golsd_losses_autograd.cpp).
     for name in ("fgl_loss_forward", "ddf_loss_forward"):
         torch.library.register_fake(f"dfine::{name}")(_forward_fake)
+    for name in ("fgl_loss_total", "ddf_loss_total"):
+        torch.library.register_fake(f"dfine::{name}")(_total_fake)
     for name in ("fgl_loss_backward", "ddf_loss_backward"):
         torch.library.register_fake(f"dfine::{name}")(_grad_fake)
 
