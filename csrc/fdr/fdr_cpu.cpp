@@ -296,9 +296,11 @@ __attribute__((target("avx2,fma"))) void fgl_lanes_avx2(const FglLaneArgs<float>
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
-// ---- AVX-512: 16 rows per group (two 8-row transposes side by side in one 512-bit vector). Fewer
-// instructions per bin than AVX2 (the power of two by vscalefps, the underflow to 0 by a mask), and
-// on CPUs that split 512-bit operations in two halves, half as many to schedule.
+// ---- AVX-512 kernels of the losses: 16 rows per group, not transposed (a row is two 16-float
+// vectors plus bin 32; per-row reductions go 16 rows at a time through reduce_rows16). With 33
+// vectors per transposed group of 16 rows, and 66 or more live at once, the lane layout spent its
+// time on transposes and register spills. The exponential takes fewer instructions than the AVX2
+// one (the power of two by vscalefps, the underflow to 0 by a mask).
 #define DFINE_AVX512_TARGET "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
 // GCC 12's AVX-512 headers pass self-initialised "undefined" vectors as merge sources (e.g. in
 // _mm512_max_ps), which -Wmaybe-uninitialized reports at every use; the values are never read.
@@ -330,52 +332,6 @@ __attribute__((target(DFINE_AVX512_TARGET))) inline __m512 exp_nonpos16(__m512 x
   poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // 0 below the lowest exponent
   return _mm512_maskz_scalef_ps(keep, poly, n);
-}
-
-// out[j] = bin j of 16 consecutive rows of 33 floats.
-__attribute__((target(DFINE_AVX512_TARGET))) inline void load_lanes16(const float* rows, __m512* out) {
-  __m256 lo[kDfineBins], hi[kDfineBins];
-  load_lanes(rows, lo);
-  load_lanes(rows + kLanes * kDfineBins, hi);
-  for (int j = 0; j < kDfineBins; ++j) out[j] = _mm512_insertf32x8(_mm512_zextps256_ps512(lo[j]), hi[j], 1);
-}
-
-__attribute__((target(DFINE_AVX512_TARGET))) inline void store_lanes16_to(const __m512* in, float* rows) {
-  __m256 lo[kDfineBins], hi[kDfineBins];
-  for (int j = 0; j < kDfineBins; ++j) lo[j] = _mm512_castps512_ps256(in[j]), hi[j] = _mm512_extractf32x8_ps(in[j], 1);
-  store_lanes_to(lo, rows);
-  store_lanes_to(hi, rows + kLanes * kDfineBins);
-}
-
-// lanes_exp_sum on 16 lanes.
-__attribute__((target(DFINE_AVX512_TARGET))) inline __m512 lanes_exp_sum16(__m512* z, __m512& max) {
-  constexpr int n = kDfineBins;
-  __m512 m0 = z[0], m1 = z[1], m2 = z[2], m3 = z[3];
-#pragma GCC unroll 8
-  for (int j = 4; j + 3 < n; j += 4) {
-    m0 = _mm512_max_ps(z[j], m0);
-    m1 = _mm512_max_ps(z[j + 1], m1);
-    m2 = _mm512_max_ps(z[j + 2], m2);
-    m3 = _mm512_max_ps(z[j + 3], m3);
-  }
-  m0 = _mm512_max_ps(z[n - 1], m0);
-  const __m512 m = _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-#pragma GCC unroll 8
-  for (int j = 0; j + 3 < n; j += 4) {
-    z[j] = exp_nonpos16(_mm512_sub_ps(z[j], m));
-    z[j + 1] = exp_nonpos16(_mm512_sub_ps(z[j + 1], m));
-    z[j + 2] = exp_nonpos16(_mm512_sub_ps(z[j + 2], m));
-    z[j + 3] = exp_nonpos16(_mm512_sub_ps(z[j + 3], m));
-    s0 = _mm512_add_ps(s0, z[j]);
-    s1 = _mm512_add_ps(s1, z[j + 1]);
-    s2 = _mm512_add_ps(s2, z[j + 2]);
-    s3 = _mm512_add_ps(s3, z[j + 3]);
-  }
-  z[n - 1] = exp_nonpos16(_mm512_sub_ps(z[n - 1], m));
-  s0 = _mm512_add_ps(s0, z[n - 1]);
-  max = m;
-  return _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
 }
 
 __attribute__((target(DFINE_AVX512_TARGET))) inline __m512 log_sum_exp_total16(__m512 x) {
@@ -569,55 +525,104 @@ __attribute__((target("avx2,fma"))) void ddf_lanes_avx2(const DdfLaneArgs<float>
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
-// ddf_lanes_avx2 on 16 rows at a time: rows [begin, end), end - begin a multiple of 16.
-__attribute__((target(DFINE_AVX512_TARGET))) void ddf_lanes_avx512(const DdfLaneArgs<float>& a, int64_t begin,
-                                                                    int64_t end) {
+// DDF on 16 rows at a time in their natural layout, like fgl_rows16_avx512: rows [begin, end),
+// end - begin a multiple of 16. The same math as ddf_lanes_avx512, with two differences in rounding:
+// sum_j p_j is (sum_j e_b,j) / sum_b, and the KL sum is sum_j e_b,j (b_j - a_j) / sum_b (terms with
+// e_b,j = 0, i.e. p_j = 0, counting 0). Teacher == student still gives exactly 0.
+__attribute__((target(DFINE_AVX512_TARGET))) void ddf_rows16_avx512(const DdfLaneArgs<float>& a, int64_t begin,
+                                                                     int64_t end) {
   constexpr int n = kDfineBins;
+  static_assert(kDfineBins == 33, "ddf_rows16_avx512 splits a row as 16 + 16 + 1 bins");
   const __m512 zero = _mm512_setzero_ps();
   const __m512 temp = _mm512_set1_ps(a.temperature), inv_t = _mm512_set1_ps(1.0f / a.temperature);
-  for (int64_t r = begin; r < end; r += kLanes16) {
-    __m512 zs[n], zt[n], ea[n], eb[n];
-    load_lanes16(a.student + r * n, zs);
-    load_lanes16(a.teacher + r * n, zt);
-    __m512 ms = zs[0], mt = zt[0];
-    for (int j = 1; j < n; ++j) {
-      ms = _mm512_max_ps(zs[j], ms);
-      mt = _mm512_max_ps(zt[j], mt);
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(n));
+  alignas(64) float row_max_a[kLanes16], row_max_b[kLanes16], row_qs[kLanes16], row_ps[kLanes16], last_grad[kLanes16];
+  // exponentials of bins 0-31 (row stride 32: aligned), then the group's gradient (row stride 33)
+  alignas(64) float exp_a[kLanes16 * 32], exp_b[kLanes16 * 32], group[kLanes16 * kDfineBins];
+  for (int64_t r0 = begin; r0 < end; r0 += kLanes16) {
+    const float* student = a.student + r0 * n;
+    const float* teacher = a.teacher + r0 * n;
+    __m512 part_a[kLanes16], part_b[kLanes16], part_kl[kLanes16];
+#pragma GCC unroll 16
+    for (int r = 0; r < kLanes16; ++r) {  // bins 17-32 overlap 16-31: harmless in a maximum
+      const float* s = student + r * n;
+      const float* t = teacher + r * n;
+      part_a[tree_slot(r)] =
+          _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16)), _mm512_loadu_ps(s + 17));
+      part_b[tree_slot(r)] =
+          _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(t), _mm512_loadu_ps(t + 16)), _mm512_loadu_ps(t + 17));
     }
-    const __m512 max_a = _mm512_mul_ps(ms, inv_t), max_b = _mm512_mul_ps(mt, inv_t);
-    __m512 sa = zero, sb = zero;
-    for (int j = 0; j < n; ++j) {
-      zs[j] = _mm512_fmsub_ps(zs[j], inv_t, max_a);  // one expression for both (exact 0 if equal)
-      zt[j] = _mm512_fmsub_ps(zt[j], inv_t, max_b);
-      ea[j] = exp_nonpos16(zs[j]);
-      eb[j] = exp_nonpos16(zt[j]);
-      sa = _mm512_add_ps(sa, ea[j]);
-      sb = _mm512_add_ps(sb, eb[j]);
+    // max(z * inv_t) == max(z) * inv_t exactly (rounding is monotone)
+    const __m512 max_a = _mm512_mul_ps(reduce_rows16<true>(part_a), inv_t);
+    const __m512 max_b = _mm512_mul_ps(reduce_rows16<true>(part_b), inv_t);
+    _mm512_store_ps(row_max_a, max_a);
+    _mm512_store_ps(row_max_b, max_b);
+#pragma GCC unroll 16
+    for (int r = 0; r < kLanes16; ++r) {
+      const float* s = student + r * n;
+      const float* t = teacher + r * n;
+      const __m512 ma = _mm512_set1_ps(row_max_a[r]), mb = _mm512_set1_ps(row_max_b[r]);
+      // one expression for both (exactly 0 apart if equal)
+      const __m512 a0 = _mm512_fmsub_ps(_mm512_loadu_ps(s), inv_t, ma);
+      const __m512 a1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + 16), inv_t, ma);
+      const __m512 b0 = _mm512_fmsub_ps(_mm512_loadu_ps(t), inv_t, mb);
+      const __m512 b1 = _mm512_fmsub_ps(_mm512_loadu_ps(t + 16), inv_t, mb);
+      const __m512 ea0 = exp_nonpos16(a0), ea1 = exp_nonpos16(a1);
+      const __m512 eb0 = exp_nonpos16(b0), eb1 = exp_nonpos16(b1);
+      _mm512_store_ps(exp_a + 32 * r, ea0);
+      _mm512_store_ps(exp_a + 32 * r + 16, ea1);
+      _mm512_store_ps(exp_b + 32 * r, eb0);
+      _mm512_store_ps(exp_b + 32 * r + 16, eb1);
+      part_a[tree_slot(r)] = _mm512_add_ps(ea0, ea1);
+      part_b[tree_slot(r)] = _mm512_add_ps(eb0, eb1);
+      const __m512 kl0 = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(eb0, zero, _CMP_GT_OQ), eb0, _mm512_sub_ps(b0, a0));
+      part_kl[tree_slot(r)] =
+          _mm512_mask3_fmadd_ps(eb1, _mm512_sub_ps(b1, a1), kl0, _mm512_cmp_ps_mask(eb1, zero, _CMP_GT_OQ));
     }
+    const __m512 a_last = _mm512_fmsub_ps(_mm512_i32gather_ps(offsets, student + n - 1, 4), inv_t, max_a);
+    const __m512 b_last = _mm512_fmsub_ps(_mm512_i32gather_ps(offsets, teacher + n - 1, 4), inv_t, max_b);
+    const __m512 ea_last = exp_nonpos16(a_last), eb_last = exp_nonpos16(b_last);
+    const __m512 sa = _mm512_add_ps(reduce_rows16<false>(part_a), ea_last);
+    const __m512 sb = _mm512_add_ps(reduce_rows16<false>(part_b), eb_last);
+    const __m512 kl_sum = _mm512_mask3_fmadd_ps(eb_last, _mm512_sub_ps(b_last, a_last), reduce_rows16<false>(part_kl),
+                                                _mm512_cmp_ps_mask(eb_last, zero, _CMP_GT_OQ));
     const __m512 inv_a = _mm512_div_ps(_mm512_set1_ps(1.0f), sa);
     const __m512 inv_b = _mm512_div_ps(_mm512_set1_ps(1.0f), sb);
-    __m512 kl = zero, sp = zero;
-    for (int j = 0; j < n; ++j) {
-      const __m512 p = _mm512_mul_ps(eb[j], inv_b);
-      const __mmask16 positive = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);  // p = 0 counts 0
-      kl = _mm512_mask_add_ps(kl, positive, kl, _mm512_mul_ps(p, _mm512_sub_ps(zt[j], zs[j])));
-      sp = _mm512_add_ps(sp, p);
-    }
-    const __m512 w = load16_or(a.weight ? a.weight + r : nullptr, 1.0f);
+    const __m512 sp = _mm512_mul_ps(sb, inv_b), kl = _mm512_mul_ps(kl_sum, inv_b);
+    const __m512 w = load16_or(a.weight ? a.weight + r0 : nullptr, 1.0f);
     if (a.loss) {
       const __m512 log_ratio = _mm512_sub_ps(log_sum_exp_total16(sb), log_sum_exp_total16(sa));
       const __m512 loss = _mm512_mul_ps(_mm512_mul_ps(temp, temp), _mm512_fnmadd_ps(log_ratio, sp, kl));
-      _mm512_storeu_ps(a.loss + r, a.weight ? _mm512_mul_ps(w, loss) : loss);
+      _mm512_storeu_ps(a.loss + r0, a.weight ? _mm512_mul_ps(w, loss) : loss);
     }
     if (a.grad) {
-      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r), w) : w;
+      const __m512 g = a.upstream ? _mm512_mul_ps(_mm512_loadu_ps(a.upstream + r0), w) : w;
       const __m512 scale = _mm512_mul_ps(g, temp);
       const __m512 qs = _mm512_mul_ps(_mm512_mul_ps(scale, inv_a), sp), ps = _mm512_mul_ps(scale, inv_b);
-      for (int j = 0; j < n; ++j) ea[j] = _mm512_fmsub_ps(ea[j], qs, _mm512_mul_ps(eb[j], ps));
-      store_lanes16_to(ea, a.grad + r * n);
+      _mm512_store_ps(row_qs, qs);
+      _mm512_store_ps(row_ps, ps);
+      _mm512_store_ps(last_grad, _mm512_fmsub_ps(ea_last, qs, _mm512_mul_ps(eb_last, ps)));
+#pragma GCC unroll 16
+      for (int r = 0; r < kLanes16; ++r) {
+        const __m512 q = _mm512_set1_ps(row_qs[r]), p = _mm512_set1_ps(row_ps[r]);
+        float* row = group + r * n;
+        _mm512_storeu_ps(row, _mm512_fmsub_ps(_mm512_load_ps(exp_a + 32 * r), q,
+                                              _mm512_mul_ps(_mm512_load_ps(exp_b + 32 * r), p)));
+        _mm512_storeu_ps(row + 16, _mm512_fmsub_ps(_mm512_load_ps(exp_a + 32 * r + 16), q,
+                                                   _mm512_mul_ps(_mm512_load_ps(exp_b + 32 * r + 16), p)));
+        row[n - 1] = last_grad[r];
+      }
+      float* grad = a.grad + r0 * n;
+      // 16 rows of 33 floats are 33 cache lines: streamed out if aligned (see store_lanes_streaming)
+      if (reinterpret_cast<uintptr_t>(grad) % 64 == 0) {
+        for (int c = 0; c < n; ++c) _mm512_stream_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+      } else {
+        for (int c = 0; c < n; ++c) _mm512_storeu_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+      }
     }
   }
-  _mm_sfence();
+  _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
 }
 
 // fdr_decode, float32, 33 bins, AVX2: 2 boxes (8 edge rows, edges l, t, r, b) per lane group; the
@@ -781,7 +786,7 @@ void run_lanes(const FglLaneArgs<float>& a, int64_t begin, int64_t end) {
 void run_lanes(const DdfLaneArgs<float>& a, int64_t begin, int64_t end) {
   if (cpu_has_avx512()) {
     const int64_t mid = begin + (end - begin) / kLanes16 * kLanes16;
-    ddf_lanes_avx512(a, begin, mid);
+    ddf_rows16_avx512(a, begin, mid);
     begin = mid;
   }
   ddf_lanes_avx2(a, begin, end);
