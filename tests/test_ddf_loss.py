@@ -80,26 +80,30 @@ def test_teacher_equal_to_student_gives_exactly_zero(backend, dtype):
 def test_zero_teacher_probability_contributes_zero(backend):
     # a teacher bin at -inf has probability 0: xlogy semantics make its term 0 instead of NaN
     require_backend(backend)
-    pred, teacher, weight = _inputs(n=13)  # 8 rows in a CPU lane group, 5 through the row kernel
+    # 21 rows: a group of 16 with AVX-512 (two of 8 with AVX2), 5 through the row kernel
+    pred, teacher, weight = _inputs(n=21)
     teacher[:, :3] = float("-inf")
+    teacher[::2, BINS - 1] = float("-inf")  # the last bin, which the AVX-512 kernel gathers apart
     pred = pred.requires_grad_(True)
     loss = ddf_loss(pred, teacher, weight, backend=backend)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
     finite_teacher = teacher.clone()
-    finite_teacher[:, :3] = -1e30  # same probabilities (0) through the published formula
+    finite_teacher[torch.isinf(teacher)] = -1e30  # same probabilities (0) through the published formula
     torch.testing.assert_close(loss, _published(pred.detach(), finite_teacher, weight), rtol=1e-5, atol=1e-6)
 
 
 def test_cpp_row_and_lane_kernels_agree():
-    # float32 rows of 33 bins go through the CPU lane kernel (8 rows per SIMD lane group) when
-    # they fill a group, the others through the row kernel: the same row must give the same loss
-    # and gradient either way (19 rows = 2 groups + 3)
+    # float32 rows of 33 bins go through the CPU group kernels (16 rows with AVX-512, 8 with AVX2)
+    # when they fill a group, the others through the row kernel: the same row must give the same
+    # loss and gradient either way (19 rows = 16 + 3, or 2 x 8 + 3)
     require_backend("cpp")
     pred, teacher, weight = _inputs(n=19)
     pred[2] = torch.sign(pred[2]) * 1e4
     teacher[3] = -torch.sign(teacher[3]) * 1e4
     teacher[4, :5] = float("-inf")
+    teacher[5, 30:] = float("-inf")
+    pred[6, 28:] = float("-inf")  # student probability 0 where the teacher's is not: an infinite loss
     teacher[9] = pred[9]
 
     def rows_and_grads(p, t, w):

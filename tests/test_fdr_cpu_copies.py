@@ -1,6 +1,6 @@
 """The C++ CPU kernels of fdr_decode, fgl_loss and ddf_loss have a baseline-x86-64 copy (row kernels)
-and an AVX2 copy (lane kernels for float32 rows of 33 bins, row kernels for the rest; fgl_loss also
-has 16-row AVX-512 lane kernels), picked at run time. DFINE_CPU_DISABLE_AVX2=1 forces the baseline
+and an AVX2 copy (lane kernels for float32 rows of 33 bins, row kernels for the rest; fgl_loss and
+ddf_loss also have 16-row AVX-512 kernels), picked at run time. DFINE_CPU_DISABLE_AVX2=1 forces the baseline
 copy (what CPUs without AVX2 run) and DFINE_CPU_DISABLE_AVX512=1 the AVX2 one, here in subprocesses:
 all must agree with each other and with the references."""
 

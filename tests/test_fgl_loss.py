@@ -113,6 +113,8 @@ def test_cpp_row_and_lane_kernels_agree():
     require_backend("cpp")
     pred, target, wl, wr, iou = _inputs(n=27)
     pred[5] = torch.sign(pred[5]) * 1e4
+    pred[8, 20:] = float("-inf")  # probability 0 away from the target bins (finite loss)
+    target[8], wl[8], wr[8] = 3.25, 0.75, 0.25
     target[6], wl[6], wr[6] = -1.0, 1.0, 0.0  # below the range: left bin 0
     target[7] = K + 3.0  # above the range: left bin K - 1
 
