@@ -85,12 +85,26 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# (backend, device type) choices already resolved to "cpp": with the extension loaded the answer
+# cannot change, and the fused ops ask on every call (the full checks cost ~1 us of Python per call).
+_resolved_cpp: set = set()
+
+
 def resolve_backend(backend: str, device, op_name: str) -> str:
     """Turn the user's ``backend`` choice into one of reference/cpp/triton for ``device``."""
+    device_type = device.type if hasattr(device, "type") else str(device)
+    if _ext is not None and (backend, device_type) in _resolved_cpp:
+        return "cpp"
+    which = _resolve_backend(backend, device_type, op_name)
+    if which == "cpp" and _ext is not None:
+        _resolved_cpp.add((backend, device_type))
+    return which
+
+
+def _resolve_backend(backend: str, device_type: str, op_name: str) -> str:
     global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
-    device_type = device.type if hasattr(device, "type") else str(device)
     if backend == "reference":
         return "reference"
     if backend == "cpp":

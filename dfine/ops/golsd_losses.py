@@ -85,19 +85,32 @@ def _check_pred(op, pred_corners):
                          f"got {tuple(pred_corners.shape)}")
 
 
-def _check_rows(op, name, t, pred_corners, optional=False):
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+def _row_args(op, pred_corners, named, dtype=None):
+    """The per-row arguments ``named`` (``(name, tensor, optional), ...``) checked in one pass: each a
+    floating-point tensor with N = ``pred_corners.shape[0]`` elements on pred_corners' device (None
+    if optional). Returned flat ([N]) and in ``dtype`` if given, else as they are."""
     n = pred_corners.shape[0]
-    if t.numel() != n:
-        raise ValueError(f"{op}: {name} must have N={n} elements (one per row of pred_corners "
-                         f"{tuple(pred_corners.shape)}), got shape {tuple(t.shape)}")
-    if t.device != pred_corners.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but pred_corners is on {pred_corners.device}")
+    device = pred_corners.device
+    out = []
+    for name, t, optional in named:
+        if t is None and optional:
+            out.append(None)
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        t_dtype = t.dtype
+        if t_dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t_dtype}")
+        if t.numel() != n:
+            raise ValueError(f"{op}: {name} must have N={n} elements (one per row of pred_corners "
+                             f"{tuple(pred_corners.shape)}), got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but pred_corners is on {device}")
+        if dtype is not None:
+            t = t if t.dim() == 1 else t.reshape(-1)
+            t = t if t_dtype == dtype else t.to(dtype)
+        out.append(t)
+    return out
 
 
 def _check_reduction(op, reduction):
@@ -113,25 +126,19 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _rows_arg(t, dtype):
-    if t is None:
-        return None
-    return _as(t if t.dim() == 1 else t.reshape(-1), dtype)
-
-
-def _keep_gradient(pred_corners) -> bool:
+def _keep_gradient(pred_corners, compiling: bool) -> bool:
     """Whether the fused forward should also write d(row loss)/d(pred) (backward then only scales
     it, in place). Not under torch.compile, whose graphs must not mutate saved tensors."""
-    return pred_corners.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return pred_corners.requires_grad and torch.is_grad_enabled() and not compiling
 
 
-def _reduce_in_op(which, reduction, dtype, pred_corners) -> bool:
+def _reduce_in_op(which, reduction, dtype, pred_corners, compiling: bool) -> bool:
     """Whether a "sum"/"mean" loss comes from the C++ ``*_loss_total`` op, which reduces the rows
     itself (one autograd node, no reduction dispatched from Python; the same values and gradients).
     Eager mode only: traced graphs (torch.compile, export) keep the per-row op and ``_reduce``, whose
     sizes stay symbolic. Half-precision inputs too, whose rows are reduced in their own dtype."""
-    return (which == "cpp" and reduction != "none" and dtype == pred_corners.dtype
-            and not torch.compiler.is_compiling() and not symbolic_shapes())
+    return (which == "cpp" and reduction != "none" and dtype == pred_corners.dtype and not compiling
+            and not symbolic_shapes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,17 +163,18 @@ def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left:
     """
     op = "fgl_loss"
     _check_pred(op, pred_corners)
-    for name, t in (("target_bins", target_bins), ("weight_left", weight_left), ("weight_right", weight_right)):
-        _check_rows(op, name, t, pred_corners)
-    _check_rows(op, "weight", weight, pred_corners, optional=True)
     _check_reduction(op, reduction)
     which = resolve_backend(backend, pred_corners.device, op)
+    rows = (("target_bins", target_bins, False), ("weight_left", weight_left, False),
+            ("weight_right", weight_right, False), ("weight", weight, True))
     if which == "reference":
+        _row_args(op, pred_corners, rows)
         return fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight, reduction)
     dtype = _compute_dtype(pred_corners.dtype)
-    args = (_as(pred_corners, dtype), _rows_arg(target_bins, dtype), _rows_arg(weight_left, dtype),
-            _rows_arg(weight_right, dtype), _rows_arg(weight, dtype), _keep_gradient(pred_corners))
-    if _reduce_in_op(which, reduction, dtype, pred_corners):
+    compiling = torch.compiler.is_compiling()
+    args = (_as(pred_corners, dtype), *_row_args(op, pred_corners, rows, dtype),
+            _keep_gradient(pred_corners, compiling))
+    if _reduce_in_op(which, reduction, dtype, pred_corners, compiling):
         return torch.ops.dfine.fgl_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.fgl_loss_forward if which == "cpp" else torch.ops.dfine.fgl_loss_triton
     rows, _ = op(*args)
@@ -198,17 +206,19 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
     if teacher_corners.device != pred_corners.device:
         raise ValueError(f"{op}: teacher_corners is on {teacher_corners.device} but pred_corners is on "
                          f"{pred_corners.device}")
-    _check_rows(op, "weight", weight, pred_corners, optional=True)
     _check_reduction(op, reduction)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
     which = resolve_backend(backend, pred_corners.device, op)
     if which == "reference":
+        _row_args(op, pred_corners, (("weight", weight, True),))
         return ddf_loss_reference(pred_corners, teacher_corners, weight, temperature, reduction)
     dtype = _compute_dtype(pred_corners.dtype)
-    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype), _rows_arg(weight, dtype),
-            float(temperature), _keep_gradient(pred_corners))
-    if _reduce_in_op(which, reduction, dtype, pred_corners):
+    compiling = torch.compiler.is_compiling()
+    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype),
+            *_row_args(op, pred_corners, (("weight", weight, True),), dtype), float(temperature),
+            _keep_gradient(pred_corners, compiling))
+    if _reduce_in_op(which, reduction, dtype, pred_corners, compiling):
         return torch.ops.dfine.ddf_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.ddf_loss_forward if which == "cpp" else torch.ops.dfine.ddf_loss_triton
     rows, _ = op(*args)
