@@ -318,18 +318,23 @@ bool cpu_has_avx512() {
   return has;
 }
 
-// exp_nonpos of fdr_math.h on 16 lanes (same reduction and polynomial; NaN passes through). No
-// clamp at the lowest exponent: the lanes below it (-inf included) are masked to 0 at the end,
-// whatever the steps before computed for them.
+// exp_nonpos of fdr_math.h on 16 lanes (same range reduction; NaN passes through), with a cheaper
+// polynomial: the degree-5 minimax fit of exp(r) on [-ln2/2, ln2/2] from scripts/fit_exp_polynomial.py,
+// 5 FMAs instead of Cephes' 8 operations (the exponentials are most of the loss kernels' work; ~10%
+// faster FGL) for a maximum relative error of 1.9e-7 instead of 7e-8 in float32. No clamp at the
+// lowest exponent: the lanes below it (-inf included) are masked to 0 at the end, whatever the steps
+// before computed for them.
+constexpr float kExpMinimax5[6] = {1.0000001192092896f, 0.9999997019767761f, 0.49998894333839417f,
+                                   0.16667574644088745f, 0.04191538318991661f, 0.008297653868794441f};
+
 __attribute__((target(DFINE_AVX512_TARGET))) inline __m512 exp_nonpos16(__m512 x) {
   const __m512 lowest = _mm512_set1_ps(kExpLowest);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 poly = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[i]));
-  poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  __m512 poly = _mm512_set1_ps(kExpMinimax5[5]);
+  for (int i = 4; i >= 0; --i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpMinimax5[i]));
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // 0 below the lowest exponent
   return _mm512_maskz_scalef_ps(keep, poly, n);
 }
