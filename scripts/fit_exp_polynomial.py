@@ -1,11 +1,11 @@
 """The polynomial of the AVX-512 exponential in csrc/fdr/fdr_cpu.cpp (exp_nonpos16).
 
-exp(x) = 2^n * p(r) with n = round(x / ln2) and r = x - n ln2 in [-ln2/2, ln2/2]; p is the degree-5
+exp(x) = 2^n * p(r) with n = round(x / ln2) and r = x - n ln2 in [-ln2/2, ln2/2]; p is the degree-6
 polynomial of least maximum relative error to exp(r) on that interval, found by Lawson's iteratively
 reweighted least squares on Chebyshev nodes. Prints its float32 coefficients (lowest power first)
 and its maximum relative error, in exact arithmetic and evaluated in float32 by Horner with FMAs.
 
-    python scripts/fit_exp_polynomial.py [--degree 5]
+    python scripts/fit_exp_polynomial.py [--degree 6]
 """
 
 import argparse
@@ -40,7 +40,7 @@ def float32_error(coef) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--degree", type=int, default=5)
+    parser.add_argument("--degree", type=int, default=6)
     args = parser.parse_args()
     coef, exact_error = fit(args.degree)
     print("coefficients (float32, lowest power first):", [float(np.float32(c)) for c in coef])
