@@ -184,6 +184,7 @@ def test_float32_sum_is_within_1e6_of_float64(fused_backend):
 )
 def test_bad_inputs_raise_naming_the_argument(kwargs, exc, match):
     pred, teacher, weight = _inputs(n=8)
+    ddf_loss(pred, teacher, weight)  # a valid call first: later ones try the C++ op before the checks
     args = dict(pred_corners=pred, teacher_corners=teacher, weight=weight)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
@@ -260,3 +261,24 @@ def test_cpp_total_op_equals_rows_then_reduction(reduction, n):
     with torch.inference_mode():  # below autograd: the op's composite kernel
         total, grad = torch.ops.dfine.ddf_loss_total(pred, teacher, weight, 5.0, True, reduction == "mean")
     assert torch.equal(total, results[0][0]) and grad.shape == pred.shape
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cpp_call_without_python_checks_matches_the_checked_call(monkeypatch, reduction):
+    # float32/64 calls on a backend already resolved to C++ go to the op before the Python checks
+    # (golsd_losses._straight_to_cpp); with those checks they must give the same bits
+    require_backend("cpp")
+    from dfine.ops import golsd_losses
+
+    pred, teacher, weight = _inputs(n=37)
+    results = []
+    for straight in (True, False):
+        if not straight:
+            monkeypatch.setattr(golsd_losses, "_straight_to_cpp", lambda *args: False)
+        for args in ((teacher, weight, 5.0), (teacher, weight[:, None], 2.5), (teacher.double(), None, 5.0)):
+            p = pred.clone().requires_grad_(True)
+            loss = ddf_loss(p, *args, reduction=reduction, backend="cpp")
+            results.append((loss.detach(), *torch.autograd.grad(loss.sum(), p)))
+    for got, want in zip(results[:3], results[3:]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -205,6 +205,7 @@ def test_float32_sum_is_within_1e6_of_float64(fused_backend):
 )
 def test_bad_inputs_raise_naming_the_argument(change, exc, match):
     pred, target, wl, wr, iou = _inputs(n=8)
+    fgl_loss(pred, target, wl, wr, iou)  # a valid call first: later ones try the C++ op before the checks
     args = dict(pred=pred, target=target, wl=wl, wr=wr, iou=iou)
     for key, fn in change.items():
         args[key] = fn(args[key])
@@ -266,3 +267,25 @@ def test_cpp_total_op_equals_rows_then_reduction(reduction, n):
     with torch.inference_mode():  # below autograd: the op's composite kernel
         total, grad = torch.ops.dfine.fgl_loss_total(pred, target, wl, wr, iou, True, reduction == "mean")
     assert torch.equal(total, results[0][0]) and grad.shape == pred.shape
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cpp_call_without_python_checks_matches_the_checked_call(monkeypatch, reduction):
+    # float32/64 calls on a backend already resolved to C++ go to the op before the Python checks
+    # (golsd_losses._straight_to_cpp); with those checks they must give the same bits
+    require_backend("cpp")
+    from dfine.ops import golsd_losses
+
+    pred, target, wl, wr, iou = _inputs(n=37)
+    wl2d = wl[:, None]  # any shape with N elements: the op rejects it, the checked path flattens it
+    results = []
+    for straight in (True, False):
+        if not straight:
+            monkeypatch.setattr(golsd_losses, "_straight_to_cpp", lambda *args: False)
+        for args in ((target, wl, wr, iou), (target, wl2d, wr, None)):
+            p = pred.clone().requires_grad_(True)
+            loss = fgl_loss(p, *args, reduction=reduction, backend="cpp")
+            results.append((loss.detach(), *torch.autograd.grad(loss.sum(), p)))
+    for got, want in zip(results[:2], results[2:]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

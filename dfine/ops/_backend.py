@@ -101,6 +101,11 @@ def resolve_backend(backend: str, device, op_name: str) -> str:
     return which
 
 
+def resolved_to_cpp(backend: str, device) -> bool:
+    """Whether ``backend`` on ``device`` is known (from an earlier call) to resolve to "cpp"."""
+    return _ext is not None and (backend, device.type) in _resolved_cpp
+
+
 def _resolve_backend(backend: str, device_type: str, op_name: str) -> str:
     global _warned_fallback
     if backend not in BACKENDS:

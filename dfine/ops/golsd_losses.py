@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
+from dfine.ops._backend import extension_available, resolve_backend, resolved_to_cpp, symbolic_shapes
 
 __all__ = ["fgl_loss", "fgl_loss_reference", "ddf_loss", "ddf_loss_reference", "compare_cases"]
 
@@ -141,6 +141,20 @@ def _reduce_in_op(which, reduction, dtype, pred_corners, compiling: bool) -> boo
             and not symbolic_shapes())
 
 
+def _straight_to_cpp(pred_corners, reduction, backend) -> bool:
+    """Whether a call can go straight to the C++ op, before any Python check: the common case of
+    training (a float32/float64 tensor, eager mode, a backend already resolved to the extension).
+    The op checks its arguments itself (shapes, dtypes, devices); if it rejects them, the full
+    Python checks run and name the bad argument. The Python checks cost about as much as the op
+    on small inputs, and ~5% of a one-layer FGL forward+backward."""
+    return (type(pred_corners) is torch.Tensor and pred_corners.dtype in _CPP_DTYPES and reduction in REDUCTIONS
+            and resolved_to_cpp(backend, pred_corners.device) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops.
 
@@ -161,6 +175,16 @@ def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left:
 
     Gradients flow to ``pred_corners`` (and to ``weight`` if it requires grad); the targets get none.
     """
+    if _straight_to_cpp(pred_corners, reduction, backend):
+        keep = pred_corners.requires_grad and torch.is_grad_enabled()
+        try:
+            if reduction == "none":
+                return torch.ops.dfine.fgl_loss_forward(pred_corners, target_bins, weight_left, weight_right,
+                                                        weight, keep)[0]
+            return torch.ops.dfine.fgl_loss_total(pred_corners, target_bins, weight_left, weight_right, weight,
+                                                  keep, reduction == "mean")[0]
+        except (RuntimeError, TypeError):
+            pass  # the checks below name the bad argument, or the same call raises again
     op = "fgl_loss"
     _check_pred(op, pred_corners)
     _check_reduction(op, reduction)
@@ -195,6 +219,16 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
 
     Bins whose teacher probability is 0 contribute 0; teacher == student gives exactly 0.
     """
+    if (_straight_to_cpp(pred_corners, reduction, backend) and isinstance(temperature, float) and temperature > 0):
+        keep = pred_corners.requires_grad and torch.is_grad_enabled()
+        try:
+            teacher = teacher_corners.detach()
+            if reduction == "none":
+                return torch.ops.dfine.ddf_loss_forward(pred_corners, teacher, weight, temperature, keep)[0]
+            return torch.ops.dfine.ddf_loss_total(pred_corners, teacher, weight, temperature, keep,
+                                                  reduction == "mean")[0]
+        except (RuntimeError, TypeError, AttributeError):
+            pass  # the checks below name the bad argument, or the same call raises again
     op = "ddf_loss"
     _check_pred(op, pred_corners)
     if not isinstance(teacher_corners, torch.Tensor) or teacher_corners.dtype not in _FLOAT_DTYPES:
