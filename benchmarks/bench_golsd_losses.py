@@ -29,6 +29,10 @@ from _fdr_bench_utils import (  # noqa: E402
 from dfine.ops import ddf_loss, ddf_loss_reference, fgl_loss, fgl_loss_reference  # noqa: E402
 
 BATCH, QUERIES, REG_MAX, LAYERS = 4, 300 + 200, 32, 6
+# Rounds of timing turns (see times_ms_in_turns). A one-layer call takes 0.15-1.5 ms, so 5 rounds
+# sample a few tens of milliseconds of a shared machine's load; 12 spread the samples of every
+# variant over more of it, and the ratios of one run vary less from run to run.
+ROUNDS = 12
 ROWS = BATCH * QUERIES * 4
 
 
@@ -134,7 +138,7 @@ def main():
             inputs = make_inputs(layers)
             fwd = {v: forward_only(name, v, inputs) for v in variants}
             fwd_bwd = {v: forward_backward(name, v, inputs) for v in variants}
-            t_fwd, t_fwd_bwd = times_ms_in_turns(fwd), times_ms_in_turns(fwd_bwd)
+            t_fwd, t_fwd_bwd = times_ms_in_turns(fwd, ROUNDS), times_ms_in_turns(fwd_bwd, ROUNDS)
             base = {}
             for variant in variants:
                 m_fwd_bwd, kept = peak_memory_bytes(fwd_bwd[variant], return_kept=True)
