@@ -381,6 +381,17 @@ __attribute__((target(DFINE_AVX512_TARGET), always_inline)) inline __m512 reduce
   return op(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Copies a group's gradient (16 rows of 33 floats, 64-byte aligned: 33 cache lines) from the
+// buffer where it was built to its rows of the output; streamed out if they are aligned too (see
+// store_lanes_streaming), so that the 1 MiB gradient of a layer does not evict the caches.
+__attribute__((target(DFINE_AVX512_TARGET))) inline void copy_group_out(const float* group, float* grad) {
+  if (reinterpret_cast<uintptr_t>(grad) % 64 == 0) {
+    for (int c = 0; c < kDfineBins; ++c) _mm512_stream_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+  } else {
+    for (int c = 0; c < kDfineBins; ++c) _mm512_storeu_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
+  }
+}
+
 // FGL on 16 rows at a time, rows [begin, end), end - begin a multiple of 16: fgl_row_terms /
 // fgl_row_loss with each row in its natural layout (bins 0-15 and 16-31 in two vectors, bin 32 of
 // the 16 rows gathered into one), not transposed: the transposes and the 33 live vectors of a lane
@@ -459,12 +470,7 @@ __attribute__((target(DFINE_AVX512_TARGET))) void fgl_rows16_avx512(const FglLan
         row[0] -= row_gl[r];
         row[1] -= row_gr[r];
       }
-      // 16 rows of 33 floats are 33 cache lines: streamed out if aligned (see store_lanes_streaming)
-      if (reinterpret_cast<uintptr_t>(grad) % 64 == 0) {
-        for (int c = 0; c < n; ++c) _mm512_stream_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
-      } else {
-        for (int c = 0; c < n; ++c) _mm512_storeu_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
-      }
+      copy_group_out(group, grad);
     }
   }
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
@@ -619,12 +625,7 @@ __attribute__((target(DFINE_AVX512_TARGET))) void ddf_rows16_avx512(const DdfLan
         row[n - 1] = last_grad[r];
       }
       float* grad = a.grad + r0 * n;
-      // 16 rows of 33 floats are 33 cache lines: streamed out if aligned (see store_lanes_streaming)
-      if (reinterpret_cast<uintptr_t>(grad) % 64 == 0) {
-        for (int c = 0; c < n; ++c) _mm512_stream_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
-      } else {
-        for (int c = 0; c < n; ++c) _mm512_storeu_ps(grad + 16 * c, _mm512_load_ps(group + 16 * c));
-      }
+      copy_group_out(group, grad);
     }
   }
   _mm_sfence();  // streaming stores are weakly ordered: complete them before the threads join
