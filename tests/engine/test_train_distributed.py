@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import REPO, SYNTH_CFG, step_losses, tiny_data, tiny_overrides  # noqa: F401
+from tests.engine.test_train import REPO, SYNTH_CFG, step_losses, tiny_data, tiny_overrides  # noqa: F401
 
 
 def _free_port() -> int:

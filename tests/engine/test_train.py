@@ -19,7 +19,7 @@ from dfine.data.synthetic import make_synthetic_coco
 from dfine.engine import LinearWarmup, ModelEMA, NonFiniteLossError, Trainer, build_optimizer, param_groups, save_atomic
 from dfine.engine.optim import build_lr_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYNTH_CFG = REPO / "configs/dfine/dfine_hgnetv2_n_synthetic.yml"
 
 

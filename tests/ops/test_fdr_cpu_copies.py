@@ -50,7 +50,7 @@ def test_cpp_baseline_and_avx2_copies_agree(tmp_path):
     x["wl"] = 1 - x["wr"]
     torch.save(x, tmp_path / "inputs.pt")
     results = []
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for no_avx2, no_avx512 in (("0", "0"), ("0", "1"), ("1", "1")):
         out_file = tmp_path / f"out_{no_avx2}{no_avx512}.pt"
         env = dict(os.environ, DFINE_CPU_DISABLE_AVX2=no_avx2, DFINE_CPU_DISABLE_AVX512=no_avx512)

@@ -439,7 +439,7 @@ def test_cpp_baseline_and_avx2_copies_agree_bitwise(tmp_path):
     for disable in ("0", "1"):
         out_file = tmp_path / f"out_{disable}.pt"
         env = dict(os.environ, DFINE_CPU_DISABLE_AVX2=disable)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(out_file)],
                        check=True, env=env, cwd=root, capture_output=True)
         results.append(torch.load(out_file))

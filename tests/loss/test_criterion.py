@@ -14,7 +14,7 @@ from dfine.matcher import HungarianMatcher
 from tests.conftest import IN_CI, require_backend
 from tests.model_helpers import match_queries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(os.environ.get("DFINE_SHARED_DIR", REPO.parent / "shared")) / "reference" / "golden"
 
 

@@ -220,7 +220,7 @@ def test_kernels_lower_to_cuda_without_a_gpu(tmp_path):
     and fp64, the latter with fp64 atomics) to PTX and cubin for sm_80 in a fresh process with the
     interpreter off and an empty Triton cache."""
     require_backend("triton")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     code = (
