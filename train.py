@@ -14,6 +14,10 @@ import argparse
 import json
 import sys
 
+import dfine
+from dfine.engine import Trainer
+from dfine.engine import distributed as du
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train or evaluate D-FINE")
@@ -38,20 +42,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import dfine
-    from dfine.engine import Trainer
-    from dfine.engine import distributed as du
 
     cfg = dfine.load_config(args.config, overrides=args.update)
     trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
                       backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
     try:
         if args.test_only:
-            if args.resume:
-                from dfine.checkpoint import load_checkpoint
-
-                load_checkpoint(trainer.model, args.resume, strict=True)
-                module = trainer.model
+            if args.resume:  # the same loader as predict/export: EMA weights preferred, strict
+                backend = args.backend or cfg.get("ops_backend", "auto")
+                module = dfine.load_detector(cfg, args.resume, device=trainer.device, backend=backend, deploy=False,
+                                             optimize=False).model
             elif args.tuning:
                 trainer.tune_from(args.tuning)
                 module = trainer.model

@@ -1,16 +1,16 @@
-"""D-FINE: real-time DETR with Fine-grained Distribution Refinement, on fused kernels."""
+"""D-FINE: real-time DETR with Fine-grained Distribution Refinement, on fused kernels.
+
+Layers (imports go one way, checked by import-linter, see setup.cfg): ops -> config -> model -> loss | data
+-> deploy -> engine -> apps. This file only re-exports the public API.
+"""
 
 from dfine import ops  # noqa: F401
-from dfine.config import build_model, build_postprocessor, load_config, set_backend
-
-
-def build_criterion(cfg, backend=None):
-    """The D-FINE training criterion of a loaded config (see dfine.criterion.build_criterion)."""
-    from dfine.criterion import build_criterion as _build
-
-    return _build(cfg, backend=backend)
-
+from dfine.config import load_config
+from dfine.deploy import load_detector
+from dfine.loss import build_criterion
+from dfine.model import build_model, build_postprocessor, set_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "load_config", "build_model", "build_postprocessor", "build_criterion", "set_backend"]
+__all__ = ["ops", "load_config", "build_model", "build_postprocessor", "build_criterion", "load_detector",
+           "set_backend"]

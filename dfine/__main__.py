@@ -1,27 +1,32 @@
-"""Command line: `python -m dfine predict ...`, `python -m dfine export ...`, `python -m dfine visualize ...`."""
+"""Command line: ``python -m dfine predict|export|visualize|info|report ...`` (``--help`` on each)."""
 
 import argparse
 import sys
 
-from dfine import predict, visualize
+from dfine.apps import export, info, predict, report, visualize
+
+# (module, help): predict/export/visualize take add_arguments + run; info/report parse their own arguments
+COMMANDS = {
+    "predict": (predict, "detect objects in images or a video with a checkpoint"),
+    "export": (export, "export model + post-processor to ONNX"),
+    "visualize": (visualize, "plot each decoder layer's box and FDR edge distributions"),
+    "info": (info, "parameters and GFLOPs of the published sizes"),
+    "report": (report, "AP table and training curve of a training run's log.jsonl"),
+}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("info", "report"):
+        return COMMANDS[argv[0]][0].main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m dfine")
     sub = parser.add_subparsers(dest="command", required=True)
-    predict.add_arguments(sub.add_parser("predict", help="detect objects in images with a checkpoint"))
-    from dfine import export
-
-    export.add_arguments(sub.add_parser("export", help="export model + post-processor to ONNX"))
-    visualize.add_arguments(sub.add_parser("visualize", help="plot each decoder layer's box and FDR edge distributions"))
+    for name, (module, text) in COMMANDS.items():
+        command = sub.add_parser(name, help=text, add_help=name not in ("info", "report"))
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(command)
     args = parser.parse_args(argv)
-    if args.command == "predict":
-        return predict.run(args)
-    if args.command == "export":
-        return export.run(args)
-    if args.command == "visualize":
-        return visualize.run(args)
-    return 2
+    return COMMANDS[args.command][0].run(args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ $PY train.py -c "$CFG" --output-dir "$OUT" \
        val_dataloader.dataset.img_folder="$DATA/val" \
        val_dataloader.dataset.ann_file="$DATA/annotations/instances_val.json" \
        ${TRAIN_OVERRIDES:-}
-$PY -m dfine.engine.report "$OUT" | tee "$OUT/ap_table.md"
+$PY -m dfine report "$OUT" | tee "$OUT/ap_table.md"
 IMAGE=$(ls "$DATA/val" | head -n 1)
 $PY -m dfine predict -c "$CFG" -r "$OUT/best.pth" --input "$DATA/val/$IMAGE" --output "$OUT/predictions" --threshold 0.5
 echo "AP table: $OUT/ap_table.md | curve: $OUT/curve.png | predictions: $OUT/predictions"

@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from dfine.data.coco import coco_api_from_dict, load_coco_json
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -40,8 +42,6 @@ def _backend():
 
 def _gt_dict(coco_gt) -> dict:
     """The ground-truth annotation dict from a path, a dict, a pycocotools/faster COCO or a dataset."""
-    from dfine.data.coco import load_coco_json
-
     if isinstance(coco_gt, (str, os.PathLike)):
         return load_coco_json(coco_gt)
     if isinstance(coco_gt, dict):
@@ -147,8 +147,6 @@ class CocoEvaluator:
         return {name: float(v) for name, v in zip(STAT_NAMES, stats)}
 
     def _pycoco_gt(self):
-        from dfine.data.coco import coco_api_from_dict
-
         return coco_api_from_dict(self.gt)
 
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as tud
 
+from dfine.data.coco import CocoDetection
 from dfine.data.epoch import SharedEpoch, mix_seed
+from dfine.data.transforms import DetectionTransforms
 
 PUBLISHED_BASE = 640
 PUBLISHED_SMALL_SCALES = (480, 512, 544, 576, 608)
@@ -104,9 +106,6 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
     The sampler is always a DistributedSampler (num_replicas 1 when not distributed), so shuffling is
     a function of (seed, epoch) only; call `set_loader_epoch(loader, epoch)` before each epoch.
     """
-    from dfine.data.coco import CocoDetection
-    from dfine.data.transforms import DetectionTransforms
-
     train = bool(cfg.get("train", True))
     seed = int(cfg.get("seed", 0) if seed is None else seed)
     image_size = cfg.get("image_size", 640)

@@ -22,12 +22,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from dfine.cpu_speed import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
+from dfine.data import CocoEvaluator, build_dataloader, set_loader_epoch
+from dfine.data.epoch import mix_seed
+from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine import distributed as du
-from dfine.engine.checkpoint_io import load_training_checkpoint, save_atomic
 from dfine.engine.data_config import loader_settings
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
+from dfine.loss import build_criterion
+from dfine.model import build_model, build_postprocessor, load_checkpoint
+from dfine.model.checkpoint import load_training_checkpoint, save_atomic
 
 __all__ = ["Trainer", "NonFiniteLossError", "seed_everything"]
 
@@ -45,8 +49,6 @@ def seed_everything(seed: int) -> None:
 
 
 def _mix(*parts: int) -> int:
-    from dfine.data.epoch import mix_seed
-
     return mix_seed(*parts)
 
 
@@ -67,14 +69,11 @@ class Trainer:
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
     evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
     device, channels_last (default auto: on for the CPU) and cpu_retain_freed_memory (default True);
-    the last two are explained in `dfine.cpu_speed`.
+    the last two are explained in `dfine.deploy.cpu`.
     """
 
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
                  backend: Optional[str] = None, deterministic: bool = False, progress: bool = True):
-        import dfine
-        from dfine.criterion import build_criterion
-
         self.cfg = cfg
         self.device = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = du.init_distributed(self.device)
@@ -87,7 +86,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(self.seed)  # same initial weights on every rank
 
-        model = dfine.build_model(cfg, backend=backend)
+        model = build_model(cfg, backend=backend)
         if self.distributed and cfg.get("sync_bn", False):
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -100,7 +99,7 @@ class Trainer:
                 self.allocator = "system, retaining freed memory"
         self.model = to_memory_format(model.to(self.device), self.channels_last)
         self.criterion = build_criterion(cfg, backend=backend).to(self.device)
-        self.postprocessor = dfine.build_postprocessor(dict(cfg, remap_mscoco_category=False))
+        self.postprocessor = build_postprocessor(dict(cfg, remap_mscoco_category=False))
 
         self.epochs = int(cfg.get("epochs", 1))
         self.clip_max_norm = float(cfg.get("clip_max_norm", 0.0) or 0.0)
@@ -144,8 +143,6 @@ class Trainer:
 
     def train_loader(self):
         if self._train_loader is None:
-            from dfine.data import build_dataloader
-
             settings = loader_settings(self.cfg, "train", self.world, self.seed)
             self._train_loader = build_dataloader(settings)
             self._check_classes(self._train_loader.dataset, "train")
@@ -153,8 +150,6 @@ class Trainer:
 
     def val_loader(self):
         if self._val_loader is None:
-            from dfine.data import build_dataloader
-
             settings = loader_settings(self.cfg, "val", self.world, self.seed)
             self._val_loader = build_dataloader(settings)
             self._check_classes(self._val_loader.dataset, "val")
@@ -206,8 +201,6 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_one_epoch(self, epoch: int) -> dict:
-        from dfine.data import set_loader_epoch
-
         loader = self.train_loader()
         set_loader_epoch(loader, epoch)
         # runtime randomness (denoising noise) is a function of (seed, epoch, rank): exact resume
@@ -293,8 +286,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, module=None) -> dict:
-        from dfine.data import CocoEvaluator
-
         module = module or self.eval_module()
         loader = self.val_loader()
         evaluator = CocoEvaluator(loader.dataset)
@@ -370,8 +361,6 @@ class Trainer:
     def tune_from(self, path) -> None:
         """Fine-tune: load released weights; tensors whose shape differs (class heads for another class
         count) keep their fresh initialisation and are reported."""
-        from dfine.checkpoint import load_checkpoint
-
         report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True)
         self.log_text(f"tuning from {path}:\n{report}")
         if self.ema is not None:

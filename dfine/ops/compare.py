@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from dfine.ops import _backend
+from dfine.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 
 @dataclass
@@ -106,8 +107,6 @@ def compare_callables(
 
 
 def ms_deform_attn_case(backend: str, quick: bool) -> Comparison:
-    from dfine.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
-
     small = quick or backend == "triton"
     if small:
         B, Q, M, D, levels, points = 2, 8, 2, 8, [(8, 8), (4, 4), (2, 2)], [3, 6, 3]

@@ -6,8 +6,8 @@
   (top-k probabilities per edge and their mean) from the same softmax. ``fdr_decode_reference`` is
   the definition of truth; the fused backends are
   ``cpp``    - ``torch.ops.dfine.fdr_decode_forward/backward`` from ``csrc/fdr/`` (C++ on CPU
-               tensors, CUDA on CUDA tensors); autograd and fake kernels are registered here;
-  ``triton`` - ``torch.ops.dfine.fdr_decode_triton`` wrapping ``kernels/fdr_decode.py``.
+               tensors, CUDA on CUDA tensors, autograd in ``csrc/fdr/autograd/``); fake kernels here;
+  ``triton`` - ``torch.ops.dfine.fdr_decode_triton``, kernels and autograd in ``dfine/kernels/fdr_decode.py``.
 * :func:`fdr_targets` - ``bbox2distance`` + ``translate_gt``: the fractional target bin of every
   edge and the weights of its two neighbouring bins (no gradient, plain PyTorch only).
 """
@@ -20,6 +20,7 @@ from typing import Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from dfine.kernels import fdr_decode as _triton_kernels  # noqa: F401  (defines the dfine::*_triton ops)
 from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
 __all__ = [
@@ -273,102 +274,27 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and fake kernels of the C++/CUDA op (the kernels are registered by dfine._C).
+# Fake (meta) kernels of the C++/CUDA ops, for torch.compile and torch.export (the kernels and
+# their autograd are registered in C++ by dfine._C, csrc/fdr/).
 
 
-def _fdr_fake_outputs(pred_corners, ref_boxes, lqe_topk):
-    rows = pred_corners.shape[0]
-    return (
-        pred_corners.new_empty((rows, 4)),
-        pred_corners.new_empty((rows, 4, lqe_topk + 1)),
-        pred_corners.new_empty((rows, 4, lqe_topk), dtype=torch.uint8),
-    )
-
-
-def _fdr_setup_context(ctx, inputs, output):
-    pred_corners, project, ref_boxes, reg_scale, lqe_topk = inputs
-    # Inputs and the top-k bins (4 * k bytes per box) only: backward recomputes the softmax.
-    ctx.save_for_backward(pred_corners, project, ref_boxes, output[2])
-    ctx.mark_non_differentiable(output[2])
-    ctx.reg_scale = reg_scale
-    ctx.lqe_topk = lqe_topk
-
-
-def _make_fdr_backward(backward_op):
-    def _backward(ctx, grad_boxes, grad_stats, grad_index):
-        pred_corners, project, ref_boxes, topk_index = ctx.saved_tensors
-        if grad_boxes is None:
-            grad_boxes = torch.zeros_like(ref_boxes)
-        if grad_stats is None:
-            grad_stats = pred_corners.new_zeros((pred_corners.shape[0], 4, ctx.lqe_topk + 1))
-        grad_corners, grad_ref = backward_op(
-            grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, ctx.reg_scale, ctx.lqe_topk
-        )
-        return grad_corners, None, grad_ref, None, None
-
-    return _backward
-
-
-def _register_cpp_autograd():
+def _register_cpp_fakes():
     @torch.library.register_fake("dfine::fdr_decode_forward")
     def _forward_fake(pred_corners, project, ref_boxes, reg_scale, lqe_topk):
-        return _fdr_fake_outputs(pred_corners, ref_boxes, lqe_topk)
+        rows = pred_corners.shape[0]
+        return (
+            pred_corners.new_empty((rows, 4)),
+            pred_corners.new_empty((rows, 4, lqe_topk + 1)),
+            pred_corners.new_empty((rows, 4, lqe_topk), dtype=torch.uint8),
+        )
 
     @torch.library.register_fake("dfine::fdr_decode_backward")
     def _backward_fake(grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk):
         return torch.empty_like(pred_corners), torch.empty_like(ref_boxes)
 
-    torch.library.register_autograd(
-        "dfine::fdr_decode_forward",
-        _make_fdr_backward(torch.ops.dfine.fdr_decode_backward),
-        setup_context=_fdr_setup_context,
-    )
 
-
-def _cpp_op_defined(name: str) -> bool:
-    return extension_available() and hasattr(torch.ops.dfine, name)
-
-
-if _cpp_op_defined("fdr_decode_forward"):
-    _register_cpp_autograd()
-
-
-# --------------------------------------------------------------------------------------------
-# The Triton op: defined in Python, the kernels live in kernels/fdr_decode.py.
-
-
-@torch.library.custom_op("dfine::fdr_decode_triton", mutates_args=())
-def _triton_forward(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: torch.Tensor,
-                    reg_scale: float, lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from kernels.fdr_decode import fdr_decode_forward_triton
-
-    return fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
-
-
-@_triton_forward.register_fake
-def _(pred_corners, project, ref_boxes, reg_scale, lqe_topk):
-    return _fdr_fake_outputs(pred_corners, ref_boxes, lqe_topk)
-
-
-@torch.library.custom_op("dfine::fdr_decode_triton_backward", mutates_args=())
-def _triton_backward(grad_boxes: torch.Tensor, grad_stats: torch.Tensor, pred_corners: torch.Tensor,
-                     project: torch.Tensor, ref_boxes: torch.Tensor, topk_index: torch.Tensor, reg_scale: float,
-                     lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    from kernels.fdr_decode import fdr_decode_backward_triton
-
-    return fdr_decode_backward_triton(
-        grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk
-    )
-
-
-@_triton_backward.register_fake
-def _(grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk):
-    return torch.empty_like(pred_corners), torch.empty_like(ref_boxes)
-
-
-_triton_forward.register_autograd(
-    _make_fdr_backward(torch.ops.dfine.fdr_decode_triton_backward), setup_context=_fdr_setup_context
-)
+if extension_available() and hasattr(torch.ops.dfine, "fdr_decode_forward"):
+    _register_cpp_fakes()
 
 
 # --------------------------------------------------------------------------------------------

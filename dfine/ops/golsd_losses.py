@@ -7,8 +7,10 @@ Distillation Focal (DDF) losses over the ``K+1`` bin logits of every box edge.
 ``fgl_loss_reference`` / ``ddf_loss_reference`` are the definitions of truth. Fused backends compute
 one row per pass (softmax, loss and, in backward, its gradient) and return the per-row losses; the
 reduction is applied afterwards by the same Python code for every backend:
-``cpp`` - ``torch.ops.dfine.{fgl,ddf}_loss_forward/backward`` from ``csrc/fdr/`` (C++ on CPU tensors,
-CUDA on CUDA tensors); ``triton`` - ``torch.ops.dfine.{fgl,ddf}_loss_triton`` (``kernels/golsd_losses.py``).
+``cpp`` - ``torch.ops.dfine.{fgl,ddf}_loss_forward/backward/total`` from ``csrc/fdr/`` (C++ on CPU
+tensors, CUDA on CUDA tensors, autograd in ``csrc/fdr/autograd/``); ``triton`` -
+``torch.ops.dfine.{fgl,ddf}_loss_triton``, kernels and autograd in ``dfine/kernels/golsd_losses.py``.
+This module holds the references, the argument checks and the dispatch (and the C++ ops' fakes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from dfine.kernels import golsd_losses as _triton_kernels  # noqa: F401  (defines the dfine::*_triton ops)
 from dfine.ops._backend import extension_available, resolve_backend, resolved_to_cpp, symbolic_shapes
 
 __all__ = ["fgl_loss", "fgl_loss_reference", "ddf_loss", "ddf_loss_reference", "compare_cases"]
@@ -260,75 +263,8 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and fake kernels of the Triton ops (defined here) and fake kernels of the C++/CUDA ops
-# (whose autograd is registered in C++, csrc/fdr/golsd_losses_autograd.cpp, with the same logic).
-# Forward ops return the weighted per-row loss [N] and, if asked (compute_grad), the gradient of
-# every row's loss w.r.t. pred_corners from the same pass; backward scales that gradient's rows by
-# the upstream gradient in place (no second pass, no second [N, K+1] buffer). Without it (second
-# backward through the graph, torch.compile) the backward ops recompute it from the saved inputs.
-
-
-def _fgl_setup_context(ctx, inputs, output):
-    pred, target, wl, wr, weight, compute_grad = inputs
-    ctx.save_for_backward(pred, target, wl, wr, weight)
-    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no [N, K+1] zeros for the gradient output's (absent) gradient
-    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[4]
-
-
-def _scale_fused_grad(ctx, grad_rows):
-    grad = ctx.fused_grad
-    ctx.fused_grad = None  # used once; a second backward recomputes
-    return grad.mul_(grad_rows.unsqueeze(1))
-
-
-def _make_fgl_backward(forward_op, backward_op):
-    def _backward(ctx, grad_rows, _grad_unused):
-        if grad_rows is None:
-            return None, None, None, None, None, None
-        pred, target, wl, wr, weight = ctx.saved_tensors
-        grad_pred = None
-        if ctx.needs_input_grad[0]:
-            if ctx.fused_grad is not None:
-                grad_pred = _scale_fused_grad(ctx, grad_rows)
-            else:
-                grad_pred = backward_op(grad_rows.contiguous(), pred, target, wl, wr, weight)
-        grad_weight = None
-        if ctx.weight_needs_grad:
-            grad_weight = grad_rows * forward_op(pred, target, wl, wr, None, False)[0]
-        return grad_pred, None, None, None, grad_weight, None
-
-    return _backward
-
-
-def _ddf_setup_context(ctx, inputs, output):
-    pred, teacher, weight, temperature, compute_grad = inputs
-    ctx.save_for_backward(pred, teacher, weight)
-    ctx.temperature = temperature
-    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
-
-
-def _make_ddf_backward(forward_op, backward_op):
-    def _backward(ctx, grad_rows, _grad_unused):
-        if grad_rows is None:
-            return None, None, None, None, None
-        pred, teacher, weight = ctx.saved_tensors
-        grad_pred = None
-        if ctx.needs_input_grad[0]:
-            if ctx.fused_grad is not None:
-                grad_pred = _scale_fused_grad(ctx, grad_rows)
-            else:
-                grad_pred = backward_op(grad_rows.contiguous(), pred, teacher, weight, ctx.temperature)
-        grad_weight = None
-        if ctx.weight_needs_grad:
-            grad_weight = grad_rows * forward_op(pred, teacher, None, ctx.temperature, False)[0]
-        return grad_pred, None, grad_weight, None, None
-
-    return _backward
+# Fake (meta) kernels of the C++/CUDA ops, for torch.compile and torch.export (the kernels and
+# their autograd are registered in C++ by dfine._C, csrc/fdr/).
 
 
 def _forward_fake(pred, *args):
@@ -347,7 +283,6 @@ def _total_fake(pred, *args):
 
 
 def _register_cpp_fakes():
-    # Autograd of the C++/CUDA ops is registered in C++ (csrc/fdr/golsd_losses_autograd.cpp).
     for name in ("fgl_loss_forward", "ddf_loss_forward"):
         torch.library.register_fake(f"dfine::{name}")(_forward_fake)
     for name in ("fgl_loss_total", "ddf_loss_total"):
@@ -358,66 +293,6 @@ def _register_cpp_fakes():
 
 if extension_available() and hasattr(torch.ops.dfine, "fgl_loss_forward"):
     _register_cpp_fakes()
-
-
-@torch.library.custom_op("dfine::fgl_loss_triton", mutates_args=())
-def _fgl_triton(pred: torch.Tensor, target: torch.Tensor, weight_left: torch.Tensor, weight_right: torch.Tensor,
-                weight: Optional[torch.Tensor], compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    from kernels.golsd_losses import fgl_loss_backward_triton, fgl_loss_forward_triton
-
-    rows = fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight)
-    if not compute_grad:
-        return rows, pred.new_empty((0,))
-    ones = torch.ones_like(rows)
-    return rows, fgl_loss_backward_triton(ones, pred, target, weight_left, weight_right, weight)
-
-
-_fgl_triton.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("dfine::fgl_loss_triton_backward", mutates_args=())
-def _fgl_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
-                         weight_left: torch.Tensor, weight_right: torch.Tensor,
-                         weight: Optional[torch.Tensor]) -> torch.Tensor:
-    from kernels.golsd_losses import fgl_loss_backward_triton
-
-    return fgl_loss_backward_triton(grad_rows, pred, target, weight_left, weight_right, weight)
-
-
-_fgl_triton_backward.register_fake(_grad_fake)
-_fgl_triton.register_autograd(
-    _make_fgl_backward(torch.ops.dfine.fgl_loss_triton, torch.ops.dfine.fgl_loss_triton_backward),
-    setup_context=_fgl_setup_context,
-)
-
-
-@torch.library.custom_op("dfine::ddf_loss_triton", mutates_args=())
-def _ddf_triton(pred: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor],
-                temperature: float, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    from kernels.golsd_losses import ddf_loss_backward_triton, ddf_loss_forward_triton
-
-    rows = ddf_loss_forward_triton(pred, teacher, weight, temperature)
-    if not compute_grad:
-        return rows, pred.new_empty((0,))
-    return rows, ddf_loss_backward_triton(torch.ones_like(rows), pred, teacher, weight, temperature)
-
-
-_ddf_triton.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("dfine::ddf_loss_triton_backward", mutates_args=())
-def _ddf_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, teacher: torch.Tensor,
-                         weight: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
-    from kernels.golsd_losses import ddf_loss_backward_triton
-
-    return ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature)
-
-
-_ddf_triton_backward.register_fake(_grad_fake)
-_ddf_triton.register_autograd(
-    _make_ddf_backward(torch.ops.dfine.ddf_loss_triton, torch.ops.dfine.ddf_loss_triton_backward),
-    setup_context=_ddf_setup_context,
-)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@
 truth (plain PyTorch, ``F.grid_sample``); the fused backends must agree with it:
 
 * ``cpp``    - ``torch.ops.dfine.ms_deform_attn_forward/backward`` from ``csrc/ms_deform_attn/``
-               (C++ on CPU tensors, CUDA on CUDA tensors), registered in C++ with ``TORCH_LIBRARY``;
-               the autograd formula and the fake (meta) kernels are registered here.
-* ``triton`` - ``torch.ops.dfine.ms_deform_attn_triton`` wrapping ``kernels/ms_deform_attn.py``.
+               (C++ on CPU tensors, CUDA on CUDA tensors), registered in C++ with ``TORCH_LIBRARY``,
+               autograd included (``csrc/ms_deform_attn/autograd/``); the fake kernels are here;
+* ``triton`` - ``torch.ops.dfine.ms_deform_attn_triton``, kernels and autograd in
+               ``dfine/kernels/ms_deform_attn.py``.
+
+This module holds the reference, the argument checks and the dispatch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
+from dfine.kernels import ms_deform_attn as _triton_kernels  # noqa: F401  (defines the dfine::*_triton ops)
 from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "check_ms_deform_attn_inputs"]
@@ -99,9 +103,7 @@ def ms_deform_attn(
         return torch.ops.dfine.ms_deform_attn_forward(
             value, spatial_shapes, sampling_locations, attention_weights, num_points_list
         )
-    return torch.ops.dfine.ms_deform_attn_triton(
-        value, spatial_shapes, sampling_locations, attention_weights, num_points_list
-    )
+    return torch.ops.dfine.ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights, num_points_list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,9 +200,11 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, sampling_locations, atten
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and fake kernels of the C++/CUDA op (the kernels themselves are registered by dfine._C).
+# Fake (meta) kernels of the C++/CUDA ops, for torch.compile and torch.export (the kernels and
+# their autograd are registered in C++ by dfine._C, csrc/ms_deform_attn/).
 
-def _register_cpp_autograd():
+
+def _register_cpp_fakes():
     @torch.library.register_fake("dfine::ms_deform_attn_forward")
     def _forward_fake(value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
         B, _, M, D = value.shape
@@ -214,84 +218,7 @@ def _register_cpp_autograd():
             torch.empty_like(attention_weights, memory_format=torch.contiguous_format),
         )
 
-    def _setup_context(ctx, inputs, output):
-        value, spatial_shapes, sampling_locations, attention_weights, num_points_list = inputs
-        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-        ctx.num_points_list = num_points_list
-
-    def _backward(ctx, grad_output):
-        value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = torch.ops.dfine.ms_deform_attn_backward(
-            grad_output, value, spatial_shapes, sampling_locations, attention_weights, ctx.num_points_list
-        )
-        return grad_value, None, grad_loc, grad_attn, None
-
-    torch.library.register_autograd("dfine::ms_deform_attn_forward", _backward, setup_context=_setup_context)
-
 
 # Guarded on the op itself: a build may carry other ops' kernels but not this one's.
 if extension_available() and hasattr(torch.ops.dfine, "ms_deform_attn_forward"):
-    _register_cpp_autograd()
-
-
-# --------------------------------------------------------------------------------------------
-# The Triton op: defined in Python, the kernels live in kernels/ms_deform_attn.py.
-
-
-@torch.library.custom_op("dfine::ms_deform_attn_triton", mutates_args=())
-def _triton_forward(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_points_list: List[int],
-) -> torch.Tensor:
-    from kernels.ms_deform_attn import ms_deform_attn_forward_triton
-
-    return ms_deform_attn_forward_triton(value, spatial_shapes, sampling_locations, attention_weights, num_points_list)
-
-
-@_triton_forward.register_fake
-def _(value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
-    B, _, M, D = value.shape
-    return value.new_empty((B, sampling_locations.shape[1], M * D))
-
-
-@torch.library.custom_op("dfine::ms_deform_attn_triton_backward", mutates_args=())
-def _triton_backward(
-    grad_output: torch.Tensor,
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_points_list: List[int],
-) -> List[torch.Tensor]:
-    from kernels.ms_deform_attn import ms_deform_attn_backward_triton
-
-    return list(
-        ms_deform_attn_backward_triton(
-            grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points_list
-        )
-    )
-
-
-@_triton_backward.register_fake
-def _(grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
-    return [torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)]
-
-
-def _triton_setup_context(ctx, inputs, output):
-    value, spatial_shapes, sampling_locations, attention_weights, num_points_list = inputs
-    ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-    ctx.num_points_list = num_points_list
-
-
-def _triton_backward_formula(ctx, grad_output):
-    value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_loc, grad_attn = torch.ops.dfine.ms_deform_attn_triton_backward(
-        grad_output, value, spatial_shapes, sampling_locations, attention_weights, ctx.num_points_list
-    )
-    return grad_value, None, grad_loc, grad_attn, None
-
-
-_triton_forward.register_autograd(_triton_backward_formula, setup_context=_triton_setup_context)
+    _register_cpp_fakes()

@@ -1,4 +1,5 @@
-"""Two settings that decide how fast D-FINE runs on the CPU (train.py and `python -m dfine predict` use both).
+"""How fast D-FINE runs on the CPU: process settings (train.py and `python -m dfine predict` use both) and
+``optimize_for_cpu``, the one function that applies the CPU inference forms of a built model.
 
 Measured on D-FINE-S, batch 4 x 640 x 640, 2 threads (`benchmarks/bench_train_step.py`), and for
 inference on one 640 x 640 image (`benchmarks/bench_model.py`):
@@ -18,10 +19,16 @@ inference on one 640 x 640 image (`benchmarks/bench_model.py`):
 * oneDNN convolutions run natively on NHWC. Given NCHW tensors, every convolution (forward and both
   backward passes) reorders its input, weight and output. `channels_last` is the layout they want.
 
-A third one, for inference: `prepack_linear_weights(model)` runs the model's nn.Linear layers through
+For inference, `optimize_for_cpu(model)` applies these, explicitly, to a built (deployed) model:
+`prepack_linear_weights(model)` runs the model's nn.Linear layers through
 oneDNN with their weights reordered once into its blocked layout, instead of MKL's sgemm on the plain
 weight. On this machine's AMD CPU (2 threads) that is 1.05-1.6x faster per layer at D-FINE's shapes
-(1.6x for the 8400-anchor query selection, 1.3-1.5x for the FFNs); `predict` uses it on the CPU.
+(1.6x for the 8400-anchor query selection, 1.3-1.5x for the FFNs); the stem's 2x2 stride-1 max pool
+as the maximum of four shifted views (ATen's pooling walks one window at a time: ~3 ms -> ~1 ms at
+1x16x320x320 channels_last); the attention-weight softmax over 12 points as max/exp/sum/div (~3x
+faster than ATen's softmax over so short a last dim); the ReLUs after convolutions in place.
+The model itself has one numeric path; these forms give the same values (gradients may differ where
+a pooling window holds ties), and exported graphs never contain them.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfine.model.conv_bn import FoldableConvBN
 from dfine.ops._backend import symbolic_shapes
 
 __all__ = [
-    "OneDNNLinear", "loaded_allocator", "prepack_linear_weights", "retain_freed_memory", "resolve_channels_last",
-    "to_memory_format",
+    "OneDNNLinear", "ShiftedMaxPool2x2", "ShortSoftmax", "loaded_allocator", "optimize_for_cpu",
+    "prepack_linear_weights", "retain_freed_memory", "resolve_channels_last", "to_memory_format",
 ]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's <malloc.h>
@@ -174,3 +182,52 @@ def prepack_linear_weights(model: nn.Module) -> int:
                 setattr(parent, name, OneDNNLinear(child))
                 count += 1
     return count
+
+
+class ShiftedMaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2, stride=1)`` as the maximum of four shifted views: the same values (NaN
+    included). Their gradients differ where a window holds ties (``maximum`` splits it, pooling sends
+    it to the first maximum): an inference form."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = torch.maximum(x[..., :-1, :-1], x[..., :-1, 1:])
+        bottom = torch.maximum(x[..., 1:, :-1], x[..., 1:, 1:])
+        return torch.maximum(top, bottom)
+
+
+class ShortSoftmax(nn.Module):
+    """``x.softmax(-1)`` as four ops, faster on the CPU for a short last dim (float32/float64)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = (x - x.detach().amax(-1, keepdim=True)).exp()
+        return e / e.sum(-1, keepdim=True)
+
+
+def _is_stem_pool(module: nn.Module) -> bool:
+    return (type(module) is nn.MaxPool2d and module.kernel_size in (2, (2, 2)) and module.stride in (1, (1, 1))
+            and module.padding in (0, (0, 0)) and module.dilation in (1, (1, 1)))
+
+
+def optimize_for_cpu(model: nn.Module, channels_last: bool = True, prepack_linear: bool = True) -> dict:
+    """Apply the CPU inference forms to ``model`` in place (see the module docstring) and return what
+    was replaced, e.g. ``{"max_pool": 1, "softmax": 6, "relu_inplace": 80, "linear": 40}``.
+
+    For an eval-mode model on the CPU, typically after ``model.deploy()``; ``dfine.deploy.load_detector``
+    calls it for CPU detectors. The values stay those of the model's own modules."""
+    counts = {"max_pool": 0, "softmax": 0, "relu_inplace": 0, "linear": 0}
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if _is_stem_pool(child):
+                setattr(parent, name, ShiftedMaxPool2x2())
+                counts["max_pool"] += 1
+            elif type(child) is nn.Softmax and child.dim == -1:
+                setattr(parent, name, ShortSoftmax())
+                counts["softmax"] += 1
+        act = getattr(parent, "act", None)
+        if isinstance(parent, FoldableConvBN) and type(act) is nn.ReLU:
+            act.inplace = True  # it follows a convolution whose output nothing else reads
+            counts["relu_inplace"] += 1
+    if prepack_linear:
+        counts["linear"] = prepack_linear_weights(model)
+    to_memory_format(model, channels_last)
+    return counts

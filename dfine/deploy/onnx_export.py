@@ -1,11 +1,8 @@
-"""Export the deployed D-FINE model and its post-processor to ONNX as one graph.
-
-    python -m dfine export -c CFG -r CKPT [--output model.onnx] [--opset 17] [--dynamic-batch] [--dynamic-size]
-                           [--size H W] [--check] [--simplify]
+"""ONNX export of a detector graph (``dfine.deploy.DetectorGraph``): the file, its check against onnxruntime.
 
 The graph (the published D-FINE deployment interface):
 
-* inputs  ``images`` [N, 3, H, W] float32 (RGB in [0, 1], plain resize: ``dfine.predict.preprocess``) and
+* inputs  ``images`` [N, 3, H, W] float32 (RGB in [0, 1], plain resize: ``dfine.deploy.preprocess``) and
   ``orig_target_sizes`` [N, 2] int64, (w, h) of the original images;
 * outputs ``labels`` [N, K] int64 (contiguous class ids), ``boxes`` [N, K, 4] float32 (x1, y1, x2, y2 in pixels
   of the original image) and ``scores`` [N, K] float32, K = ``DFINEPostProcessor.num_top_queries``.
@@ -19,9 +16,8 @@ and ``--dynamic-batch`` graphs run at any batch and any H, W (large enough for `
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,63 +25,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-import dfine
-from dfine.checkpoint import load_checkpoint
+from dfine.config import load_config
+from dfine.deploy.graph import INPUT_NAMES, OUTPUT_NAMES, DeployError, DetectorGraph
+from dfine.deploy.loader import require_file, input_size, load_detector
+from dfine.deploy.runners import OnnxRuntimeRunner, TorchRunner
+from dfine.model import build_postprocessor, set_backend
 
 __all__ = [
-    "ExportError", "DetectorGraph", "load_detector", "export_onnx", "check_onnx", "simplify_onnx",
-    "compare_detections", "onnx_op_domains", "INPUT_NAMES", "OUTPUT_NAMES", "MIN_OPSET", "MAX_OPSET",
+    "export_onnx", "check_onnx", "simplify_onnx", "compare_detections", "onnx_op_domains", "MIN_OPSET", "MAX_OPSET",
+    "DEFAULT_OPSET", "onnxruntime_runner",
 ]
 
-INPUT_NAMES = ("images", "orig_target_sizes")
-OUTPUT_NAMES = ("labels", "boxes", "scores")
 MIN_OPSET = 16  # GridSample (the reference ms_deform_attn)
 MAX_OPSET = 20  # the newest opset of torch.onnx's TorchScript exporter
 DEFAULT_OPSET = 17
-
-
-class ExportError(RuntimeError):
-    """A clear, user-facing failure (missing file, bad option, onnxruntime missing)."""
-
-
-class DetectorGraph(nn.Module):
-    """Model + post-processor in deploy mode: (images, orig_target_sizes) -> (labels, boxes, scores).
-
-    This is what the ONNX file holds, and what the PyTorch runner of ``dfine predict`` calls, so both
-    paths compute the same thing. Labels are the contiguous training ids (no COCO remapping)."""
-
-    def __init__(self, model: nn.Module, postprocessor: nn.Module):
-        super().__init__()
-        self.model = model
-        self.postprocessor = copy.deepcopy(postprocessor).deploy()
-
-    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor):
-        return self.postprocessor(self.model(images), orig_target_sizes)
-
-
-def _require_file(path, what: str) -> str:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ExportError(f"{what} file {path!r} does not exist")
-    return path
-
-
-def load_detector(config: str, checkpoint: str, backend: str = "reference", device: str = "cpu"):
-    """The deployed model (``model.deploy()``) of a config + checkpoint wrapped with its
-    post-processor. Returns ``(DetectorGraph, cfg)``."""
-    _require_file(config, "config")
-    _require_file(checkpoint, "checkpoint")
-    cfg = dfine.load_config(config)
-    model = dfine.build_model(cfg, backend=backend)
-    load_checkpoint(model, checkpoint)
-    model.deploy()
-    return DetectorGraph(model, dfine.build_postprocessor(cfg)).to(device).eval(), cfg
-
-
-def model_size(cfg: dict) -> Tuple[int, int]:
-    """(H, W) the model was configured for (``eval_spatial_size``, else 640 x 640)."""
-    size = cfg.get("eval_spatial_size") or [640, 640]
-    return int(size[0]), int(size[1])
 
 
 def _backends(module: nn.Module) -> Dict[nn.Module, str]:
@@ -99,11 +52,11 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
     The fused ops are switched to their references while tracing (restored afterwards). Dynamic
     axes: ``N`` (batch of every input and output) and ``H``/``W`` of ``images``."""
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise ExportError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (GridSample needs opset >= {MIN_OPSET}; "
+        raise DeployError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (GridSample needs opset >= {MIN_OPSET}; "
                           f"{MAX_OPSET} is the newest opset of torch's TorchScript ONNX exporter), got {opset}")
     h, w = (int(s) for s in size)
     if h < 32 or w < 32 or batch < 1:
-        raise ExportError(f"export size must be at least 32 x 32 and batch >= 1, got {h} x {w}, batch {batch}")
+        raise DeployError(f"export size must be at least 32 x 32 and batch >= 1, got {h} x {w}, batch {batch}")
     output = Path(output)
     if output.parent and not output.parent.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -118,14 +71,14 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
         axes.setdefault("images", {}).update({2: "H", 3: "W"})
     saved = _backends(detector)
     was_training = detector.training
-    dfine.set_backend(detector, "reference")
+    set_backend(detector, "reference")
     detector.eval()
     try:
         try:  # one eager pass first: clear errors (e.g. too small for num_queries) instead of a tracer failure
             with torch.no_grad():
                 detector(images, sizes)
         except ValueError as err:
-            raise ExportError(f"cannot export at {batch}x3x{h}x{w}: {err}") from err
+            raise DeployError(f"cannot export at {batch}x3x{h}x{w}: {err}") from err
         with torch.no_grad(), warnings.catch_warnings():
             # deliberately the TorchScript exporter (no onnxscript dependency): silence its deprecation notice
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -216,7 +169,6 @@ def check_onnx(path, detector: DetectorGraph, shapes: Sequence[Tuple[int, int, i
     fused ops) on random inputs of every (N, H, W) in ``shapes``. Returns one row of max diffs per shape."""
     import onnx
 
-    from dfine.runners import OnnxRuntimeRunner, TorchRunner
 
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     ort_runner = OnnxRuntimeRunner(path, threads=threads)
@@ -254,57 +206,27 @@ def simplify_onnx(path) -> str:
     return f"--simplify: {len(model.graph.node)} -> {len(simplified.graph.node)} nodes"
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("-c", "--config", required=True, help="config YAML, e.g. configs/dfine/dfine_hgnetv2_s_coco.yml")
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth): state_dict, {'model'} or {'ema'}")
-    parser.add_argument("--output", default="model.onnx", help="ONNX file to write (default: model.onnx)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
-    parser.add_argument("--dynamic-batch", action="store_true", help="any batch size N")
-    parser.add_argument("--dynamic-size", action="store_true", help="any input height and width")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                        help="input size to trace at (default: the config's eval_spatial_size, else 640 640)")
-    parser.add_argument("--check", action="store_true",
-                        help="run onnx.checker and compare onnxruntime with PyTorch on random inputs")
-    parser.add_argument("--simplify", action="store_true", help="simplify with onnxsim (when installed)")
-
-
-def run(args) -> int:
-    try:
-        detector, cfg = load_detector(args.config, args.resume, backend="reference")
-        h, w = args.size if args.size else model_size(cfg)
-        path = export_onnx(detector, args.output, (h, w), opset=args.opset, dynamic_batch=args.dynamic_batch,
-                           dynamic_size=args.dynamic_size)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, input 1x3x{h}x{w}"
-              f"{', dynamic batch' if args.dynamic_batch else ''}{', dynamic H/W' if args.dynamic_size else ''})")
-        if args.simplify:
-            print(simplify_onnx(path))
-        if args.check:
-            shapes = [(1, h, w)]
-            if args.dynamic_batch:
-                shapes.append((3, h, w))
-            if args.dynamic_size:
-                shapes.append((2 if args.dynamic_batch else 1, h + 32, w + 64))
-            domains = onnx_op_domains(path)
-            print(f"onnx.checker: ok; node domains: {domains}")
-            # PyTorch side: the deployed model with the fused ops when they are built (what predict runs)
-            dfine.set_backend(detector, "auto")
-            failed = False
-            for row in check_onnx(path, detector, shapes):
-                print(f"  {'x'.join(map(str, row['shape']))}: max |score diff| {row['max_score_diff']:.2e}, "
-                      f"max |box diff| {row['max_box_diff']:.2e} px ({row['max_box_diff_rel']:.1e} of the box scale), "
-                      f"unmatched detections {int(row['unmatched'])} (+{int(row['boundary'])} near-ties at the top-k cut)")
-                failed |= row["unmatched"] > 0 or row["max_score_diff"] > 1e-3 or row["max_box_diff_rel"] > 1e-3
-            if set(domains) - {"", "ai.onnx"}:
-                print(f"check: non-standard operator domains {sorted(set(domains) - {'', 'ai.onnx'})}")
-                failed = True
-            print("check: " + ("FAILED" if failed else "onnxruntime matches PyTorch"))
-            return 1 if failed else 0
-    except ExportError as err:
-        print(f"error: {err}")
-        return 2
-    return 0
+def onnxruntime_runner(config: str, checkpoint: str, onnx_path: Optional[str] = None, device: str = "cpu",
+                       threads: Optional[int] = None):
+    """``(OnnxRuntimeRunner, cfg, postprocessor)``: the file ``onnx_path`` or, when it is None, the
+    checkpoint exported to a temporary file first (static graph at the config's input size)."""
+    if onnx_path is not None:
+        # the file holds the weights; the config gives the input size and the post-processor settings
+        cfg = load_config(require_file(config, "config"))
+        postprocessor = build_postprocessor(cfg).deploy()
+        runner = OnnxRuntimeRunner(onnx_path, threads=threads, device=device)
+    else:
+        det = load_detector(config, checkpoint, backend="reference", optimize=False)
+        cfg = det.cfg
+        graph = det.graph()
+        postprocessor = graph.postprocessor
+        with tempfile.TemporaryDirectory(prefix="dfine_onnx_") as tmp:
+            path = export_onnx(graph, os.path.join(tmp, "model.onnx"), input_size(cfg))
+            runner = OnnxRuntimeRunner(path, threads=threads, device=device)  # the session holds the model
+    expected = input_size(cfg)
+    got = runner.input_size
+    if any(g is not None and g != e for g, e in zip(got, expected)):
+        raise DeployError(f"the ONNX file takes {got[0]} x {got[1]} images but the config's eval_spatial_size is "
+                          f"{expected[0]} x {expected[1]}; export it with --size {expected[0]} {expected[1]} "
+                          "or --dynamic-size")
+    return runner, cfg, postprocessor

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
-from dfine.matcher import HungarianMatcher, Indices
+from dfine.loss.matcher import HungarianMatcher, Indices
 from dfine.ops import ddf_loss, fdr_targets, fgl_loss, weighting_function
 
 _DEFAULT_WEIGHTS = {"loss_vfl": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5}

@@ -17,7 +17,9 @@ from typing import Callable, Iterator
 import torch
 from torchvision.utils import draw_bounding_boxes
 
-from dfine.predict import PredictError, class_name, detect
+from tqdm import tqdm
+
+from dfine.apps.common import PredictError, class_name, detect
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 DEFAULT_FPS = 25.0
@@ -91,8 +93,6 @@ def predict_video(runner: Callable, size, input_path, output_dir, threshold=0.4,
                   remapped=False) -> dict:
     """Returns {"results": [COCO detections, image_id = frame index], "images": [one per frame], "errors": [],
     "video": {...}}; writes ``output_dir/<stem>.mp4``, ``results.json`` and ``images.json``."""
-    from tqdm import tqdm
-
     input_path = Path(input_path)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-import dfine
+from dfine.apps.common import PredictError, class_name
+from dfine.deploy import load_detector, preprocess, read_image
+from dfine.ops import BACKENDS
 from dfine.ops.fdr import weighting_function
-from dfine.predict import PredictError, class_name, load_predictor, preprocess, read_image
 
 EDGES = ("left", "top", "right", "bottom")
 COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -161,9 +162,9 @@ def visualize(config, checkpoint, input_path, output, query=None, top=None, back
     if not path.is_file():
         raise PredictError(f"--input {str(path)!r} is not an image file")
     image = read_image(path)
-    model, post, cfg = load_predictor(config, checkpoint, backend, device)
-    size = cfg.get("eval_spatial_size") or [640, 640]
-    return visualize_image(model, image, size, query, top, output, device, bool(post.remap_mscoco_category))
+    det = load_detector(config, checkpoint, device=device, backend=backend)
+    return visualize_image(det.model, image, det.input_size, query, top, output, device,
+                           bool(det.postprocessor.remap_mscoco_category))
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -174,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--query", type=int, default=None, help="show this query index (0..num_queries-1)")
     which.add_argument("--top", type=int, default=None, help="show the N best-scoring queries (default 1)")
-    parser.add_argument("--backend", default="auto", choices=list(dfine.ops.BACKENDS))
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--device", default="cpu")
 
 

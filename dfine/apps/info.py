@@ -1,6 +1,6 @@
 """Parameters (train / deploy format) and GFLOPs at 640x640 of every D-FINE size.
 
-    python -m dfine.model_info [--sizes n s m l x] [--configs-dir configs/dfine]
+    python -m dfine info [--sizes n s m l x] [--configs-dir configs/dfine]
 
 GFLOPs are counted with torch.utils.flop_counter on the deployed model (the release's numbers by
 that method: 7.31 / 25.50 / 57.03 / 91.60 / 203.08; calflops gives 7.16 / 25.17 / 56.68 / 91.03 /
@@ -15,7 +15,8 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import dfine
+from dfine.config import load_config
+from dfine.model import build_model
 
 PUBLISHED_FLOP_COUNTER_GFLOPS = {"n": 7.31, "s": 25.50, "m": 57.03, "l": 91.60, "x": 203.08}
 
@@ -45,16 +46,17 @@ def count_gflops(model: torch.nn.Module, size=(640, 640)) -> float:
 
 
 def model_info(config: str, backend: str = "reference") -> dict:
-    model = dfine.build_model(dfine.load_config(config), backend=backend).eval()
+    model = build_model(load_config(config), backend=backend).eval()
     params = count_params(model)
     model.deploy()
     return {"params": params, "deploy_params": count_params(model), "gflops": count_gflops(model)}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m dfine info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["n", "s", "m", "l", "x"])
-    parser.add_argument("--configs-dir", default=os.path.join(os.path.dirname(__file__), "..", "configs", "dfine"))
+    parser.add_argument("--configs-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "configs", "dfine"))
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print("| size | params | params (deploy) | GFLOPs @640 (flop_counter) | published (flop_counter) |")

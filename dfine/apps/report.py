@@ -1,6 +1,6 @@
 """Summarise a training run from its log.jsonl: the AP table and the training curve.
 
-    python -m dfine.engine.report output/dfine_hgnetv2_n_synthetic   # prints the table, writes curve.png
+    python -m dfine report output/dfine_hgnetv2_n_synthetic   # prints the table, writes curve.png
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def plot_curve(epochs: list[dict], path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dfine report", description=__doc__.split("\n")[0])
     parser.add_argument("output_dir")
     parser.add_argument("--curve", help="PNG path (default: OUTPUT_DIR/curve.png)")
     args = parser.parse_args(argv)

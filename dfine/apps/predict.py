@@ -1,0 +1,115 @@
+"""``python -m dfine predict``: run a checkpoint on images or a video, draw boxes, write COCO-format results.
+
+    python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
+    python -m dfine predict ... --backend onnxruntime [--onnx model.onnx]    # exported graph (dfine.deploy)
+    python -m dfine predict ... --compile                                    # torch.compile (dfine.deploy.compiled)
+    python -m dfine predict ... --input clip.mp4                             # video (dfine.apps.video)
+
+Every path goes through a runner (dfine.deploy.runners): runner(images [N,3,H,W], orig_sizes [N,2] (w, h)) ->
+(labels, boxes, scores), fed by the same `dfine.deploy.preprocess`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from dfine.apps.common import PredictError, class_name, detect
+from dfine.apps.video import is_video, predict_video
+from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
+from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
+from dfine.ops import BACKENDS
+
+RUNNER_BACKENDS = list(BACKENDS) + ["onnxruntime"]
+
+
+def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
+                compiled: bool = False):
+    """(runner, cfg, postprocessor): the detector of `dfine.deploy.load_detector` (deployed, with the CPU
+    inference forms on the CPU), or an onnxruntime session."""
+    if backend == "onnxruntime":
+        if compiled:
+            raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
+        return onnxruntime_runner(config, checkpoint, onnx, device)
+    if onnx is not None:
+        raise PredictError("--onnx is only used with --backend onnxruntime")
+    det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled)
+    return TorchRunner(det.graph()), det.cfg, det.postprocessor
+
+
+def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
+            onnx=None, compiled=False) -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
+
+    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
+    video = is_video(input_path)
+    images = [] if video else list_images(Path(input_path))
+    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled)
+    size = input_size(cfg)
+    remapped = bool(post.remap_mscoco_category)
+    if video:
+        return predict_video(runner, size, input_path, output_dir, threshold, device, remapped)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, infos, errors = [], [], []
+    for image_id, path in enumerate(tqdm(images, disable=len(images) == 1, desc="predict")):
+        try:
+            image = read_image(path)
+        except PredictError as err:
+            if len(images) == 1:
+                raise
+            errors.append(str(err))
+            continue
+        h, w = image.shape[-2:]
+        labels, boxes, scores = detect(runner, image, size, threshold, device, remapped)
+        names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
+        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2)
+        torchvision.io.write_jpeg(drawn, str(out_dir / f"{path.stem}.jpg"))
+        infos.append({"id": image_id, "file_name": path.name, "width": int(w), "height": int(h)})
+        for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist()):
+            results.append({"image_id": image_id, "category_id": int(l),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(results, f)
+    with open(out_dir / "images.json", "w") as f:
+        json.dump({"images": infos}, f, indent=1)
+    return {"results": results, "images": infos, "errors": errors}
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("-c", "--config", required=True, help="config YAML, e.g. configs/dfine/dfine_hgnetv2_n_coco.yml")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth): state_dict, {'model'} or {'ema'}")
+    parser.add_argument("--input", required=True, help="an image, a directory of images, or a video (.mp4, .avi, ...)")
+    parser.add_argument("--output", required=True, help="directory for drawn images (or the video) and results.json")
+    parser.add_argument("--threshold", type=float, default=0.4)
+    parser.add_argument("--backend", default="auto", choices=RUNNER_BACKENDS,
+                        help="fused-op backend of the PyTorch model, or onnxruntime (an exported graph)")
+    parser.add_argument("--onnx", default=None,
+                        help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the deployed model (fused ops in the graph; the first image compiles)")
+
+
+def run(args) -> int:
+    if torch.device(args.device).type == "cpu" and loaded_allocator() == "system":
+        # the command owns its process: keep freed activations on the heap for the next image instead
+        # of faulting fresh pages in for every large tensor (dfine/deploy/cpu.py)
+        retain_freed_memory()
+    try:
+        out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
+                      onnx=args.onnx, compiled=args.compile)
+    except PredictError as err:
+        print(f"error: {err}")
+        return 2
+    for msg in out["errors"]:
+        print(f"error: {msg}")
+    unit = "frame(s)" if "video" in out else "image(s)"
+    print(f"{len(out['images'])} {unit}, {len(out['results'])} detection(s) > {args.threshold} -> {args.output}")
+    return 1 if out["errors"] else 0
