@@ -1,8 +1,11 @@
-"""ms_deform_attn: fused backends against the grid_sample reference, plus the op's contract.
+"""ms_deform_attn: fused backends (cpp, triton) against the grid_sample reference, plus the op's contract.
 
-Backend-generic tests take the ``fused_backend`` fixture ("cpp", "triton"); their shapes stay small
-because Triton runs under its interpreter here. Tests that need the compiled kernel specifically
-(large D-FINE shapes, gradcheck, determinism, compile/export, C++ error messages) are cpp only.
+``TestMsDeformAttn`` declares the op's cases for the shared ``OpTester`` (tests/ops/op_tester.py),
+which runs forward, gradients, gradcheck, non-contiguous, empty and bad-argument checks on every
+backend and device. Shapes stay small because Triton runs under its interpreter here; ``heavy``
+cases (D-FINE's real shapes, the vector-width sweep) run on compiled kernels only. The tests below
+the class need the compiled kernel specifically (determinism, compile/export, the C++ op's own
+checks, the baseline/AVX2 copies) or test the reference and the dispatch.
 """
 
 import math
@@ -14,12 +17,15 @@ import torch
 from dfine.ops import _backend
 from dfine.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from tests.conftest import require_backend
+from tests.ops.op_tester import BadArg, Call, OpTester, Tol, case
 
 FWD_ATOL = 1e-5
 GRAD_RTOL = 1e-4
+ALL_GRADS = ("value", "sampling_locations", "attention_weights")
 
 
 def make_inputs(B, Q, M, D, shapes, num_points, dtype=torch.float32, seed=0, loc_low=-0.1, loc_high=1.1):
+    """(value, spatial_shapes, sampling_locations, attention_weights, num_points_list), uniform locations."""
     gen = torch.Generator().manual_seed(seed)
     S = sum(h * w for h, w in shapes)
     P = sum(num_points)
@@ -29,181 +35,28 @@ def make_inputs(B, Q, M, D, shapes, num_points, dtype=torch.float32, seed=0, loc
     return value, torch.tensor(shapes, dtype=torch.int64), loc, attn, list(num_points)
 
 
-def run_with_grads(fn, value, shapes, loc, attn, num_points, grad_out=None, grads=("value", "loc", "attn")):
-    """Output and the gradients named in ``grads`` of sum(out * grad_out)."""
-    leaves = {
-        "value": value.detach().clone().requires_grad_("value" in grads),
-        "loc": loc.detach().clone().requires_grad_("loc" in grads),
-        "attn": attn.detach().clone().requires_grad_("attn" in grads),
-    }
-    out = fn(leaves["value"], shapes, leaves["loc"], leaves["attn"], num_points)
-    if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
-    wanted = [leaves[name] for name in grads]
-    got = torch.autograd.grad(out, wanted, grad_out) if wanted and out.numel() else [torch.zeros_like(w) for w in wanted]
-    return out.detach(), dict(zip(grads, got))
+def locations_off_pixel_boundaries(B, Q, M, shapes, num_points, dtype, gen):
+    """Sampling locations whose pixel coordinates (x = loc * W - 0.5) have a fractional part in
+    [0.1, 0.9]: bilinear sampling is not differentiable where a coordinate crosses an integer, so
+    random points there would make the location gradient depend on which side rounding lands.
+    The integer part runs from -1 to W - 1 so some corners fall outside the map (zero padding)."""
+    per_level = []
+    for (h, w), n in zip(shapes, num_points):
+        size = torch.tensor([w, h], dtype=torch.float64)
+        whole = torch.floor(torch.rand(B, Q, M, n, 2, generator=gen, dtype=torch.float64) * (size + 1)) - 1
+        frac = 0.1 + 0.8 * torch.rand(B, Q, M, n, 2, generator=gen, dtype=torch.float64)
+        per_level.append((whole + frac + 0.5) / size)
+    return torch.cat(per_level, dim=3).to(dtype)
 
 
-def fused(backend):
-    return lambda *args: ms_deform_attn(*args, backend=backend)
-
-
-def assert_close_rel(actual, expected, rtol, name):
-    """Max error relative to the magnitude of the expected tensor (gradients can be near zero elementwise)."""
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * max(scale, 1.0), f"{name}: max abs err {err:.3e} vs scale {scale:.3e}"
-
-
-def check_against_reference(backend, inputs, grads=("value", "loc", "attn"), fwd_atol=FWD_ATOL, grad_rtol=GRAD_RTOL):
-    out, got = run_with_grads(fused(backend), *inputs, grads=grads)
-    ref_out, ref = run_with_grads(ms_deform_attn_reference, *inputs, grads=grads)
-    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
-    assert (out - ref_out).abs().max().item() <= fwd_atol if out.numel() else True
-    for name in grads:
-        assert got[name].shape == ref[name].shape, name
-        assert_close_rel(got[name], ref[name], grad_rtol, f"grad_{name}")
-    return out, got
-
-
-SMALL_CASES = [
-    # B, Q, M, D, level shapes, points per level
-    (1, 1, 1, 1, [(1, 1)], [1]),
-    (2, 5, 2, 3, [(4, 5), (2, 3)], [2, 3]),
-    (1, 8, 2, 8, [(6, 4), (3, 2), (1, 1)], [3, 6, 3]),
-    (2, 3, 1, 5, [(5, 7)], [4]),
-    (2, 4, 2, 8, [(4, 4), (2, 2)], [6, 6]),
-]
-
-
-@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: f"B{c[0]}Q{c[1]}M{c[2]}D{c[3]}L{len(c[4])}")
-def test_forward_and_grads_match_reference(fused_backend, case):
-    B, Q, M, D, shapes, points = case
-    check_against_reference(fused_backend, make_inputs(B, Q, M, D, shapes, points, seed=sum(map(len, shapes)) + D))
-
-
-def test_cpp_random_shape_sweep():
-    """Seeded random shapes, including D off the vector width (1, 3, 13, 33) and many levels."""
-    require_backend("cpp")
-    rng = random.Random(2024)
-    for trial in range(25):
-        L = rng.randint(1, 4)
-        shapes = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(L)]
-        points = [rng.randint(1, 4) for _ in range(L)]
-        B, Q, M = rng.randint(1, 3), rng.randint(1, 12), rng.randint(1, 4)
-        D = rng.choice([1, 3, 4, 8, 13, 16, 33])
-        inputs = make_inputs(B, Q, M, D, shapes, points, seed=trial, loc_low=-0.3, loc_high=1.3)
-        check_against_reference("cpp", inputs)
-
-
-def test_cpp_float64_matches_reference_tightly():
-    require_backend("cpp")
-    inputs = make_inputs(2, 6, 2, 13, [(5, 6), (3, 3), (1, 2)], [3, 2, 2], dtype=torch.float64, seed=7)
-    check_against_reference("cpp", inputs, fwd_atol=1e-12, grad_rtol=1e-12)
-
-
-def test_points_on_pixel_centres_and_borders(fused_backend):
-    """Locations exactly on pixel centres, on the map border (0 and 1) and on half-pixel edges.
-
-    Bilinear sampling is continuous there, so outputs, grad_value and grad_attn must match; the
-    location gradient has a kink at integer pixel coordinates and is not compared.
-    """
-    shapes, points = [(4, 4), (2, 8)], [4, 4]
-    value, ss, loc, attn, points = make_inputs(2, 6, 2, 5, shapes, points, seed=3)
-    special = torch.tensor([0.0, 1.0, 0.125, 0.5, 0.875, 0.25, 0.75, 1.0 / 16, 15.0 / 16])
-    gen = torch.Generator().manual_seed(11)
-    loc = special[torch.randint(len(special), loc.shape, generator=gen)]
-    check_against_reference(fused_backend, (value, ss, loc, attn, points), grads=("value", "attn"))
-
-
-def test_far_outside_locations(fused_backend):
-    """Points far outside [0, 1] (up to +-1e6) contribute nothing; the rest still matches."""
-    value, ss, loc, attn, points = make_inputs(2, 6, 2, 4, [(3, 4), (2, 2)], [3, 3], seed=5)
-    far = torch.tensor([-1e6, 1e6, -3.0, 2.5, -1e3, 1e3])
-    gen = torch.Generator().manual_seed(1)
-    mask = torch.rand(loc.shape, generator=gen) < 0.4
-    loc = torch.where(mask, far[torch.randint(len(far), loc.shape, generator=gen)], loc)
-    _, got = check_against_reference(fused_backend, (value, ss, loc, attn, points))
-    outside = mask.any(-1)
-    assert torch.all(got["attn"][outside] == 0)
-    assert torch.all(got["loc"][outside] == 0)
-
-
-def test_cpp_huge_infinite_and_nan_locations_are_dropped():
-    """+-1e10, +-inf and NaN locations must not overflow the float->int conversion: they sample zero."""
-    require_backend("cpp")
-    value, ss, loc, attn, points = make_inputs(1, 4, 2, 3, [(3, 3), (2, 2)], [2, 2], seed=9, loc_low=0.1, loc_high=0.9)
-    bad = loc.clone()
-    bad[0, 0, 0, 0] = torch.tensor([1e10, 0.5])
-    bad[0, 1, 1, 2] = torch.tensor([0.5, -1e10])
-    bad[0, 2, 0, 3] = torch.tensor([float("inf"), 0.5])
-    bad[0, 3, 1, 1] = torch.tensor([float("nan"), float("-inf")])
-    safe = loc.clone()
-    dropped = torch.isnan(bad).any(-1) | (bad.abs() > 10).any(-1)
-    safe[dropped] = -5.0  # fully outside: the reference also samples zero there
-    out, got = run_with_grads(fused("cpp"), value, ss, bad, attn, points)
-    ref_out, ref = run_with_grads(ms_deform_attn_reference, value, ss, safe, attn, points)
-    assert torch.isfinite(out).all()
-    assert (out - ref_out).abs().max().item() <= FWD_ATOL
-    for name in ("value", "loc", "attn"):
-        assert torch.isfinite(got[name]).all(), name
-        assert_close_rel(got[name], ref[name], GRAD_RTOL, name)
-    assert torch.all(got["loc"][dropped] == 0) and torch.all(got["attn"][dropped] == 0)
-
-
-def test_one_by_one_levels(fused_backend):
-    inputs = make_inputs(2, 5, 2, 3, [(1, 1), (1, 1), (1, 3)], [2, 1, 2], seed=4, loc_low=-0.6, loc_high=1.6)
-    check_against_reference(fused_backend, inputs)
-
-
-def test_one_query_batch_one(fused_backend):
-    check_against_reference(fused_backend, make_inputs(1, 1, 2, 8, [(4, 3), (2, 2)], [2, 2], seed=8))
-
-
-@pytest.mark.parametrize("D", [3, 13])
-def test_d_not_a_multiple_of_the_vector_width(D):
-    require_backend("cpp")
-    check_against_reference("cpp", make_inputs(2, 7, 3, D, [(6, 5), (3, 3)], [3, 2], seed=D))
-
-
-def test_non_contiguous_inputs(fused_backend):
-    """Transposed and sliced views give the same result as their contiguous copies."""
-    B, Q, M, D, shapes, points = 2, 4, 2, 6, [(3, 4), (2, 2)], [2, 3]
-    S, P = sum(h * w for h, w in shapes), sum(points)
-    gen = torch.Generator().manual_seed(12)
-    value = torch.randn(B, M, S, 2 * D, generator=gen).transpose(1, 2)[..., ::2]  # [B, S, M, D], strided
-    loc = torch.rand(B, Q, M, 2, P, generator=gen).transpose(-1, -2)  # [B, Q, M, P, 2]
-    attn = torch.rand(B, Q, M, P + 3, generator=gen)[..., 1 : P + 1]
-    ss = torch.tensor(shapes + [(9, 9)], dtype=torch.int64)[:-1]
-    assert not (value.is_contiguous() or loc.is_contiguous() or attn.is_contiguous())
-    out, got = check_against_reference(fused_backend, (value, ss, loc, attn, points))
-    out_c, got_c = run_with_grads(fused(fused_backend), value.contiguous(), ss, loc.contiguous(), attn.contiguous(), points)
-    assert torch.allclose(out, out_c, atol=1e-6)
-    for name in got:
-        assert torch.allclose(got[name], got_c[name], atol=1e-5), name
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        # D-FINE-N: 2 levels, [6, 6] points, hidden 128 = 8 heads x 16
-        (2, 30, 8, 16, [(40, 40), (20, 20)], [6, 6]),
-        # D-FINE-L: 3 levels, [3, 6, 3] points, hidden 256 = 8 heads x 32
-        (1, 20, 8, 32, [(80, 80), (40, 40), (20, 20)], [3, 6, 3]),
-        # D-FINE-L at inference (300 queries): the C++ kernel gathers the 40x40 and 20x20 levels
-        # from a contiguous copy (many samples per pixel) and the 80x80 one in place
-        (1, 300, 8, 32, [(80, 80), (40, 40), (20, 20)], [3, 6, 3]),
-    ],
-    ids=["dfine_n", "dfine_l", "dfine_l_300_queries"],
-)
-def test_cpp_real_dfine_shapes(case):
-    require_backend("cpp")
-    B, Q, M, D, shapes, points = case
-    value, ss, loc, attn, points = make_inputs(B, Q, M, D, shapes, points, seed=21)
-    # As in the model: every head's weights are a softmax over its points. (Unnormalised weights
-    # up to 1 on 12 points make outputs up to ~6, whose fp32 rounding, ~2e-5 for the reference
-    # too on an 80x80 map, would exceed the 1e-5 absolute tolerance.)
-    check_against_reference("cpp", (value, ss, loc, attn.softmax(-1), points))
+def make_off_pixel_inputs(B, Q, M, D, shapes, num_points, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    S = sum(h * w for h, w in shapes)
+    P = sum(num_points)
+    value = torch.randn(B, S, M, D, generator=gen, dtype=torch.float64).to(dtype)
+    loc = locations_off_pixel_boundaries(B, Q, M, shapes, num_points, dtype, gen)
+    attn = torch.rand(B, Q, M, P, generator=gen, dtype=torch.float64).to(dtype)
+    return value, torch.tensor(shapes, dtype=torch.int64), loc, attn, list(num_points)
 
 
 def snap_away_from_pixel_edges(loc, shapes, points):
@@ -225,35 +78,348 @@ def snap_away_from_pixel_edges(loc, shapes, points):
     return loc
 
 
-def test_cpp_gradcheck_float64():
-    require_backend("cpp")
-    shapes, points = [(3, 4), (2, 2), (1, 1)], [2, 1, 2]
-    value, ss, loc, attn, points = make_inputs(2, 3, 2, 3, shapes, points, dtype=torch.float64, seed=31,
-                                               loc_low=-0.2, loc_high=1.2)
-    loc = snap_away_from_pixel_edges(loc, shapes, points)
-    fn = lambda v, l, a: ms_deform_attn(v, ss, l, a, points, backend="cpp")  # noqa: E731
-    args = (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_())
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+def as_inputs(args, device):
+    value, ss, loc, attn, points = args
+    return dict(value=value.to(device), spatial_shapes=ss.to(device), sampling_locations=loc.to(device),
+                attention_weights=attn.to(device), num_points_list=points)
+
+
+def nonzero_results(inputs, outputs, grads):
+    """The case's inputs are not degenerate: some output and every gradient is non-zero."""
+    assert outputs[0].abs().max() > 0
+    assert all(g.abs().max() > 0 for g in grads.values())  # (no gradients in forward-only tests)
+
+
+def _tol(fwd_atol, grad, scaled=True):
+    return {"forward": Tol(0.0, fwd_atol), "backward": Tol(grad, grad, scaled=scaled)}
+
+
+class TestMsDeformAttn(OpTester):
+    op = staticmethod(ms_deform_attn)
+    reference = staticmethod(ms_deform_attn_reference)
+    differentiable = ALL_GRADS
+    tolerances = {
+        torch.float32: _tol(FWD_ATOL, GRAD_RTOL),
+        torch.float64: _tol(1e-12, 1e-11),
+        ("cpp", torch.float64): _tol(1e-12, 1e-12),
+        torch.float16: {"forward": Tol(2e-3, 2e-3, scaled=True), "backward": Tol(2e-3, 2e-3, scaled=True)},
+        torch.bfloat16: {"forward": Tol(2e-2, 2e-2, scaled=True), "backward": Tol(2e-2, 2e-2, scaled=True)},
+    }
+    gradcheck_kwargs = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
+
+    def supports(self, backend, device, dtype):
+        # the C++ CPU kernel is float32/float64 only (CUDA and Triton also take fp16/bf16)
+        return not (backend == "cpp" and device == "cpu" and dtype in (torch.float16, torch.bfloat16))
+
+    def bad_argument_inputs(self, device):
+        return as_inputs(make_inputs(1, 3, 2, 4, [(3, 3), (2, 2)], [2, 1], seed=0), device)
+
+    # ---- random shapes (uniform locations in [-0.1, 1.1]) --------------------------------------
+
+    def case_random(self, dtype, device):
+        return as_inputs(make_inputs(2, 5, 2, 3, [(4, 5), (2, 3)], [2, 3], dtype, seed=7), device)
+
+    def case_random_3_levels(self, dtype, device):
+        return as_inputs(make_inputs(1, 8, 2, 8, [(6, 4), (3, 2), (1, 1)], [3, 6, 3], dtype, seed=14), device)
+
+    def case_random_one_level(self, dtype, device):
+        return as_inputs(make_inputs(2, 3, 1, 5, [(5, 7)], [4], dtype, seed=7), device)
+
+    def case_random_6_6_points(self, dtype, device):
+        return as_inputs(make_inputs(2, 4, 2, 8, [(4, 4), (2, 2)], [6, 6], dtype, seed=12), device)
+
+    def case_single(self, dtype, device):
+        """One query, one head, one channel, one point on a 1x1 map."""
+        return as_inputs(make_inputs(1, 1, 1, 1, [(1, 1)], [1], dtype, seed=3), device)
+
+    def case_single_query(self, dtype, device):
+        return as_inputs(make_inputs(1, 1, 2, 8, [(4, 3), (2, 2)], [2, 2], dtype, seed=8), device)
+
+    @case(dtypes=(torch.float64,))
+    def case_random_fp64(self, dtype, device):
+        return as_inputs(make_inputs(2, 6, 2, 13, [(5, 6), (3, 3), (1, 2)], [3, 2, 2], dtype, seed=7), device)
+
+    @case(heavy=True)
+    def case_d3(self, dtype, device):
+        """D off the C++ kernel's vector width."""
+        return as_inputs(make_inputs(2, 7, 3, 3, [(6, 5), (3, 3)], [3, 2], dtype, seed=3), device)
+
+    @case(heavy=True)
+    def case_d13(self, dtype, device):
+        return as_inputs(make_inputs(2, 7, 3, 13, [(6, 5), (3, 3)], [3, 2], dtype, seed=13), device)
+
+    # ---- random shapes, locations away from pixel boundaries (nothing degenerate) -------------
+
+    def _off_pixel(self, dtype, device, *shape, seed):
+        return Call(as_inputs(make_off_pixel_inputs(*shape, dtype=dtype, seed=seed), device), expect=nonzero_results)
+
+    def case_off_pixel_3_6_3_points(self, dtype, device):
+        return self._off_pixel(dtype, device, 2, 6, 2, 8, [(5, 7), (3, 4), (2, 2)], [3, 6, 3], seed=11)
+
+    def case_off_pixel_6_6_points(self, dtype, device):
+        return self._off_pixel(dtype, device, 1, 5, 2, 5, [(4, 6), (2, 3)], [6, 6], seed=7)
+
+    def case_off_pixel_1x1_levels(self, dtype, device):
+        return self._off_pixel(dtype, device, 2, 3, 1, 3, [(3, 5), (1, 1), (2, 1)], [1, 2, 4], seed=6)
+
+    def case_off_pixel_one_1x1_level(self, dtype, device):
+        return self._off_pixel(dtype, device, 1, 4, 2, 7, [(1, 1)], [3], seed=8)
+
+    @case(dtypes=(torch.float64,))
+    def case_off_pixel_fp64(self, dtype, device):
+        return self._off_pixel(dtype, device, 2, 4, 2, 6, [(5, 7), (3, 4), (1, 2)], [3, 6, 3], seed=7)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half(self, dtype, device):
+        """fp16/bf16 inputs (fp32 arithmetic inside), compared with the float64 reference on the same values."""
+        return self._off_pixel(dtype, device, 1, 4, 2, 4, [(4, 5), (2, 3)], [3, 3], seed=19)
+
+    # ---- edge cases of the sampling --------------------------------------------------------------
+
+    def case_borders(self, dtype, device):
+        """Locations exactly on pixel centres, on the map border (0 and 1) and on half-pixel edges.
+
+        Bilinear sampling is continuous there, so outputs, grad_value and grad_attn must match; the
+        location gradient has a kink at integer pixel coordinates and is only checked to be finite.
+        """
+        value, ss, loc, attn, points = make_inputs(2, 6, 2, 5, [(4, 4), (2, 8)], [4, 4], dtype, seed=3)
+        special = torch.tensor([0.0, 1.0, 0.125, 0.5, 0.875, 0.25, 0.75, 1.0 / 16, 15.0 / 16], dtype=dtype)
+        loc = special[torch.randint(len(special), loc.shape, generator=torch.Generator().manual_seed(11))]
+        return Call(as_inputs((value, ss, loc, attn, points), device), compare_grad=("value", "attention_weights"))
+
+    def case_pixel_centres_and_edges(self, dtype, device):
+        """Every pixel centre and pixel edge of each level (edges include the borders 0 and 1)."""
+        shapes, npl = [(4, 5), (2, 3)], [4, 4]
+        B, Q, M = 1, 6, 2
+        value, ss, _, attn, _ = make_off_pixel_inputs(B, Q, M, 4, shapes, npl, dtype, seed=3)
+        gen = torch.Generator().manual_seed(5)
+        per_level = []
+        for (h, w), n in zip(shapes, npl):
+            xs, ys = ([(i + 0.5) / size for i in range(size)] + [i / size for i in range(size + 1)] for size in (w, h))
+            xs, ys = torch.tensor(xs, dtype=dtype), torch.tensor(ys, dtype=dtype)
+            ix = torch.randint(len(xs), (B, Q, M, n), generator=gen)
+            iy = torch.randint(len(ys), (B, Q, M, n), generator=gen)
+            per_level.append(torch.stack([xs[ix], ys[iy]], dim=-1))
+        loc = torch.cat(per_level, dim=3)
+        loc[0, 0, 0, 0] = torch.tensor([0.0, 0.0])
+        loc[0, 0, 0, 1] = torch.tensor([1.0, 1.0])
+        return Call(as_inputs((value, ss, loc, attn, npl), device), compare_grad=("value", "attention_weights"))
+
+    def case_far_outside(self, dtype, device):
+        """Points far outside [0, 1] (up to +-1e6) contribute nothing and get zero gradients."""
+        value, ss, loc, attn, points = make_inputs(2, 6, 2, 4, [(3, 4), (2, 2)], [3, 3], dtype, seed=5)
+        far = torch.tensor([-1e6, 1e6, -3.0, 2.5, -1e3, 1e3], dtype=dtype)
+        gen = torch.Generator().manual_seed(1)
+        mask = torch.rand(loc.shape, generator=gen) < 0.4
+        loc = torch.where(mask, far[torch.randint(len(far), loc.shape, generator=gen)], loc)
+        outside = mask.any(-1).to(device)
+
+        def expect(inputs, outputs, grads):
+            if grads:
+                assert torch.all(grads["attention_weights"][outside] == 0)
+                assert torch.all(grads["sampling_locations"][outside] == 0)
+
+        return Call(as_inputs((value, ss, loc, attn, points), device), expect=expect)
+
+    def case_far_outside_huge(self, dtype, device):
+        """Every point of query 0 far away (up to +-1e30, which would overflow an int conversion),
+        only x far away in query 1: zero output and zero gradients there; the other queries (points
+        just outside included) still touch the map."""
+        value, ss, loc, attn, points = make_off_pixel_inputs(1, 4, 2, 3, [(3, 4), (2, 2)], [2, 3], dtype, seed=11)
+        far = torch.tensor([1e6, -1e6, 1e30, -1e30, 5.0, -3.0], dtype=dtype)
+        loc[0, 0] = far[torch.arange(2 * 5 * 2) % 6].reshape(2, 5, 2)
+        loc[0, 1, :, :, 0] = -1e6
+
+        def expect(inputs, outputs, grads):
+            assert torch.all(outputs[0][0, :2] == 0) and outputs[0][0, 2:].abs().max() > 0
+            if grads:
+                assert torch.all(grads["sampling_locations"][0, :2] == 0)
+                assert torch.all(grads["attention_weights"][0, :2] == 0)
+
+        return Call(as_inputs((value, ss, loc, attn, points), device), expect=expect)
+
+    def case_infinite_and_nan_locations(self, dtype, device):
+        """+-1e10, +-inf and NaN locations must not overflow the float->int conversion: they sample
+        zero. The reference gets the same points moved fully outside (-5: it also samples zero)."""
+        value, ss, loc, attn, points = make_inputs(1, 4, 2, 3, [(3, 3), (2, 2)], [2, 2], dtype, seed=9,
+                                                   loc_low=0.1, loc_high=0.9)
+        bad = loc.clone()
+        bad[0, 0, 0, 0] = torch.tensor([1e10, 0.5])
+        bad[0, 1, 1, 2] = torch.tensor([0.5, -1e10])
+        bad[0, 2, 0, 3] = torch.tensor([float("inf"), 0.5])
+        bad[0, 3, 1, 1] = torch.tensor([float("nan"), float("-inf")])
+        dropped = torch.isnan(bad).any(-1) | (bad.abs() > 10).any(-1)
+        safe = loc.clone()
+        safe[dropped] = -5.0
+        dropped = dropped.to(device)
+
+        def expect(inputs, outputs, grads):
+            assert torch.isfinite(outputs[0]).all()
+            assert all(torch.isfinite(g).all() for g in grads.values())
+            if grads:
+                assert torch.all(grads["sampling_locations"][dropped] == 0)
+                assert torch.all(grads["attention_weights"][dropped] == 0)
+
+        inputs = as_inputs((value, ss, bad, attn, points), device)
+        return Call(inputs, reference_inputs={"sampling_locations": safe.to(device)}, expect=expect)
+
+    def case_one_by_one_levels(self, dtype, device):
+        return as_inputs(make_inputs(2, 5, 2, 3, [(1, 1), (1, 1), (1, 3)], [2, 1, 2], dtype, seed=4,
+                                     loc_low=-0.6, loc_high=1.6), device)
+
+    def case_many_queries_on_the_same_pixel(self, dtype, device):
+        """All queries and heads sample the same point: the scatter of grad_value adds many
+        contributions to the same addresses."""
+        value, ss, _, attn, points = make_off_pixel_inputs(2, 6, 2, 4, [(3, 3), (2, 2)], [2, 2], dtype, seed=13)
+        loc = torch.full((2, 6, 2, 4, 2), 0.43, dtype=dtype)
+        return as_inputs((value, ss, loc, attn, points), device)
+
+    # ---- layouts and sizes -----------------------------------------------------------------------
+
+    def case_non_contiguous(self, dtype, device):
+        """Transposed and sliced views (value, locations, weights, and the spatial shapes)."""
+        B, Q, M, D, shapes, points = 2, 4, 2, 6, [(3, 4), (2, 2)], [2, 3]
+        S, P = sum(h * w for h, w in shapes), sum(points)
+        gen = torch.Generator().manual_seed(12)
+        value = torch.randn(B, M, S, 2 * D, generator=gen, dtype=dtype).to(device).transpose(1, 2)[..., ::2]
+        loc = torch.rand(B, Q, M, 2, P, generator=gen, dtype=dtype).to(device).transpose(-1, -2)
+        attn = torch.rand(B, Q, M, P + 3, generator=gen, dtype=dtype).to(device)[..., 1 : P + 1]
+        ss = torch.tensor(shapes + [(9, 9)], dtype=torch.int64, device=device)[:-1]
+        return dict(value=value, spatial_shapes=ss, sampling_locations=loc, attention_weights=attn,
+                    num_points_list=points)
+
+    def case_non_contiguous_permuted(self, dtype, device):
+        """Same values, other memory orders: transposed storage of value and weights, every other
+        element of the locations."""
+        inputs = as_inputs(make_off_pixel_inputs(2, 3, 2, 5, [(4, 5), (2, 3)], [3, 3], dtype, seed=17), device)
+        value, loc, attn = inputs["value"], inputs["sampling_locations"], inputs["attention_weights"]
+        inputs["value"] = value.transpose(1, 3).contiguous().transpose(1, 3)
+        inputs["sampling_locations"] = torch.stack([loc, torch.zeros_like(loc)], dim=-1)[..., 0]
+        inputs["attention_weights"] = attn.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+        return inputs
+
+    def case_empty(self, dtype, device):
+        """No batch (B = 0)."""
+        return as_inputs(make_inputs(0, 4, 2, 4, [(3, 3), (2, 2)], [2, 1], dtype), device)
+
+    def case_empty_queries(self, dtype, device):
+        return as_inputs(make_inputs(2, 0, 2, 4, [(3, 3), (2, 2)], [2, 1], dtype), device)
+
+    def _dfine(self, dtype, device, *shape):
+        # As in the model: every head's weights are a softmax over its points. (Unnormalised weights
+        # up to 1 on 12 points make outputs up to ~6, whose fp32 rounding, ~2e-5 for the reference
+        # too on an 80x80 map, would exceed the 1e-5 absolute tolerance.)
+        value, ss, loc, attn, points = make_inputs(*shape, dtype=dtype, seed=21)
+        return as_inputs((value, ss, loc, attn.softmax(-1), points), device)
+
+    @case(heavy=True)
+    def case_dfine_n(self, dtype, device):
+        """D-FINE-N: 2 levels, [6, 6] points, hidden 128 = 8 heads x 16."""
+        return self._dfine(dtype, device, 2, 30, 8, 16, [(40, 40), (20, 20)], [6, 6])
+
+    @case(heavy=True)
+    def case_dfine_l(self, dtype, device):
+        """D-FINE-L: 3 levels, [3, 6, 3] points, hidden 256 = 8 heads x 32."""
+        return self._dfine(dtype, device, 1, 20, 8, 32, [(80, 80), (40, 40), (20, 20)], [3, 6, 3])
+
+    @case(heavy=True)
+    def case_dfine_l_300_queries(self, dtype, device):
+        """D-FINE-L at inference (300 queries): the C++ kernel gathers the 40x40 and 20x20 levels from
+        a contiguous copy (many samples per pixel) and the 80x80 one in place."""
+        return self._dfine(dtype, device, 1, 300, 8, 32, [(80, 80), (40, 40), (20, 20)], [3, 6, 3])
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck(self, dtype, device):
+        shapes, points = [(2, 3), (1, 2)], [1, 1]
+        value, ss, loc, attn, points = make_inputs(1, 2, 1, 2, shapes, points, dtype, seed=31, loc_low=-0.2, loc_high=1.2)
+        return as_inputs((value, ss, snap_away_from_pixel_edges(loc, shapes, points), attn, points), device)
+
+    @case(dtypes=(torch.float64,), heavy=True)
+    def case_gradcheck_3_levels(self, dtype, device):
+        shapes, points = [(3, 4), (2, 2), (1, 1)], [2, 1, 2]
+        value, ss, loc, attn, points = make_inputs(2, 3, 2, 3, shapes, points, dtype, seed=31, loc_low=-0.2, loc_high=1.2)
+        return as_inputs((value, ss, snap_away_from_pixel_edges(loc, shapes, points), attn, points), device)
+
+    # ---- errors: every message names the offending argument ---------------------------------
+
+    bad_arguments = [
+        BadArg("rank", lambda a: {**a, "value": a["value"][0]}, ValueError, r"value must have shape \[B, S, M, D\]"),
+        BadArg("loc_rank", lambda a: {**a, "sampling_locations": a["sampling_locations"][..., 0]}, ValueError,
+               r"sampling_locations must have shape \[B, Q, M, P, 2\]"),
+        BadArg("attn_shape", lambda a: {**a, "attention_weights": a["attention_weights"][..., :2]}, ValueError,
+               r"attention_weights must have shape \[B, Q, M, P\]"),
+        BadArg("num_points_sum", lambda a: {**a, "num_points_list": [1, 1]}, ValueError,
+               r"sum\(num_points_list\)=2 must equal P=3"),
+        BadArg("shapes_sum", lambda a: {**a, "spatial_shapes": torch.tensor([[3, 3], [2, 3]], device=a["value"].device)},
+               ValueError, r"spatial_shapes .*sum.* S=13"),
+        BadArg("shapes_int32", lambda a: {**a, "spatial_shapes": a["spatial_shapes"].int()}, TypeError,
+               r"spatial_shapes must be an int64 tensor"),
+        BadArg("loc_dtype", lambda a: {**a, "sampling_locations": a["sampling_locations"].double()}, TypeError,
+               r"sampling_locations has dtype torch.float64"),
+        BadArg("attn_dtype", lambda a: {**a, "attention_weights": a["attention_weights"].double()}, TypeError,
+               r"attention_weights has dtype torch.float64"),
+        BadArg("value_int", lambda a: {**a, "value": a["value"].long()}, TypeError, r"value must be a floating-point tensor"),
+        BadArg("loc_int", lambda a: {**a, "sampling_locations": a["sampling_locations"].to(torch.int32)}, TypeError,
+               r"sampling_locations must be a floating-point"),
+        BadArg("loc_meta", lambda a: {**a, "sampling_locations": a["sampling_locations"].to("meta")}, ValueError,
+               r"sampling_locations is on meta"),
+        BadArg("attn_meta", lambda a: {**a, "attention_weights": a["attention_weights"].to("meta")}, ValueError,
+               r"attention_weights is on meta"),
+        BadArg("shapes_meta", lambda a: {**a, "spatial_shapes": a["spatial_shapes"].to("meta")}, ValueError,
+               r"spatial_shapes is on meta"),
+    ]
+
+    # ---- op-specific tests (compiled kernel) -------------------------------------------------------
+
+    def test_cpp_random_shape_sweep(self):
+        """Seeded random shapes, including D off the vector width (1, 3, 13, 33) and many levels."""
+        require_backend("cpp")
+        rng = random.Random(2024)
+        for trial in range(25):
+            L = rng.randint(1, 4)
+            shapes = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(L)]
+            points = [rng.randint(1, 4) for _ in range(L)]
+            B, Q, M = rng.randint(1, 3), rng.randint(1, 12), rng.randint(1, 4)
+            D = rng.choice([1, 3, 4, 8, 13, 16, 33])
+            inputs = make_inputs(B, Q, M, D, shapes, points, seed=trial, loc_low=-0.3, loc_high=1.3)
+            call = Call(as_inputs(inputs, "cpu"), grad=ALL_GRADS, compare_grad=ALL_GRADS, dtype=torch.float32)
+            self.check_against_reference(call, "cpp")
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled kernel's own contract.
+
+
+def run_with_grads(fn, value, shapes, loc, attn, num_points):
+    """Output and the gradients of value, loc and attn for a fixed upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, leaves[1], leaves[2], num_points)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+
+
+def cpp(*args):
+    return ms_deform_attn(*args, backend="cpp")
 
 
 def test_cpp_backward_is_bit_identical_across_runs():
     require_backend("cpp")
     inputs = make_inputs(2, 40, 4, 13, [(10, 12), (5, 6), (3, 3)], [3, 6, 3], seed=41)
-    first_out, first = run_with_grads(fused("cpp"), *inputs)
+    first_out, first = run_with_grads(cpp, *inputs)
     for _ in range(3):
-        out, again = run_with_grads(fused("cpp"), *inputs)
+        out, again = run_with_grads(cpp, *inputs)
         assert torch.equal(out, first_out)
-        for name in first:
-            assert torch.equal(again[name], first[name]), name
+        for a, b in zip(again, first):
+            assert torch.equal(a, b)
     # Thread count does not change the summation order either.
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _, single = run_with_grads(fused("cpp"), *inputs)
+        _, single = run_with_grads(cpp, *inputs)
     finally:
         torch.set_num_threads(threads)
-    for name in first:
-        assert torch.equal(single[name], first[name]), name
+    for a, b in zip(single, first):
+        assert torch.equal(a, b)
 
 
 def test_cpp_torch_compile_fullgraph_matches_eager():
@@ -289,40 +455,8 @@ def test_cpp_torch_export():
     assert torch.allclose(out, ms_deform_attn_reference(value, ss, loc, attn, points), atol=FWD_ATOL)
 
 
-# ------------------------------------------------------------------------------------------------
-# Errors: every message names the offending argument.
-
 def _good_inputs():
     return make_inputs(1, 3, 2, 4, [(3, 3), (2, 2)], [2, 1], seed=0)
-
-
-@pytest.mark.parametrize(
-    "mutate, pattern",
-    [
-        (lambda v, s, l, a, n: (v[0], s, l, a, n), r"value must have shape \[B, S, M, D\]"),
-        (lambda v, s, l, a, n: (v, s, l[..., 0], a, n), r"sampling_locations must have shape \[B, Q, M, P, 2\]"),
-        (lambda v, s, l, a, n: (v, s, l, a[..., :2], n), r"attention_weights must have shape \[B, Q, M, P\]"),
-        (lambda v, s, l, a, n: (v, s, l, a, [1, 1]), r"sum\(num_points_list\)=2 must equal P=3"),
-        (lambda v, s, l, a, n: (v, torch.tensor([[3, 3], [2, 3]]), l, a, n), r"spatial_shapes .*sum.* S=13"),
-        (lambda v, s, l, a, n: (v, s.int(), l, a, n), r"spatial_shapes must be an int64 tensor"),
-        (lambda v, s, l, a, n: (v, s, l.double(), a, n), r"sampling_locations has dtype torch.float64"),
-        (lambda v, s, l, a, n: (v, s, l, a.double(), n), r"attention_weights has dtype torch.float64"),
-        (lambda v, s, l, a, n: (v.long(), s, l, a, n), r"value must be a floating-point tensor"),
-        (lambda v, s, l, a, n: (v, s, l.to(torch.int32), a, n), r"sampling_locations must be a floating-point"),
-        (lambda v, s, l, a, n: (v, s, l.to("meta"), a, n), r"sampling_locations is on meta"),
-        (lambda v, s, l, a, n: (v, s, l, a.to("meta"), n), r"attention_weights is on meta"),
-        (lambda v, s, l, a, n: (v, s.to("meta"), l, a, n), r"spatial_shapes is on meta"),
-    ],
-    ids=["rank", "loc_rank", "attn_shape", "num_points_sum", "shapes_sum", "shapes_int32", "loc_dtype",
-         "attn_dtype", "value_int", "loc_int", "loc_meta", "attn_meta", "shapes_meta"],
-)
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_bad_inputs_name_the_argument(backend, mutate, pattern):
-    if backend == "cpp":
-        require_backend("cpp")
-    args = mutate(*_good_inputs())
-    with pytest.raises((TypeError, ValueError), match=pattern):
-        ms_deform_attn(*args, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -358,19 +492,6 @@ def test_cpp_backward_op_checks_grad_output():
         torch.ops.dfine.ms_deform_attn_backward(torch.zeros(1, 3, 7), v, s, l, a, n)
 
 
-@pytest.mark.parametrize("empty", ["batch", "queries"])
-def test_empty_inputs_return_empty_results(fused_backend, empty):
-    B, Q = (0, 4) if empty == "batch" else (2, 0)
-    value, ss, loc, attn, points = make_inputs(B, Q, 2, 4, [(3, 3), (2, 2)], [2, 1], seed=0)
-    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
-    out = ms_deform_attn(leaves[0], ss, leaves[1], leaves[2], points, backend=fused_backend)
-    assert out.shape == (B, Q, 8)
-    out.sum().backward()
-    for leaf in leaves:
-        assert leaf.grad is not None and leaf.grad.shape == leaf.shape
-        assert torch.all(leaf.grad == 0)
-
-
 def test_auto_backend_picks_cpp_on_cpu():
     require_backend("cpp")
     inputs = make_inputs(1, 4, 2, 4, [(3, 3), (2, 2)], [2, 1], seed=70)
@@ -379,7 +500,7 @@ def test_auto_backend_picks_cpp_on_cpu():
     assert torch.equal(auto, ms_deform_attn(*inputs, backend="cpp"))
     value, ss, loc, attn, points = inputs
     out = ms_deform_attn(value.requires_grad_(), ss, loc, attn, points)
-    assert "dfine_ms_deform_attn_forward" in out.grad_fn.name()  # the C++ op's autograd node
+    assert "MsDeformAttnFunction" in out.grad_fn.name()  # the C++ op's autograd node (csrc/ms_deform_attn/autograd/)
 
 
 def test_explicit_cpp_without_extension_says_how_to_build(monkeypatch):
@@ -436,10 +557,10 @@ def test_cpp_baseline_and_avx2_copies_agree_bitwise(tmp_path):
     inputs = make_inputs(2, 9, 3, 13, [(6, 5), (3, 3)], [3, 2], seed=81)
     torch.save(list(inputs), tmp_path / "inputs.pt")
     results = []
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for disable in ("0", "1"):
         out_file = tmp_path / f"out_{disable}.pt"
         env = dict(os.environ, DFINE_CPU_DISABLE_AVX2=disable)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(out_file)],
                        check=True, env=env, cwd=root, capture_output=True)
         results.append(torch.load(out_file))
