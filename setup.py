@@ -85,7 +85,10 @@ setup(
     name="dfine",
     version="0.1.0",
     description="D-FINE real-time detector with fused deformable-attention, FDR and GO-LSD kernels",
-    packages=find_packages(include=["dfine", "dfine.*", "kernels", "kernels.*"]),
+    # the Triton kernels install as dfine.kernels (dfine/kernels links to the top-level kernels/ folder):
+    # nothing generic lands in site-packages
+    packages=find_packages(include=["dfine", "dfine.*"]),
+    package_data={"dfine": ["data/README.md"]},
     python_requires=">=3.10",
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

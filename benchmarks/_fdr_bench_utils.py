@@ -29,13 +29,13 @@ def setup_threads():
 
 def setup_allocator(argv=None, description=None) -> str:
     """Parses the benchmark scripts' command line. ``--malloc retain`` (default): run the way
-    train.py does, with glibc told to keep freed memory (dfine.cpu_speed.retain_freed_memory);
+    train.py does, with glibc told to keep freed memory (dfine.deploy.cpu.retain_freed_memory);
     ``--malloc default``: glibc's defaults, under which the fresh gradients of every call (1 MiB
     per layer for the losses, 34 MiB for ms_deform_attn) are returned to the system and page-faulted
     in again on the next call. Returns the allocator's name for the table header."""
     import argparse
 
-    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
+    from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",

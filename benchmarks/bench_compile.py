@@ -66,7 +66,7 @@ def measure(size: str, variant: str, runs: int, warmup: int) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from dfine.compiled import compile_model
+    from dfine.deploy.compiled import compile_model
 
     opts = VARIANTS[variant]
     torch.set_num_threads(2)

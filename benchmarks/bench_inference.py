@@ -1,7 +1,7 @@
 """Deployed inference latency on CPU (2 threads): PyTorch eager, torch.compile, onnxruntime.
 
 Every variant runs the same thing - `model.deploy()` + the post-processor in deploy mode
-(`dfine.export.DetectorGraph`: images, orig_target_sizes -> labels, boxes, scores) - with random weights:
+(`dfine.deploy.DetectorGraph`: images, orig_target_sizes -> labels, boxes, scores) - with random weights:
 
 * eager, reference ops      PyTorch eager, plain-PyTorch ops (grid_sample, softmax-expectation)
 * eager, fused ops (cpp)    PyTorch eager, the C++ kernels of dfine._C
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
-from dfine.export import DetectorGraph, export_onnx  # noqa: E402
-from dfine.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
+from dfine.deploy import DetectorGraph, export_onnx  # noqa: E402
+from dfine.deploy import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 
 THREADS = 2
 torch.set_num_threads(THREADS)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
-from dfine.cpu_speed import prepack_linear_weights, to_memory_format  # noqa: E402
+from dfine.deploy.cpu import prepack_linear_weights, to_memory_format  # noqa: E402
 
 torch.set_num_threads(2)
 IMAGE = (640, 640)
@@ -227,7 +227,7 @@ def main(argv=None):
                         help="under the system allocator: keep freed memory, as `python -m dfine predict` does "
                              "on the CPU (process-wide, so every variant runs under it), or glibc's defaults")
     args = parser.parse_args(argv)
-    from dfine.cpu_speed import loaded_allocator, retain_freed_memory
+    from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 
     allocator = loaded_allocator()
     if allocator == "system" and args.malloc == "retain" and retain_freed_memory():

@@ -25,7 +25,7 @@ beyond inputs, output and gradients": the intermediates a backend needs. The met
 must report 8 MiB extra.
 
 Allocator: by default the script runs the way train.py does, with glibc told to keep freed memory
-(dfine.cpu_speed.retain_freed_memory; `--malloc default` to not). With glibc's defaults every
+(dfine.deploy.cpu.retain_freed_memory; `--malloc default` to not). With glibc's defaults every
 tensor over 32 MiB is a fresh mmap, so each call page-faults in its gradient of value (34 MiB at the
 training shape) again: that costs about 10 ms per call on this machine, for every backend, and is
 an allocator effect rather than kernel work. The table header names the allocator in use.

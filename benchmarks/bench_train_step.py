@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dfine  # noqa: E402
 from bench_model import build_transformers, config_path  # noqa: E402
-from dfine.cpu_speed import loaded_allocator, retain_freed_memory, to_memory_format  # noqa: E402
+from dfine.deploy.cpu import loaded_allocator, retain_freed_memory, to_memory_format  # noqa: E402
 from dfine.engine.optim import build_optimizer  # noqa: E402
 
 torch.set_num_threads(2)

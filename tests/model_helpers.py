@@ -51,3 +51,9 @@ def match_queries(ref_boxes, boxes):
     idx = dist.argmin(-1)
     assert idx.unique().numel() == idx.numel(), "query matching is not one-to-one"
     return idx
+
+
+def load_predictor(config, checkpoint, backend="auto", device="cpu", compiled=False):
+    """(model, postprocessor, cfg) as `python -m dfine predict` loads them (dfine.load_detector)."""
+    det = dfine.load_detector(str(config), str(checkpoint), device=device, backend=backend, compile=compiled)
+    return det.model, det.postprocessor, det.cfg

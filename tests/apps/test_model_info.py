@@ -2,7 +2,7 @@
 
 import pytest
 
-from dfine.model_info import PUBLISHED_FLOP_COUNTER_GFLOPS, main, model_info
+from dfine.apps.info import PUBLISHED_FLOP_COUNTER_GFLOPS, main, model_info
 from tests.model_helpers import config_path
 
 

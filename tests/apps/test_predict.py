@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 import dfine
-from dfine import predict as predict_mod
+from dfine.apps import predict as predict_mod
+from dfine.deploy import preprocess
 from tests.model_helpers import REPO, config_path
 
 
@@ -41,7 +42,7 @@ def ckpt(tmp_path_factory):
 
 def test_preprocess_plain_resize():
     img = torch.full((3, 10, 20), 255, dtype=torch.uint8)
-    x = predict_mod.preprocess(img, (32, 16))
+    x = preprocess(img, (32, 16))
     assert x.shape == (3, 32, 16) and x.dtype == torch.float32
     assert torch.allclose(x, torch.ones_like(x))
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dfine import predict as predict_mod
-from dfine import video as video_mod
-from tests.model_helpers import REPO
+from dfine.apps import predict as predict_mod
+from dfine.deploy import preprocess
+from dfine.apps import video as video_mod
+from tests.model_helpers import REPO, load_predictor
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 FRAMES, H, W = 4, 96, 128
@@ -66,13 +67,13 @@ def test_video_results_and_annotated_output(setup, tmp_path, name):
     assert json.loads((tmp_path / "images.json").read_text())["images"] == out["images"]
 
     # independent: decode the frames here, run the deployed model + postprocessor on each
-    model, post, _ = predict_mod.load_predictor(str(cfg), str(weights), backend="cpp")
+    model, post, _ = load_predictor(str(cfg), str(weights), backend="cpp")
     frames = decode_all(root / name)
     assert len(frames) == FRAMES
     for frame_id, frame in enumerate(frames):
         image = torch.from_numpy(frame).permute(2, 0, 1)
         with torch.no_grad():
-            det = post(model(predict_mod.preprocess(image, [320, 320])[None]), torch.tensor([[W, H]]))[0]
+            det = post(model(preprocess(image, [320, 320])[None]), torch.tensor([[W, H]]))[0]
         keep = det["scores"] > 0.4
         got = [r for r in out["results"] if r["image_id"] == frame_id]
         assert len(got) == int(keep.sum()) > 0

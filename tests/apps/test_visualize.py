@@ -12,10 +12,11 @@ import pytest
 import torch
 import torchvision
 
-from dfine import visualize as vis_mod
+from dfine.apps import visualize as vis_mod
+from dfine.apps.common import PredictError
+from dfine.deploy import preprocess, read_image
 from dfine.ops.fdr import weighting_function
-from dfine.predict import PredictError, load_predictor, preprocess, read_image
-from tests.model_helpers import REPO
+from tests.model_helpers import REPO, load_predictor
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 NUM_LAYERS = 3  # D-FINE-N

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torchvision
 
-from dfine import predict as predict_mod
-from dfine.compiled import compile_model, custom_ops_in, graph_breaks
+from dfine.apps import predict as predict_mod
+from dfine.deploy.compiled import compile_model, custom_ops_in, graph_breaks
 from tests.conftest import require_backend
+from tests.model_helpers import load_predictor
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
 
 def test_one_graph_with_the_fused_ops(setup):
     cfg, weights, _ = setup
-    model, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    model, _, _ = load_predictor(cfg, weights, backend="cpp")
     graphs, breaks, reasons, fx = graph_breaks(model, torch.rand(1, 3, 320, 320))
     assert (graphs, breaks) == (1, 0), reasons
     assert custom_ops_in(fx) == {"ms_deform_attn_forward", "fdr_decode_forward"}
@@ -38,7 +39,7 @@ def test_one_compile_per_input_size(setup):
     are filled before tracing, so each size compiles once (no recompile on its second call), fullgraph, and
     matches eager. Backend: a counting wrapper of "eager" (Dynamo's tracing and guards, no Inductor time)."""
     cfg, weights, _ = setup
-    model, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
+    model, _, _ = load_predictor(cfg, weights, backend="cpp")
     compiles = []
 
     def counting_backend(gm, example_inputs):
@@ -65,8 +66,8 @@ def test_inductor_parity_and_predict_compile(setup, tmp_path):
     """The real thing: Inductor over the deployed tiny D-FINE-N at 320 (a minute or two on 2 cores, cold)."""
     cfg, weights, images = setup
     torch._dynamo.reset()
-    eager, post, _ = predict_mod.load_predictor(cfg, weights, backend="cpp")
-    compiled, _, _ = predict_mod.load_predictor(cfg, weights, backend="cpp", compiled=True)
+    eager, post, _ = load_predictor(cfg, weights, backend="cpp")
+    compiled, _, _ = load_predictor(cfg, weights, backend="cpp", compiled=True)
     assert isinstance(compiled.compiled, torch._dynamo.eval_frame.OptimizedModule)
     with torch.no_grad():
         for seed in (0, 1):

@@ -1,4 +1,4 @@
-"""ONNX export (dfine.export) and onnxruntime inference (dfine.runners, predict --backend onnxruntime).
+"""ONNX export (dfine.deploy.onnx_export) and onnxruntime inference (dfine.deploy.runners, predict --backend onnxruntime).
 
 One dynamic export per architecture (module-scoped): onnxruntime must equal PyTorch at batch 1 and 3,
 square and non-square inputs, from the same file.
@@ -16,10 +16,11 @@ import torch
 import torchvision
 
 import dfine
-from dfine import predict as predict_mod
-from dfine.export import (DetectorGraph, ExportError, check_onnx, compare_detections, export_onnx, load_detector,
-                          onnx_op_domains, simplify_onnx)
-from dfine.runners import OnnxRuntimeRunner, TorchRunner, onnxruntime_runner
+from dfine.apps import common as common_mod
+from dfine.apps import predict as predict_mod
+from dfine.deploy import (DeployError, DetectorGraph, OnnxRuntimeRunner, TorchRunner, check_onnx, export_onnx,
+                          load_detector, onnxruntime_runner)
+from dfine.deploy.onnx_export import compare_detections, onnx_op_domains, simplify_onnx
 from tests.conftest import require_backend
 from tests.model_helpers import REPO, build, config_path
 
@@ -157,16 +158,16 @@ def test_compare_detections_matches_reordered_ties():
 
 def test_export_option_errors(tmp_path):
     detector, _ = _random_detector("n")
-    with pytest.raises(ExportError, match="opset"):
+    with pytest.raises(DeployError, match="opset"):
         export_onnx(detector, tmp_path / "x.onnx", (320, 320), opset=13)
-    with pytest.raises(ExportError, match="at least 32"):
+    with pytest.raises(DeployError, match="at least 32"):
         export_onnx(detector, tmp_path / "x.onnx", (16, 320))
-    with pytest.raises(ExportError, match="too small"):  # fewer positions than num_queries
+    with pytest.raises(DeployError, match="too small"):  # fewer positions than num_queries
         export_onnx(detector, tmp_path / "x.onnx", (64, 64))
     assert not (tmp_path / "x.onnx").exists()
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(DeployError, match="does not exist"):
         load_detector(str(tmp_path / "missing.yml"), str(tmp_path / "missing.pth"))
-    with pytest.raises(ExportError, match="ONNX file .* does not exist"):
+    with pytest.raises(DeployError, match="ONNX file .* does not exist"):
         OnnxRuntimeRunner(tmp_path / "missing.onnx")
 
 
@@ -239,14 +240,14 @@ def test_predict_onnxruntime_on_the_fly_same_preprocessing(ckpt, monkeypatch, tm
     one `preprocess` function and give the same detections."""
     cfg, weights, images = ckpt
     seen = []
-    original = predict_mod.preprocess
+    original = common_mod.preprocess
 
     def spy(image, size):
         out = original(image, size)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(predict_mod, "preprocess", spy)
+    monkeypatch.setattr(common_mod, "preprocess", spy)
     results = {}
     for backend in (FUSED, "onnxruntime"):
         out = predict_mod.predict(str(cfg), str(weights), str(images / "im0.png"), str(tmp_path / backend),
@@ -277,7 +278,7 @@ def test_cli_errors(ckpt, tmp_path, capsys):
 
 def test_onnx_file_errors_and_static_graph(ckpt, tmp_path):
     cfg, weights, _ = ckpt
-    detector, _ = load_detector(str(cfg), str(weights))
+    detector = load_detector(str(cfg), str(weights), backend="reference", optimize=False).graph()
     static = export_onnx(detector, tmp_path / "256.onnx", (256, 256))
     runner = OnnxRuntimeRunner(static)
     assert runner.input_size == (256, 256)
@@ -285,17 +286,17 @@ def test_onnx_file_errors_and_static_graph(ckpt, tmp_path):
     with pytest.raises(Exception):  # a static graph refuses another size
         runner(torch.rand(1, 3, 320, 320), torch.tensor([[320, 320]]))
     # its size is not the config's eval_spatial_size
-    with pytest.raises(ExportError, match="256 x 256 .* eval_spatial_size is 320 x 320"):
+    with pytest.raises(DeployError, match="256 x 256 .* eval_spatial_size is 320 x 320"):
         onnxruntime_runner(str(cfg), str(weights), str(static))
     # not a D-FINE export
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "id.onnx")
-    with pytest.raises(ExportError, match="not a D-FINE export"):
+    with pytest.raises(DeployError, match="not a D-FINE export"):
         OnnxRuntimeRunner(tmp_path / "id.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
-    with pytest.raises(ExportError, match="cannot load"):
+    with pytest.raises(DeployError, match="cannot load"):
         OnnxRuntimeRunner(tmp_path / "junk.onnx")
 
 

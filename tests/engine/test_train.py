@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dfine
-from dfine.checkpoint import load_checkpoint
+from dfine.model.checkpoint import load_checkpoint
 from dfine.data.synthetic import make_synthetic_coco
 from dfine.engine import LinearWarmup, ModelEMA, NonFiniteLossError, Trainer, build_optimizer, param_groups, save_atomic
 from dfine.engine.optim import build_lr_scheduler
@@ -316,7 +316,7 @@ def test_report_table_and_curve(tiny_data, tmp_path):
     assert table.count("\n") == 3 and f"{epochs[-1]['eval']['AP50']:.3f}" in table
     assert report.main([str(tmp_path)]) == 0
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert isinstance(dfine.build_criterion(tiny_config(tiny_data)), dfine.criterion.DFINECriterion)
+    assert isinstance(dfine.build_criterion(tiny_config(tiny_data)), dfine.loss.DFINECriterion)
 
 
 def test_logged_lr_includes_warmup(tiny_data, tmp_path):

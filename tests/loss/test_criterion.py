@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
-from dfine.criterion import DFINECriterion, build_criterion
-from dfine.matcher import HungarianMatcher
+from dfine.loss.criterion import DFINECriterion, build_criterion
+from dfine.loss.matcher import HungarianMatcher
 from tests.conftest import IN_CI, require_backend
 from tests.model_helpers import match_queries
 

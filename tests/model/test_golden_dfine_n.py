@@ -112,7 +112,7 @@ def test_golden_after_deploy(golden):
 
 def test_golden_after_deploy_with_onednn_linear(golden):
     """What `predict` runs on the CPU: deploy() plus the linear layers through oneDNN."""
-    from dfine.cpu_speed import OneDNNLinear, onednn_linear_available, prepack_linear_weights
+    from dfine.deploy.cpu import OneDNNLinear, onednn_linear_available, prepack_linear_weights
 
     assert onednn_linear_available()  # the pinned torch (CPU build with oneDNN) has them
     golden_out, state = golden

@@ -27,9 +27,17 @@ def test_freeze_and_pretrained_file(tmp_path):
         HGNetv2("B9")
 
 
+def to_channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_stem_pool_without_gradient_equals_max_pool(channels_last):
-    from dfine.model.hgnetv2 import StemBlock, max_pool_2x2_stride1
+def test_stem_pool_cpu_form_equals_max_pool(channels_last):
+    """The CPU form of the stem's pool (dfine.deploy.optimize_for_cpu) gives the pooling op's values."""
+    from dfine.deploy.cpu import ShiftedMaxPool2x2, optimize_for_cpu
+    from dfine.model.hgnetv2 import StemBlock
+
+    max_pool_2x2_stride1 = ShiftedMaxPool2x2()
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 17, 12, generator=gen).relu()  # ReLU zeros: windows with ties
@@ -42,10 +50,14 @@ def test_stem_pool_without_gradient_equals_max_pool(channels_last):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(got[0, 0, 2:4, 3:5]).all()
 
-    # the stem: without gradient through the shifted maxima, with gradient through the pooling op
+    # the stem: optimize_for_cpu swaps in the shifted maxima, values unchanged
     stem = StemBlock(3, 16, 16).eval()
     img = torch.randn(1, 3, 33, 47, generator=gen)
+    if channels_last:  # both in one layout: oneDNN's NHWC convolutions round differently from NCHW
+        stem, img = stem.to(memory_format=torch.channels_last), to_channels_last(img)
     with torch.no_grad():
+        slow = stem(img)
+        counts = optimize_for_cpu(stem, channels_last=channels_last, prepack_linear=False)
         fast = stem(img)
-    slow = stem(img.requires_grad_(True))
-    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+    assert isinstance(stem.pool, ShiftedMaxPool2x2) and counts["max_pool"] == 1
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)

@@ -191,16 +191,12 @@ def test_deploy_folds_every_batchnorm_and_refolds_on_load():
     torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=1e-4)
 
 
-def test_attention_weight_softmax_keeps_torch_softmax_for_bfloat16():
-    from dfine.model.deformable_attention import softmax_last_dim
-
-    x = torch.randn(3, 5, 8, 12).to(torch.bfloat16)
-    assert torch.equal(softmax_last_dim(x), x.softmax(-1))  # accumulated in float32 by ATen
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_attention_weight_softmax_matches_torch(dtype):
-    from dfine.model.deformable_attention import softmax_last_dim
+    """The CPU form of the attention-weight softmax (dfine.deploy.optimize_for_cpu) against fp64."""
+    from dfine.deploy.cpu import ShortSoftmax
+
+    softmax_last_dim = ShortSoftmax()
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 8, 12, generator=gen, dtype=dtype) * 5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dfine.checkpoint import load_checkpoint
+from dfine.model.checkpoint import load_checkpoint
 from tests.model_helpers import build, keys_and_shapes, read_keys, shared_file
 
 TRAIN_PARAMS = {"n": 3_782_693, "s": 10_321_877, "m": 19_590_064, "l": 31_244_152, "x": 62_621_560}
