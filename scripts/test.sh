@@ -3,7 +3,9 @@
 # test suite; Triton kernels run under its interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 bash scripts/setup.sh
-lint-imports
+# lint-imports is installed next to the interpreter by requirements.txt (import-linter)
+"$($PY -c 'import os, sys; print(os.path.dirname(sys.executable))')/lint-imports"
 export TRITON_INTERPRET=1
-exec ${PYTHON:-python3} -m pytest -q "$@"
+exec $PY -m pytest -q "$@"
