@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
-from dfine.deploy import DetectorGraph, export_onnx  # noqa: E402
+from dfine.deploy import export_onnx  # noqa: E402
 from dfine.deploy import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 
 THREADS = 2
@@ -46,9 +46,9 @@ def config_path(size):
 
 def build_detector(size, backend):
     torch.manual_seed(0)
-    cfg = dfine.load_config(config_path(size), ["DFINETransformer.num_denoising=0"])
-    model = dfine.build_model(cfg, backend=backend).deploy()
-    return DetectorGraph(model, dfine.build_postprocessor(cfg)).eval()
+    det = dfine.load_detector(config_path(size), None, backend=backend, optimize=False,
+                              overrides=["DFINETransformer.num_denoising=0"])
+    return det.graph()
 
 
 def reg_scale_as_float(detector):

@@ -2,7 +2,8 @@
 
 Side by side in one run: this project with reference ops, with fused ops (backend "auto"), fused
 after deploy(), the same in channels_last layout (input converted inside the timed call), that plus
-linear layers through oneDNN (what `predict` runs on the CPU), and - when `transformers` is installed
+linear layers through oneDNN, what `predict` runs on the CPU (`dfine.load_detector`: deploy() and
+`dfine.deploy.optimize_for_cpu`), and - when `transformers` is installed
 (optional extra) - Hugging Face's DFineForObjectDetection built from the equivalent config with
 random weights. Then the decoder alone on fixed encoder features, and the most fusion can gain there:
 its matrix multiplies (their FLOPs at this machine's best sgemm rate) are the same in every backend,
@@ -46,6 +47,12 @@ def build_ours(size, backend, deploy=False, channels_last=False, onednn_linear=F
     if onednn_linear:
         prepack_linear_weights(model)
     return ChannelsLast(model) if channels_last else model
+
+
+def build_predict_path(size):
+    """What `python -m dfine predict` runs on the CPU: dfine.load_detector (deploy + optimize_for_cpu)."""
+    torch.manual_seed(0)
+    return ChannelsLast(dfine.load_detector(config_path(size), None, backend="auto").model)
 
 
 class ChannelsLast(torch.nn.Module):
@@ -135,8 +142,9 @@ VARIANTS = {
     "fused ops (auto)": lambda s: build_ours(s, "auto"),
     "fused + deploy()": lambda s: build_ours(s, "auto", deploy=True),
     "fused + deploy() + channels_last": lambda s: build_ours(s, "auto", deploy=True, channels_last=True),
-    "fused + deploy() + channels_last + oneDNN linear (predict on CPU)":
-        lambda s: build_ours(s, "auto", deploy=True, channels_last=True, onednn_linear=True),
+    "fused + deploy() + channels_last + oneDNN linear": lambda s: build_ours(s, "auto", deploy=True,
+                                                                             channels_last=True, onednn_linear=True),
+    "predict on CPU (load_detector: deploy + optimize_for_cpu)": build_predict_path,
     "transformers": build_transformers,
 }
 
