@@ -1,5 +1,9 @@
 """ddf_loss: reference vs the published KL-divergence formula written out, fused backends vs the
-reference (values and gradients), teacher == student gives exactly 0, edge cases."""
+reference (values and gradients), teacher == student gives exactly 0, edge cases.
+
+``TestDdfLoss`` declares ddf_loss's cases for the shared ``OpTester`` (tests/ops/op_tester.py):
+forward, gradients, gradcheck, non-contiguous, empty and bad-argument checks on every backend; the
+tests after it are ddf_loss's own (reductions inside the op, second backward, compile, ...)."""
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch.nn.functional as F
 
 from dfine.ops import ddf_loss, ddf_loss_reference
 from tests.conftest import require_backend
+from tests.ops.op_tester import BadArg, Call, OpTester, Tol, case
 
 BINS = 33
 
@@ -34,63 +39,140 @@ def test_reference_matches_published_formula():
                                _published(pred, teacher, weight, T=2.0), rtol=1e-12, atol=1e-13)
 
 
-def _values_and_grads(backend, pred, teacher, weight, reduction, temperature=5.0):
-    pred = pred.detach().clone().requires_grad_(True)
-    teacher = teacher.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    loss = ddf_loss(pred, teacher, weight, temperature=temperature, reduction=reduction, backend=backend)
-    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    g_pred, g_teacher, g_weight = torch.autograd.grad(loss, [pred, teacher, weight], upstream, allow_unused=True)
-    assert g_teacher is None or (g_teacher == 0).all()  # the teacher gets no gradient
-    return loss, g_pred, g_weight
+def _call(pred, teacher, weight, device, temperature=5.0, reduction="none", **kwargs):
+    inputs = dict(pred_corners=pred.to(device), teacher_corners=teacher.to(device),
+                  weight=None if weight is None else weight.to(device))
+    return Call({**inputs, "temperature": temperature, "reduction": reduction}, **kwargs)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_fused_matches_reference(fused_backend, reduction):
-    args = _inputs(n=37 if fused_backend == "triton" else 301)
-    got = _values_and_grads(fused_backend, *args, reduction)
-    want = _values_and_grads("reference", *args, reduction)
-    for name, g, w in zip(("loss", "grad pred", "grad weight"), got, want):
-        assert g.shape == w.shape, name
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=name)
+def _finite_results(inputs, outputs, grads):
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_fused_float64_other_temperature_without_weight(fused_backend):
-    pred, teacher, _ = _inputs(n=21, dtype=torch.float64)
-    pred.requires_grad_(True)
-    got = ddf_loss(pred, teacher, temperature=1.5, backend=fused_backend)
-    want = ddf_loss_reference(pred, teacher, temperature=1.5)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
-    g1, = torch.autograd.grad(got.sum(), pred)
-    g2, = torch.autograd.grad(want.sum(), pred)
-    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-13)
+class TestDdfLoss(OpTester):
+    op = staticmethod(ddf_loss)
+    reference = staticmethod(ddf_loss_reference)
+    # the teacher is differentiable here so that the tests check it gets no gradient (zeros both sides)
+    differentiable = ("pred_corners", "teacher_corners", "weight")
+    tolerances = {
+        torch.float32: {"forward": Tol(1e-5, 2e-6), "backward": Tol(1e-5, 2e-6)},
+        torch.float64: {"forward": Tol(1e-12, 1e-13), "backward": Tol(1e-12, 1e-13)},
+    }
+    # the first backward scales the gradient kept by the forward pass, a repeated one recomputes it:
+    # the two differ by rounding in float64, which gradcheck's reentrancy check would flag
+    gradcheck_kwargs = dict(eps=1e-6, atol=1e-5, rtol=1e-3, nondet_tol=1e-12)
+
+    def case_random(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device)
+
+    def case_random_sum(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device, reduction="sum")
+
+    def case_random_mean(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device, reduction="mean")
+
+    @case(heavy=True)
+    def case_random_large(self, dtype, device):
+        """301 rows: full and partial groups of the C++ lane kernels."""
+        return _call(*_inputs(n=301, dtype=dtype), device)
+
+    @case(heavy=True)
+    def case_random_large_sum(self, dtype, device):
+        return _call(*_inputs(n=301, dtype=dtype), device, reduction="sum")
+
+    @case(heavy=True)
+    def case_random_large_mean(self, dtype, device):
+        return _call(*_inputs(n=301, dtype=dtype), device, reduction="mean")
+
+    @case(dtypes=(torch.float64,))
+    def case_other_temperature_without_weight(self, dtype, device):
+        pred, teacher, _ = _inputs(n=21, dtype=dtype)
+        return _call(pred, teacher, None, device, temperature=1.5)
+
+    def case_single(self, dtype, device):
+        return _call(*_inputs(n=1, dtype=dtype, seed=1), device)
+
+    @case(dtypes=(torch.float32, torch.float64))
+    def case_teacher_equal_to_student(self, dtype, device):
+        """teacher == student gives exactly 0 (a row of +-1e4 logits included)."""
+        pred, _, weight = _inputs(n=19, dtype=dtype, scale=10.0)
+        pred[0] = torch.sign(pred[0]) * 1e4
+
+        def expect(inputs, outputs, grads):
+            assert (outputs[0] == 0).all()
+
+        return _call(pred, pred.clone(), weight, device, expect=expect)
+
+    def case_zero_teacher_probability(self, dtype, device):
+        """Teacher bins at -inf have probability 0: xlogy semantics make their terms 0, not NaN. 21
+        rows: a group of 16 with AVX-512 (two of 8 with AVX2), 5 through the row kernel; the last
+        bin, which the AVX-512 kernel gathers apart, too."""
+        pred, teacher, weight = _inputs(n=21, dtype=dtype)
+        teacher[:, :3] = float("-inf")
+        teacher[::2, BINS - 1] = float("-inf")
+
+        def expect(inputs, outputs, grads):
+            _finite_results(inputs, outputs, grads)
+            finite_teacher = inputs["teacher_corners"].clone()
+            finite_teacher[torch.isinf(finite_teacher)] = -1e30  # same probabilities (0), published formula
+            torch.testing.assert_close(outputs[0], _published(inputs["pred_corners"], finite_teacher,
+                                                              inputs["weight"]), rtol=1e-5, atol=1e-6)
+
+        return _call(pred, teacher, weight, device, expect=expect)
+
+    def case_saturated_logits(self, dtype, device):
+        """+-1e4 logits, the teacher's of the opposite sign: huge but finite losses."""
+        pred, teacher, weight = _inputs(n=12, dtype=dtype)
+        tol = {"forward": Tol(1e-5, 1e-3), "backward": Tol(1e-5, 1e-3)}
+        return _call(torch.sign(pred) * 1e4, -torch.sign(teacher) * 1e4, weight, device, tol=tol,
+                     expect=_finite_results)
+
+    def case_non_contiguous(self, dtype, device):
+        """Transposed logits, every other element of a [N, 2] buffer as weights."""
+        pred, teacher, weight = (t.to(device) for t in _inputs(n=24, dtype=dtype))
+        return _call(pred.t().contiguous().t(), teacher.t().contiguous().t(),
+                     torch.stack([weight, weight], 1)[:, 1], device)
+
+    def case_empty(self, dtype, device):
+        return _call(torch.zeros(0, BINS, dtype=dtype), torch.zeros(0, BINS, dtype=dtype), torch.zeros(0, dtype=dtype),
+                     device)
+
+    def case_empty_sum(self, dtype, device):
+        return _call(torch.zeros(0, BINS, dtype=dtype), torch.zeros(0, BINS, dtype=dtype), None, device,
+                     reduction="sum")
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck(self, dtype, device):
+        pred, teacher, weight = _inputs(n=6, dtype=dtype, scale=1.0)
+        return _call(pred, teacher, weight, device, grad=("pred_corners", "weight"))
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck_sum(self, dtype, device):  # sum/mean: reduced inside the C++ op
+        pred, teacher, weight = _inputs(n=6, dtype=dtype, scale=1.0)
+        return _call(pred, teacher, weight, device, reduction="sum", grad=("pred_corners", "weight"))
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck_mean(self, dtype, device):
+        pred, teacher, weight = _inputs(n=6, dtype=dtype, scale=1.0)
+        return _call(pred, teacher, weight, device, reduction="mean", grad=("pred_corners", "weight"))
+
+    bad_arguments = [
+        BadArg("teacher_bins", lambda a: {**a, "teacher_corners": torch.zeros(8, 32)}, ValueError, "teacher_corners"),
+        BadArg("teacher_int", lambda a: {**a, "teacher_corners": torch.zeros(8, BINS, dtype=torch.int64)}, TypeError,
+               "teacher_corners"),
+        BadArg("weight_length", lambda a: {**a, "weight": torch.zeros(7)}, ValueError, "weight"),
+        BadArg("temperature", lambda a: {**a, "temperature": 0.0}, ValueError, "temperature"),
+        BadArg("reduction", lambda a: {**a, "reduction": "max"}, ValueError, "reduction"),
+        BadArg("pred_rank", lambda a: {**a, "pred_corners": torch.zeros(8, 2, BINS)}, ValueError, "pred_corners"),
+    ]
+
+    def bad_argument_inputs(self, device):
+        return _call(*_inputs(n=8), device).inputs
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_teacher_equal_to_student_gives_exactly_zero(backend, dtype):
-    require_backend(backend)
-    pred, _, weight = _inputs(n=19, dtype=dtype, scale=10.0)
-    pred[0] = torch.sign(pred[0]) * 1e4
-    loss = ddf_loss(pred, pred.clone(), weight, backend=backend)
-    assert (loss == 0).all()
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_zero_teacher_probability_contributes_zero(backend):
-    # a teacher bin at -inf has probability 0: xlogy semantics make its term 0 instead of NaN
-    require_backend(backend)
-    # 21 rows: a group of 16 with AVX-512 (two of 8 with AVX2), 5 through the row kernel
-    pred, teacher, weight = _inputs(n=21)
-    teacher[:, :3] = float("-inf")
-    teacher[::2, BINS - 1] = float("-inf")  # the last bin, which the AVX-512 kernel gathers apart
-    pred = pred.requires_grad_(True)
-    loss = ddf_loss(pred, teacher, weight, backend=backend)
-    loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
-    finite_teacher = teacher.clone()
-    finite_teacher[torch.isinf(teacher)] = -1e30  # same probabilities (0) through the published formula
-    torch.testing.assert_close(loss, _published(pred.detach(), finite_teacher, weight), rtol=1e-5, atol=1e-6)
+# ---------------------------------------------------------------------------------------------
+# ddf_loss's own tests
 
 
 def test_cpp_row_and_lane_kernels_agree():
@@ -120,75 +202,12 @@ def test_cpp_row_and_lane_kernels_agree():
     torch.testing.assert_close(together[1], torch.cat([a[1] / 0.5 * u for a, u in zip(alone, upstream)]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])  # sum/mean: reduced inside the op
-def test_cpp_gradcheck_float64(reduction):
-    require_backend("cpp")
-    pred, teacher, weight = _inputs(n=6, dtype=torch.float64, scale=1.0)
-    pred.requires_grad_(True)
-    weight.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p, w: ddf_loss(p, teacher, w, reduction=reduction, backend="cpp"),
-                                    (pred, weight))
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_zero_rows(backend):
-    require_backend(backend)
-    pred = torch.zeros(0, BINS, requires_grad=True)
-    loss = ddf_loss(pred, torch.zeros(0, BINS), torch.zeros(0), backend=backend)
-    assert loss.shape == (0,)
-    total = ddf_loss(pred, torch.zeros(0, BINS), reduction="sum", backend=backend)
-    assert total.item() == 0.0
-    total.backward()
-    assert pred.grad.shape == (0, BINS)
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_huge_logits_stay_finite(backend):
-    require_backend(backend)
-    pred, teacher, weight = _inputs(n=12)
-    pred = (torch.sign(pred) * 1e4).requires_grad_(True)
-    teacher = -torch.sign(teacher) * 1e4
-    loss = ddf_loss(pred, teacher, weight, backend=backend)
-    loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
-    torch.testing.assert_close(loss, ddf_loss_reference(pred.detach(), teacher, weight), rtol=1e-5, atol=1e-3)
-
-
-def test_fused_non_contiguous_inputs(fused_backend):
-    pred, teacher, weight = _inputs(n=24)
-    pred_nc, teacher_nc = pred.t().contiguous().t(), teacher.t().contiguous().t()
-    weight_nc = torch.stack([weight, weight], 1)[:, 1]
-    assert not pred_nc.is_contiguous() and not weight_nc.is_contiguous()
-    got = ddf_loss(pred_nc, teacher_nc, weight_nc, backend=fused_backend)
-    torch.testing.assert_close(got, ddf_loss_reference(pred, teacher, weight), rtol=1e-5, atol=2e-6)
-
-
 def test_float32_sum_is_within_1e6_of_float64(fused_backend):
     n = 200 if fused_backend == "triton" else 8000
     pred, teacher, weight = _inputs(n=n)
     exact = ddf_loss_reference(pred.double(), teacher.double(), weight.double(), reduction="sum")
     got = ddf_loss(pred, teacher, weight, reduction="sum", backend=fused_backend)
     assert abs(got.double().item() - exact.item()) <= 1e-6 * abs(exact.item())
-
-
-@pytest.mark.parametrize(
-    "kwargs, exc, match",
-    [
-        (dict(teacher_corners=torch.zeros(8, 32)), ValueError, "teacher_corners"),
-        (dict(teacher_corners=torch.zeros(8, BINS, dtype=torch.int64)), TypeError, "teacher_corners"),
-        (dict(weight=torch.zeros(7)), ValueError, "weight"),
-        (dict(temperature=0.0), ValueError, "temperature"),
-        (dict(reduction="max"), ValueError, "reduction"),
-        (dict(pred_corners=torch.zeros(8, 2, BINS)), ValueError, "pred_corners"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_argument(kwargs, exc, match):
-    pred, teacher, weight = _inputs(n=8)
-    ddf_loss(pred, teacher, weight)  # a valid call first: later ones try the C++ op before the checks
-    args = dict(pred_corners=pred, teacher_corners=teacher, weight=weight)
-    args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        ddf_loss(**args)
 
 
 def test_fused_second_backward_through_the_graph(fused_backend):

@@ -1,5 +1,8 @@
 """fdr_decode, fdr_targets and weighting_function: published values, reference vs an independent
-write-up of the published formulas, fused backends (cpp, triton) vs the reference, edge cases."""
+write-up of the published formulas, fused backends (cpp, triton) vs the reference, edge cases.
+
+``TestFdrDecode`` declares fdr_decode's cases for the shared ``OpTester`` (tests/ops/op_tester.py):
+forward, gradients, gradcheck, non-contiguous, empty and bad-argument checks on every backend."""
 
 import math
 
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 
 from dfine.ops import fdr_decode, fdr_decode_reference, fdr_targets, weighting_function
 from tests.conftest import require_backend
+from tests.ops.op_tester import BadArg, Call, OpTester, Tol, case
 
 K = 32
 BINS = K + 1
@@ -184,37 +188,100 @@ def test_reg_scale_as_a_tensor(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# fdr_decode: fused backends vs the reference
+# fdr_decode: fused backends vs the reference (the shared OpTester cases)
 
 
-def _values_and_grads(backend, corners, project, ref, lqe_topk=4, seed=5):
-    corners = corners.detach().clone().requires_grad_(True)
-    ref = ref.detach().clone().requires_grad_(True)
-    boxes, stats = fdr_decode(corners, project, ref, 4.0, lqe_topk=lqe_topk, backend=backend)
-    gen = torch.Generator().manual_seed(seed)
-    grad_boxes = torch.randn(boxes.shape, generator=gen, dtype=torch.float64).to(boxes.dtype)
-    grad_stats = torch.randn(stats.shape, generator=gen, dtype=torch.float64).to(stats.dtype)
-    g_corners, g_ref = torch.autograd.grad([boxes, stats], [corners, ref], [grad_boxes, grad_stats])
-    return boxes, stats, g_corners, g_ref
+def _call(corners, project, ref, device, lqe_topk=4, **kwargs):
+    inputs = dict(pred_corners=corners.to(device), project=project.to(device), ref_boxes=ref.to(device),
+                  reg_scale=4.0, lqe_topk=lqe_topk)
+    return Call(inputs, **kwargs)
 
 
-@pytest.mark.parametrize("lqe_topk", [4, 1])
-def test_fused_matches_reference(fused_backend, lqe_topk):
-    lead = (2, 9) if fused_backend == "triton" else (4, 37)
-    corners, project, ref = _inputs(lead=lead)
-    got = _values_and_grads(fused_backend, corners, project, ref, lqe_topk)
-    want = _values_and_grads("reference", corners, project, ref, lqe_topk)
-    for name, g, w in zip(("boxes", "lqe_stats", "grad pred_corners", "grad ref_boxes"), got, want):
-        assert g.shape == w.shape, name
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=name)
+def _finite_results(inputs, outputs, grads):
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_fused_float64_matches_reference(fused_backend):
-    corners, project, ref = _inputs(lead=(11,), dtype=torch.float64)
-    got = _values_and_grads(fused_backend, corners, project, ref)
-    want = _values_and_grads("reference", corners, project, ref)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
+class TestFdrDecode(OpTester):
+    op = staticmethod(fdr_decode)
+    reference = staticmethod(fdr_decode_reference)
+    differentiable = ("pred_corners", "ref_boxes")
+    tolerances = {
+        torch.float32: {"forward": Tol(1e-5, 2e-6), "backward": Tol(1e-5, 2e-6)},
+        torch.float64: {"forward": Tol(1e-12, 1e-13), "backward": Tol(1e-12, 1e-13)},
+    }
+    gradcheck_kwargs = dict(eps=1e-6, atol=1e-7)
+
+    def case_random(self, dtype, device):
+        return _call(*_inputs(lead=(2, 9), dtype=dtype), device)
+
+    def case_random_top1(self, dtype, device):
+        return _call(*_inputs(lead=(2, 9), dtype=dtype), device, lqe_topk=1)
+
+    @case(heavy=True)
+    def case_random_large(self, dtype, device):
+        """148 boxes: the C++ lane kernels in pairs of boxes, and many groups."""
+        return _call(*_inputs(lead=(4, 37), dtype=dtype), device)
+
+    @case(heavy=True)
+    def case_random_large_top1(self, dtype, device):
+        return _call(*_inputs(lead=(4, 37), dtype=dtype), device, lqe_topk=1)
+
+    @case(dtypes=(torch.float64,))
+    def case_random_fp64(self, dtype, device):
+        return _call(*_inputs(lead=(11,), dtype=dtype), device)
+
+    def case_single(self, dtype, device):
+        return _call(*_inputs(lead=(1,), dtype=dtype, seed=2), device)
+
+    def case_other_bin_count(self, dtype, device):
+        """reg_max = 8 (9 bins) and the most top-k bins, 8: another padding of the bins."""
+        corners = torch.randn(5, 4 * 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+        _, _, ref = _inputs(lead=(5,), dtype=dtype, seed=4)
+        return _call(corners.to(dtype), weighting_function(8, 0.5, 4.0, dtype=dtype), ref, device, lqe_topk=8)
+
+    def case_huge_logits(self, dtype, device):
+        """+-1e4 logits: one-hot-like softmax with ties. Outputs are compared; the gradients (top-k
+        at ties picks either bin) must be finite."""
+        corners, project, ref = _inputs(lead=(4,), dtype=dtype)
+        return _call(torch.sign(corners) * 1e4, project, ref, device, compare_grad=(), expect=_finite_results)
+
+    def case_non_contiguous(self, dtype, device):
+        """Transposed corner logits and every other element of a [..., 4, 2] buffer as boxes."""
+        corners, project, ref = (t.to(device) for t in _inputs(lead=(8, 3), dtype=dtype))
+        corners_nc = corners.transpose(0, 1).contiguous().transpose(0, 1)
+        ref_nc = torch.stack([ref, ref], -1)[..., 0]
+        return _call(corners_nc, project, ref_nc, device)
+
+    def case_empty(self, dtype, device):
+        corners = torch.zeros(2, 0, 4 * BINS, dtype=dtype)
+        return _call(corners, weighting_function(K, 0.5, 4.0, dtype=dtype), torch.zeros(2, 0, 4, dtype=dtype), device)
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck(self, dtype, device):
+        """reg_max = 4 (5 bins): small enough for gradcheck under the Triton interpreter."""
+        gen = torch.Generator().manual_seed(6)
+        corners = torch.randn(2, 4 * 5, generator=gen, dtype=dtype)
+        _, _, ref = _inputs(lead=(2,), dtype=dtype, seed=6)
+        return _call(corners, weighting_function(4, 0.5, 4.0, dtype=dtype), ref, device)
+
+    @case(dtypes=(torch.float64,), heavy=True)
+    def case_gradcheck_33_bins(self, dtype, device):
+        return _call(*_inputs(lead=(3,), dtype=dtype, scale=1.0), device)
+
+    bad_arguments = [
+        BadArg("corners_bins", lambda a: {**a, "pred_corners": a["pred_corners"][..., :-1]}, ValueError, "pred_corners"),
+        BadArg("ref_boxes_shape", lambda a: {**a, "ref_boxes": a["ref_boxes"][..., :3]}, ValueError, "ref_boxes"),
+        BadArg("project_length", lambda a: {**a, "project": a["project"][:-1]}, ValueError, "pred_corners"),
+        BadArg("corners_int", lambda a: {**a, "pred_corners": a["pred_corners"].long()}, TypeError, "pred_corners"),
+        BadArg("ref_boxes_dtype", lambda a: {**a, "ref_boxes": a["ref_boxes"].double()}, TypeError, "ref_boxes"),
+        BadArg("project_rank", lambda a: {**a, "project": a["project"].reshape(1, -1)}, ValueError, "project"),
+        BadArg("lqe_topk_0", lambda a: {**a, "lqe_topk": 0}, ValueError, "lqe_topk"),
+        BadArg("lqe_topk_9", lambda a: {**a, "lqe_topk": 9}, ValueError, "lqe_topk"),
+    ]
+
+    def bad_argument_inputs(self, device):
+        return _call(*_inputs(lead=(3,)), device).inputs
 
 
 def test_fused_gradient_through_boxes_only(fused_backend):
@@ -227,17 +294,15 @@ def test_fused_gradient_through_boxes_only(fused_backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_non_contiguous_inputs(fused_backend):
-    corners, project, ref = _inputs(lead=(8, 3))
-    corners_nc = corners.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
-    ref_nc = torch.cat([ref, ref], -1)[..., ::2]  # strided view
-    ref_nc = ref_nc.clone().copy_(ref)
-    ref_strided = torch.stack([ref, ref], -1)[..., 0]
-    assert not corners_nc.is_contiguous() and not ref_strided.is_contiguous()
-    got = fdr_decode(corners_nc, project, ref_strided, 4.0, backend=fused_backend)
-    want = fdr_decode_reference(corners, project, ref, 4.0)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)
+def _values_and_grads(backend, corners, project, ref, lqe_topk=4, seed=5):
+    corners = corners.detach().clone().requires_grad_(True)
+    ref = ref.detach().clone().requires_grad_(True)
+    boxes, stats = fdr_decode(corners, project, ref, 4.0, lqe_topk=lqe_topk, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    grad_boxes = torch.randn(boxes.shape, generator=gen, dtype=torch.float64).to(boxes.dtype)
+    grad_stats = torch.randn(stats.shape, generator=gen, dtype=torch.float64).to(stats.dtype)
+    g_corners, g_ref = torch.autograd.grad([boxes, stats], [corners, ref], [grad_boxes, grad_stats])
+    return boxes, stats, g_corners, g_ref
 
 
 @pytest.mark.parametrize("lqe_topk", [1, 3, 4, 8])
@@ -272,63 +337,12 @@ def test_cpp_row_and_lane_kernels_agree(lqe_topk):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=name)
 
 
-def test_cpp_gradcheck_float64():
-    require_backend("cpp")
-    corners, project, ref = _inputs(lead=(3,), dtype=torch.float64, scale=1.0)
-    corners.requires_grad_(True)
-    ref.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda c, r: fdr_decode(c, project, r, 4.0, backend="cpp"), (corners, ref), eps=1e-6, atol=1e-7
-    )
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_huge_logits_stay_finite(backend):
-    require_backend(backend)
+def test_reference_backend_huge_logits_stay_finite():
     corners, project, ref = _inputs(lead=(4,))
-    corners = torch.sign(corners) * 1e4  # +-1e4: one-hot-like softmax with ties
-    corners.requires_grad_(True)
-    boxes, stats = fdr_decode(corners, project, ref, 4.0, backend=backend)
+    corners = (torch.sign(corners) * 1e4).requires_grad_(True)
+    boxes, stats = fdr_decode(corners, project, ref, 4.0, backend="reference")
     (boxes.sum() + stats.sum()).backward()
     assert torch.isfinite(boxes).all() and torch.isfinite(stats).all() and torch.isfinite(corners.grad).all()
-    want_boxes, want_stats = fdr_decode_reference(corners.detach(), project, ref, 4.0)
-    torch.testing.assert_close(boxes, want_boxes)
-    torch.testing.assert_close(stats, want_stats)
-
-
-def test_fused_zero_rows(fused_backend):
-    corners = torch.zeros(2, 0, 4 * BINS, requires_grad=True)
-    ref = torch.zeros(2, 0, 4, requires_grad=True)
-    project = weighting_function(K, 0.5, 4.0)
-    boxes, stats = fdr_decode(corners, project, ref, 4.0, backend=fused_backend)
-    assert boxes.shape == (2, 0, 4) and stats.shape == (2, 0, 4, 5)
-    (boxes.sum() + stats.sum()).backward()
-    assert corners.grad.shape == corners.shape and ref.grad.shape == ref.shape
-
-
-@pytest.mark.parametrize(
-    "make, exc, match",
-    [
-        (lambda c, p, r: (c[..., :-1], p, r), ValueError, "pred_corners"),
-        (lambda c, p, r: (c, p, r[..., :3]), ValueError, "ref_boxes"),
-        (lambda c, p, r: (c, p[:-1], r), ValueError, "pred_corners"),
-        (lambda c, p, r: (c.long(), p, r), TypeError, "pred_corners"),
-        (lambda c, p, r: (c, p, r.double()), TypeError, "ref_boxes"),
-        (lambda c, p, r: (c, p.reshape(1, -1), r), ValueError, "project"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_argument(make, exc, match):
-    corners, project, ref = _inputs(lead=(3,))
-    with pytest.raises(exc, match=match):
-        fdr_decode(*make(corners, project, ref), 4.0, backend="reference")
-
-
-def test_bad_lqe_topk_and_backend():
-    corners, project, ref = _inputs(lead=(3,))
-    with pytest.raises(ValueError, match="lqe_topk"):
-        fdr_decode(corners, project, ref, 4.0, lqe_topk=0)
-    with pytest.raises(ValueError, match="backend"):
-        fdr_decode(corners, project, ref, 4.0, backend="cuda")
 
 
 def test_torch_compile_fullgraph_cpp():

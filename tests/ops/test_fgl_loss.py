@@ -1,5 +1,9 @@
 """fgl_loss: reference vs the published unimodal distribution focal loss written out, fused
-backends vs the reference (values and gradients), edge cases, accuracy vs float64."""
+backends vs the reference (values and gradients), edge cases, accuracy vs float64.
+
+``TestFglLoss`` declares fgl_loss's cases for the shared ``OpTester`` (tests/ops/op_tester.py):
+forward, gradients, gradcheck, non-contiguous, empty and bad-argument checks on every backend; the
+tests after it are fgl_loss's own (reductions inside the op, second backward, compile, ...)."""
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 
 from dfine.ops import fdr_targets, fgl_loss, fgl_loss_reference, weighting_function
 from tests.conftest import require_backend
+from tests.ops.op_tester import BadArg, Call, OpTester, Tol, case
 
 K = 32
 BINS = K + 1
@@ -65,44 +70,129 @@ def test_reference_with_fdr_targets_end_to_end():
     torch.testing.assert_close(got, want)
 
 
-def _values_and_grads(backend, pred, target, wl, wr, iou, reduction):
-    pred = pred.detach().clone().requires_grad_(True)
-    iou = iou.detach().clone().requires_grad_(True)
-    loss = fgl_loss(pred, target, wl, wr, iou, reduction=reduction, backend=backend)
-    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    g_pred, g_iou = torch.autograd.grad(loss, [pred, iou], upstream)
-    return loss, g_pred, g_iou
+def _finite_results(inputs, outputs, grads):
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_fused_matches_reference(fused_backend, reduction):
-    args = _inputs(n=37 if fused_backend == "triton" else 301)
-    got = _values_and_grads(fused_backend, *args, reduction)
-    want = _values_and_grads("reference", *args, reduction)
-    for name, g, w in zip(("loss", "grad pred", "grad weight"), got, want):
-        assert g.shape == w.shape, name
-        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6, msg=name)
+def _call(pred, target, wl, wr, iou, device, reduction="none", **kwargs):
+    inputs = dict(pred_corners=pred, target_bins=target, weight_left=wl, weight_right=wr, weight=iou)
+    inputs = {k: None if v is None else v.to(device) for k, v in inputs.items()}
+    return Call({**inputs, "reduction": reduction}, **kwargs)
 
 
-def test_fused_without_weight_and_float64(fused_backend):
-    pred, target, wl, wr, _ = _inputs(n=33, dtype=torch.float64)
-    pred.requires_grad_(True)
-    got = fgl_loss(pred, target, wl, wr, backend=fused_backend, reduction="none")
-    want = fgl_loss_reference(pred, target, wl, wr, reduction="none")
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
-    g1, = torch.autograd.grad(got.sum(), pred)
-    g2, = torch.autograd.grad(want.sum(), pred)
-    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-13)
+class TestFglLoss(OpTester):
+    op = staticmethod(fgl_loss)
+    reference = staticmethod(fgl_loss_reference)
+    differentiable = ("pred_corners", "weight")  # the targets get no gradient
+    tolerances = {
+        torch.float32: {"forward": Tol(2e-6, 2e-6), "backward": Tol(2e-6, 2e-6)},
+        torch.float64: {"forward": Tol(1e-13, 1e-13), "backward": Tol(1e-13, 1e-13)},
+    }
+    # the first backward scales the gradient kept by the forward pass, a repeated one recomputes it:
+    # the two differ by rounding (~1e-18 in float64), which gradcheck's reentrancy check would flag
+    gradcheck_kwargs = dict(eps=1e-6, atol=1e-5, rtol=1e-3, nondet_tol=1e-12)
+
+    # targets 0 and K - 0.1 (the ends of the valid range) are rows 0 and 1 of every _inputs(n >= 4)
+
+    def case_random(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device)
+
+    def case_random_sum(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device, reduction="sum")
+
+    def case_random_mean(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype), device, reduction="mean")
+
+    @case(heavy=True)
+    def case_random_large(self, dtype, device):
+        """301 rows: full and partial groups of the C++ lane kernels."""
+        return _call(*_inputs(n=301, dtype=dtype), device)
+
+    @case(heavy=True)
+    def case_random_large_sum(self, dtype, device):
+        return _call(*_inputs(n=301, dtype=dtype), device, reduction="sum")
+
+    @case(heavy=True)
+    def case_random_large_mean(self, dtype, device):
+        return _call(*_inputs(n=301, dtype=dtype), device, reduction="mean")
+
+    @case(dtypes=(torch.float64,))
+    def case_no_weight_fp64(self, dtype, device):
+        pred, target, wl, wr, _ = _inputs(n=33, dtype=dtype)
+        return _call(pred, target, wl, wr, None, device)
+
+    def case_single(self, dtype, device):
+        return _call(*_inputs(n=1, dtype=dtype, seed=1), device)
+
+    def case_saturated_logits(self, dtype, device):
+        """+-1e4 logits: one-hot-like softmax (ties among the +1e4 bins)."""
+        pred, target, wl, wr, iou = _inputs(n=16, dtype=dtype)
+        return _call(torch.sign(pred) * 1e4, target, wl, wr, iou, device, expect=_finite_results)
+
+    def case_targets_out_of_range_and_inf_logits(self, dtype, device):
+        """-inf logits away from the target bins (probability 0, finite loss), targets below 0
+        (left bin 0) and above K (left bin K - 1)."""
+        pred, target, wl, wr, iou = _inputs(n=12, dtype=dtype, seed=3)
+        pred[8, 20:] = float("-inf")
+        target[8], wl[8], wr[8] = 3.25, 0.75, 0.25
+        pred[9, :2] = float("-inf")
+        pred[9, 5:] = float("-inf")
+        target[9], wl[9], wr[9] = 2.5, 0.5, 0.5
+        target[6], wl[6], wr[6] = -1.0, 1.0, 0.0
+        target[7] = K + 3.0
+        return _call(pred, target, wl, wr, iou, device, expect=_finite_results)
+
+    def case_non_contiguous(self, dtype, device):
+        """Transposed logits; targets and weights as rows of a transposed [4, N] tensor."""
+        pred, target, wl, wr, iou = (t.to(device) for t in _inputs(n=24, dtype=dtype))
+        packed = torch.stack([target, wl, wr, iou], 0).t().contiguous().t()
+        return _call(pred.t().contiguous().t(), packed[0], packed[1], packed[2], packed[3], device)
+
+    def case_empty(self, dtype, device):
+        """No rows, reduction="sum": 0."""
+        empty = torch.zeros(0, dtype=dtype)
+        return _call(torch.zeros(0, BINS, dtype=dtype), empty, empty, empty, empty, device, reduction="sum")
+
+    def case_empty_rows(self, dtype, device):
+        empty = torch.zeros(0, dtype=dtype)
+        return _call(torch.zeros(0, BINS, dtype=dtype), empty, empty, empty, None, device)
+
+    def case_empty_mean(self, dtype, device):
+        """reduction="mean" of no rows is 0, not NaN."""
+        empty = torch.zeros(0, dtype=dtype)
+        return _call(torch.zeros(0, BINS, dtype=dtype), empty, empty, empty, None, device, reduction="mean")
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck(self, dtype, device):
+        return _call(*_inputs(n=6, dtype=dtype, scale=1.0), device)
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck_sum(self, dtype, device):  # sum/mean: reduced inside the C++ op
+        return _call(*_inputs(n=6, dtype=dtype, scale=1.0), device, reduction="sum")
+
+    @case(dtypes=(torch.float64,))
+    def case_gradcheck_mean(self, dtype, device):
+        return _call(*_inputs(n=6, dtype=dtype, scale=1.0), device, reduction="mean")
+
+    bad_arguments = [
+        BadArg("pred_rank", lambda a: {**a, "pred_corners": a["pred_corners"][:, None]}, ValueError, "pred_corners"),
+        BadArg("pred_int", lambda a: {**a, "pred_corners": a["pred_corners"].long()}, TypeError, "pred_corners"),
+        BadArg("target_length", lambda a: {**a, "target_bins": a["target_bins"][:-1]}, ValueError, "target_bins"),
+        BadArg("weight_left_int", lambda a: {**a, "weight_left": a["weight_left"].long()}, TypeError, "weight_left"),
+        BadArg("weight_right_length", lambda a: {**a, "weight_right": a["weight_right"][:3]}, ValueError,
+               "weight_right"),
+        BadArg("weight_length", lambda a: {**a, "weight": torch.cat([a["weight"], a["weight"]])}, ValueError,
+               "weight"),
+        BadArg("reduction", lambda a: {**a, "reduction": "max", "weight": None}, ValueError, "reduction"),
+    ]
+
+    def bad_argument_inputs(self, device):
+        return _call(*_inputs(n=8), device, reduction="sum").inputs
 
 
-def test_fused_non_contiguous_inputs(fused_backend):
-    pred, target, wl, wr, iou = _inputs(n=24)
-    pred_nc = pred.t().contiguous().t()
-    packed = torch.stack([target, wl, wr, iou], 0)  # rows of a [4, N] tensor: strided if transposed
-    packed_t = packed.t().contiguous().t()
-    assert not pred_nc.is_contiguous()
-    got = fgl_loss(pred_nc, packed_t[0], packed_t[1], packed_t[2], packed_t[3], reduction="none", backend=fused_backend)
-    torch.testing.assert_close(got, fgl_loss_reference(pred, target, wl, wr, iou, reduction="none"), rtol=2e-6, atol=2e-6)
+# ---------------------------------------------------------------------------------------------
+# fgl_loss's own tests
 
 
 def test_cpp_row_and_lane_kernels_agree():
@@ -133,17 +223,6 @@ def test_cpp_row_and_lane_kernels_agree():
                                rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])  # sum/mean: reduced inside the op
-def test_cpp_gradcheck_float64(reduction):
-    require_backend("cpp")
-    pred, target, wl, wr, iou = _inputs(n=6, dtype=torch.float64, scale=1.0)
-    pred.requires_grad_(True)
-    iou.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda p, w: fgl_loss(p, target, wl, wr, w, reduction=reduction, backend="cpp"), (pred, iou)
-    )
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_torch_compile_fullgraph_cpp(reduction):
     require_backend("cpp")
@@ -160,59 +239,12 @@ def test_torch_compile_fullgraph_cpp(reduction):
     torch.testing.assert_close(compiled(pred), fgl_loss_reference(pred, target, wl, wr, iou, reduction=reduction))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_zero_rows(backend):
-    require_backend(backend)
-    pred = torch.zeros(0, BINS, requires_grad=True)
-    empty = torch.zeros(0)
-    total = fgl_loss(pred, empty, empty, empty, empty, reduction="sum", backend=backend)
-    assert total.shape == () and total.item() == 0.0
-    total.backward()
-    assert pred.grad.shape == (0, BINS)
-    assert fgl_loss(pred, empty, empty, empty, reduction="none", backend=backend).shape == (0,)
-    assert fgl_loss(pred, empty, empty, empty, reduction="mean", backend=backend).item() == 0.0
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_huge_logits_stay_finite(backend):
-    require_backend(backend)
-    pred, target, wl, wr, iou = _inputs(n=16)
-    pred = (torch.sign(pred) * 1e4).requires_grad_(True)
-    loss = fgl_loss(pred, target, wl, wr, iou, reduction="none", backend=backend)
-    loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
-    torch.testing.assert_close(loss, fgl_loss_reference(pred.detach(), target, wl, wr, iou, reduction="none"))
-
-
 def test_float32_sum_is_within_1e6_of_float64(fused_backend):
     n = 200 if fused_backend == "triton" else 8000
     pred, target, wl, wr, iou = _inputs(n=n, dtype=torch.float32)
     exact = fgl_loss_reference(pred.double(), target.double(), wl.double(), wr.double(), iou.double())
     got = fgl_loss(pred, target, wl, wr, iou, backend=fused_backend)
     assert abs(got.double().item() - exact.item()) <= 1e-6 * abs(exact.item())
-
-
-@pytest.mark.parametrize(
-    "change, exc, match",
-    [
-        (dict(pred=lambda p: p[:, None]), ValueError, "pred_corners"),
-        (dict(pred=lambda p: p.long()), TypeError, "pred_corners"),
-        (dict(target=lambda t: t[:-1]), ValueError, "target_bins"),
-        (dict(wl=lambda t: t.long()), TypeError, "weight_left"),
-        (dict(wr=lambda t: t[:3]), ValueError, "weight_right"),
-        (dict(iou=lambda t: torch.cat([t, t])), ValueError, "weight"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_argument(change, exc, match):
-    pred, target, wl, wr, iou = _inputs(n=8)
-    fgl_loss(pred, target, wl, wr, iou)  # a valid call first: later ones try the C++ op before the checks
-    args = dict(pred=pred, target=target, wl=wl, wr=wr, iou=iou)
-    for key, fn in change.items():
-        args[key] = fn(args[key])
-    with pytest.raises(exc, match=match):
-        fgl_loss(args["pred"], args["target"], args["wl"], args["wr"], args["iou"])
-    with pytest.raises(ValueError, match="reduction"):
-        fgl_loss(pred, target, wl, wr, reduction="max")
 
 
 def test_fused_second_backward_through_the_graph(fused_backend):
