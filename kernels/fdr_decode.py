@@ -1,4 +1,5 @@
-"""Triton kernels of the FDR decode (``dfine.ops.fdr_decode(..., backend="triton")``).
+"""Triton kernels of the FDR decode, their launchers and the ``dfine::fdr_decode_triton``
+torch.library op with its autograd (``dfine.ops.fdr_decode(..., backend="triton")``).
 
 One program handles ``BLOCK_R`` boxes; every edge is a ``[BLOCK_R, BLOCK_BINS]`` tile with the K+1
 bins padded to a power of two (33 -> 64; padded bins hold -inf logits, i.e. probability 0).
@@ -9,9 +10,11 @@ top-k bins saved by the forward pass.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 BLOCK_R = 32
 
@@ -166,3 +169,65 @@ def fdr_decode_backward_triton(grad_boxes, grad_stats, pred_corners, project, re
             BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R,
         )
     return grad_z, grad_ref
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.library ops (``dfine::fdr_decode_triton`` and its backward) and their autograd.
+
+
+def _fake_outputs(pred_corners, lqe_topk):
+    rows = pred_corners.shape[0]
+    return (
+        pred_corners.new_empty((rows, 4)),
+        pred_corners.new_empty((rows, 4, lqe_topk + 1)),
+        pred_corners.new_empty((rows, 4, lqe_topk), dtype=torch.uint8),
+    )
+
+
+@torch.library.custom_op("dfine::fdr_decode_triton", mutates_args=())
+def fdr_decode_triton(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: torch.Tensor,
+                      reg_scale: float, lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
+
+
+@fdr_decode_triton.register_fake
+def _(pred_corners, project, ref_boxes, reg_scale, lqe_topk):
+    return _fake_outputs(pred_corners, lqe_topk)
+
+
+@torch.library.custom_op("dfine::fdr_decode_triton_backward", mutates_args=())
+def fdr_decode_triton_backward(grad_boxes: torch.Tensor, grad_stats: torch.Tensor, pred_corners: torch.Tensor,
+                               project: torch.Tensor, ref_boxes: torch.Tensor, topk_index: torch.Tensor,
+                               reg_scale: float, lqe_topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return fdr_decode_backward_triton(
+        grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk
+    )
+
+
+@fdr_decode_triton_backward.register_fake
+def _(grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, reg_scale, lqe_topk):
+    return torch.empty_like(pred_corners), torch.empty_like(ref_boxes)
+
+
+def _setup_context(ctx, inputs, output):
+    pred_corners, project, ref_boxes, reg_scale, lqe_topk = inputs
+    # Inputs and the top-k bins (4 * k bytes per box) only: backward recomputes the softmax.
+    ctx.save_for_backward(pred_corners, project, ref_boxes, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.reg_scale = reg_scale
+    ctx.lqe_topk = lqe_topk
+
+
+def _backward(ctx, grad_boxes, grad_stats, grad_index):
+    pred_corners, project, ref_boxes, topk_index = ctx.saved_tensors
+    if grad_boxes is None:
+        grad_boxes = torch.zeros_like(ref_boxes)
+    if grad_stats is None:
+        grad_stats = pred_corners.new_zeros((pred_corners.shape[0], 4, ctx.lqe_topk + 1))
+    grad_corners, grad_ref = torch.ops.dfine.fdr_decode_triton_backward(
+        grad_boxes, grad_stats, pred_corners, project, ref_boxes, topk_index, ctx.reg_scale, ctx.lqe_topk
+    )
+    return grad_corners, None, grad_ref, None, None
+
+
+fdr_decode_triton.register_autograd(_backward, setup_context=_setup_context)

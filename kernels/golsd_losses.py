@@ -1,4 +1,5 @@
-"""Triton kernels of the GO-LSD losses (``dfine.ops.fgl_loss`` / ``ddf_loss`` with backend="triton").
+"""Triton kernels of the GO-LSD losses, their launchers and the ``dfine::{fgl,ddf}_loss_triton``
+torch.library ops with their autograd (``dfine.ops.fgl_loss`` / ``ddf_loss`` with backend="triton").
 
 One program handles ``BLOCK_R`` rows as a ``[BLOCK_R, BLOCK_BINS]`` tile, the K+1 bins padded to a
 power of two (33 -> 64; padded bins hold -inf logits). Forward kernels write the weighted loss of
@@ -7,9 +8,11 @@ every row; backward kernels recompute the softmax and write the gradient of the 
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 BLOCK_R = 32
 
@@ -177,3 +180,121 @@ def ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature: floa
         _ddf_backward_kernel[grid](grad_rows.contiguous(), zs, zt, w, grad_z, rows, float(temperature),
                                    HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R)
     return grad_z
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.library ops and their autograd. Forward ops return the weighted per-row loss [N] and,
+# if asked (compute_grad), the gradient of every row's loss w.r.t. pred_corners; backward scales
+# that gradient's rows by the upstream gradient in place (no second [N, K+1] buffer). Without it
+# (second backward through the graph, torch.compile) the backward ops recompute it.
+
+
+def _forward_fake(pred, *args):
+    compute_grad = args[-1]
+    grad = torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
+    return pred.new_empty((pred.shape[0],)), grad
+
+
+def _grad_fake(grad_rows, pred, *args):
+    return torch.empty_like(pred)
+
+
+def _scale_fused_grad(ctx, grad_rows):
+    grad = ctx.fused_grad
+    ctx.fused_grad = None  # used once; a second backward recomputes
+    return grad.mul_(grad_rows.unsqueeze(1))
+
+
+def _keep_fused_grad(ctx, output):
+    ctx.fused_grad = output[1] if output[1].numel() > 0 else None
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no [N, K+1] zeros for the gradient output's (absent) gradient
+
+
+@torch.library.custom_op("dfine::fgl_loss_triton", mutates_args=())
+def fgl_loss_triton(pred: torch.Tensor, target: torch.Tensor, weight_left: torch.Tensor, weight_right: torch.Tensor,
+                    weight: Optional[torch.Tensor], compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows = fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    return rows, fgl_loss_backward_triton(torch.ones_like(rows), pred, target, weight_left, weight_right, weight)
+
+
+@torch.library.custom_op("dfine::fgl_loss_triton_backward", mutates_args=())
+def fgl_loss_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                             weight_left: torch.Tensor, weight_right: torch.Tensor,
+                             weight: Optional[torch.Tensor]) -> torch.Tensor:
+    return fgl_loss_backward_triton(grad_rows, pred, target, weight_left, weight_right, weight)
+
+
+def _fgl_setup_context(ctx, inputs, output):
+    pred, target, wl, wr, weight, compute_grad = inputs
+    ctx.save_for_backward(pred, target, wl, wr, weight)
+    _keep_fused_grad(ctx, output)
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[4]
+
+
+def _fgl_backward(ctx, grad_rows, _grad_unused):
+    if grad_rows is None:
+        return None, None, None, None, None, None
+    pred, target, wl, wr, weight = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        if ctx.fused_grad is not None:
+            grad_pred = _scale_fused_grad(ctx, grad_rows)
+        else:
+            grad_pred = torch.ops.dfine.fgl_loss_triton_backward(grad_rows.contiguous(), pred, target, wl, wr, weight)
+    grad_weight = None
+    if ctx.weight_needs_grad:
+        grad_weight = grad_rows * torch.ops.dfine.fgl_loss_triton(pred, target, wl, wr, None, False)[0]
+    return grad_pred, None, None, None, grad_weight, None
+
+
+fgl_loss_triton.register_fake(_forward_fake)
+fgl_loss_triton_backward.register_fake(_grad_fake)
+fgl_loss_triton.register_autograd(_fgl_backward, setup_context=_fgl_setup_context)
+
+
+@torch.library.custom_op("dfine::ddf_loss_triton", mutates_args=())
+def ddf_loss_triton(pred: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor],
+                    temperature: float, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows = ddf_loss_forward_triton(pred, teacher, weight, temperature)
+    if not compute_grad:
+        return rows, pred.new_empty((0,))
+    return rows, ddf_loss_backward_triton(torch.ones_like(rows), pred, teacher, weight, temperature)
+
+
+@torch.library.custom_op("dfine::ddf_loss_triton_backward", mutates_args=())
+def ddf_loss_triton_backward(grad_rows: torch.Tensor, pred: torch.Tensor, teacher: torch.Tensor,
+                             weight: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    return ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature)
+
+
+def _ddf_setup_context(ctx, inputs, output):
+    pred, teacher, weight, temperature, compute_grad = inputs
+    ctx.save_for_backward(pred, teacher, weight)
+    ctx.temperature = temperature
+    _keep_fused_grad(ctx, output)
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
+
+
+def _ddf_backward(ctx, grad_rows, _grad_unused):
+    if grad_rows is None:
+        return None, None, None, None, None
+    pred, teacher, weight = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0]:
+        if ctx.fused_grad is not None:
+            grad_pred = _scale_fused_grad(ctx, grad_rows)
+        else:
+            grad_pred = torch.ops.dfine.ddf_loss_triton_backward(grad_rows.contiguous(), pred, teacher, weight,
+                                                                 ctx.temperature)
+    grad_weight = None
+    if ctx.weight_needs_grad:
+        grad_weight = grad_rows * torch.ops.dfine.ddf_loss_triton(pred, teacher, None, ctx.temperature, False)[0]
+    return grad_pred, None, grad_weight, None, None
+
+
+ddf_loss_triton.register_fake(_forward_fake)
+ddf_loss_triton_backward.register_fake(_grad_fake)
+ddf_loss_triton.register_autograd(_ddf_backward, setup_context=_ddf_setup_context)

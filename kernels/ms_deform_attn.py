@@ -1,7 +1,7 @@
 """Triton kernels of multi-scale deformable attention with a per-level number of points.
 
-Entry points (called by the ``dfine::ms_deform_attn_triton`` custom ops in
-``dfine/ops/ms_deform_attn.py``; use ``dfine.ops.ms_deform_attn(..., backend="triton")``):
+Kernels, launchers and the ``dfine::ms_deform_attn_triton`` torch.library op with its autograd
+(use ``dfine.ops.ms_deform_attn(..., backend="triton")``):
 
 * :func:`ms_deform_attn_forward_triton`  -> ``out [B, Q, M*D]``
 * :func:`ms_deform_attn_backward_triton` -> ``(grad_value, grad_sampling_locations, grad_attention_weights)``
@@ -30,7 +30,7 @@ point) while ``F.grid_sample`` returns NaN for them; NaN locations give unspecif
 
 Testing and speed: the kernels use only standard ``tl`` operations. On this project's CPU-only CI
 they run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) and are checked against
-the reference in ``tests/test_ms_deform_attn_triton.py``. Their speed is only meaningful on CUDA
+the reference in ``tests/ops/test_ms_deform_attn_triton.py``. Their speed is only meaningful on CUDA
 machines, so they are benchmarked only there (no benchmark is run or recorded on CPU).
 """
 
@@ -39,10 +39,9 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 
-__all__ = ["ms_deform_attn_forward_triton", "ms_deform_attn_backward_triton"]
+__all__ = ["ms_deform_attn_forward_triton", "ms_deform_attn_backward_triton", "ms_deform_attn_triton"]
 
 # Work per program: at most this many elements in the [BLOCK_Q, BLOCK_D] tile.
 _MAX_TILE = 1024
@@ -347,6 +346,65 @@ def ms_deform_attn_backward_triton(
         ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
     )
     return grad_value.to(value.dtype), grad_loc, grad_attn
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.library ops (``dfine::ms_deform_attn_triton`` and its backward) and their autograd.
+
+
+@torch.library.custom_op("dfine::ms_deform_attn_triton", mutates_args=())
+def ms_deform_attn_triton(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list: List[int],
+) -> torch.Tensor:
+    return ms_deform_attn_forward_triton(value, spatial_shapes, sampling_locations, attention_weights, num_points_list)
+
+
+@ms_deform_attn_triton.register_fake
+def _(value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
+    B, _, M, D = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], M * D))
+
+
+@torch.library.custom_op("dfine::ms_deform_attn_triton_backward", mutates_args=())
+def ms_deform_attn_triton_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list: List[int],
+) -> List[torch.Tensor]:
+    return list(
+        ms_deform_attn_backward_triton(
+            grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points_list
+        )
+    )
+
+
+@ms_deform_attn_triton_backward.register_fake
+def _(grad_output, value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
+    return [torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)]
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, sampling_locations, attention_weights, num_points_list = inputs
+    ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+    ctx.num_points_list = num_points_list
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_attn = torch.ops.dfine.ms_deform_attn_triton_backward(
+        grad_output, value, spatial_shapes, sampling_locations, attention_weights, ctx.num_points_list
+    )
+    return grad_value, None, grad_loc, grad_attn, None
+
+
+ms_deform_attn_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------

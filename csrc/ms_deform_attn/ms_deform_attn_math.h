@@ -10,20 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DFINE_HOST_DEVICE __host__ __device__
-#define DFINE_UNROLL _Pragma("unroll")
-#define DFINE_FORCE_INLINE __forceinline__
-#else
-#define DFINE_HOST_DEVICE
-#define DFINE_UNROLL
-#if defined(__GNUC__)
-// Inlined even into the CPU kernel's AVX2 clone (see ms_deform_attn_cpu.cpp).
-#define DFINE_FORCE_INLINE inline __attribute__((always_inline))
-#else
-#define DFINE_FORCE_INLINE inline
-#endif
-#endif
+#include "common/macros.h"
 
 namespace dfine {
 namespace msda {

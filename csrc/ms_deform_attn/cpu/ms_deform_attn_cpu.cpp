@@ -1,4 +1,5 @@
-// CPU kernels of multi-scale deformable attention (float32 and float64) and the op schemas.
+// CPU kernels of multi-scale deformable attention (float32 and float64); schemas and checks in
+// ../ms_deform_attn.cpp.
 //
 // Forward: tasks own (b, m, range of q) and write out[b, q, m*D:(m+1)*D] for their q only.
 // Backward: tasks own (b, m) pairs, hence grad_value[b, :, m, :] and the grad_loc / grad_attn slots
@@ -7,143 +8,34 @@
 // Both run level by level inside a task and plan the points of a few queries ahead of time, with
 // prefetches (the gathers from value are the bottleneck). The backward accumulates one level's
 // gradient at a time in a contiguous buffer and streams it into grad_value once.
-// The inner loops run over D in 32-byte SIMD vectors (GCC/Clang vector extension; D need not be a
-// multiple of the width), in a baseline and an AVX2 copy chosen at run time (see below).
+// The inner loops run over D in 32-byte SIMD vectors (common/simd.h; D need not be a multiple of
+// the width), in a baseline and an AVX2 copy chosen at run time (common/cpu_features.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
-#include "ms_deform_attn.h"
-#include "ms_deform_attn_math.h"
+#include "common/cpu_features.h"
+#include "common/simd.h"
+#include "common/stream_copy.h"
+#include "ms_deform_attn/ms_deform_attn.h"
+#include "ms_deform_attn/ms_deform_attn_math.h"
 
 namespace dfine {
 namespace msda {
 
-Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
-                          const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                          at::IntArrayRef num_points_list, bool check_level_sizes) {
-  TORCH_CHECK(value.dim() == 4, op, ": value must have shape [B, S, M, D] (4 dims), got ", value.sizes());
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()), op,
-              ": value must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
-              value.scalar_type());
-  TORCH_CHECK(sampling_locations.dim() == 5 && sampling_locations.size(4) == 2, op,
-              ": sampling_locations must have shape [B, Q, M, P, 2] (5 dims), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 4, op, ": attention_weights must have shape [B, Q, M, P] (4 dims), got ",
-              attention_weights.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
-              ": spatial_shapes must have shape [L, 2] (rows of (H, W)), got ", spatial_shapes.sizes());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, op, ": spatial_shapes must be an int64 tensor, got ",
-              spatial_shapes.scalar_type());
-
-  Dims d;
-  d.B = value.size(0);
-  d.S = value.size(1);
-  d.M = value.size(2);
-  d.D = value.size(3);
-  d.Q = sampling_locations.size(1);
-  d.P = sampling_locations.size(3);
-  d.L = spatial_shapes.size(0);
-  TORCH_CHECK(sampling_locations.size(0) == d.B && sampling_locations.size(2) == d.M, op,
-              ": sampling_locations must have shape [B=", d.B, ", Q, M=", d.M, ", P, 2] to match value [B, S, M, D]=",
-              value.sizes(), ", got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.size(0) == d.B && attention_weights.size(1) == d.Q &&
-                  attention_weights.size(2) == d.M && attention_weights.size(3) == d.P,
-              op, ": attention_weights must have shape [B, Q, M, P]=[", d.B, ", ", d.Q, ", ", d.M, ", ", d.P,
-              "], got ", attention_weights.sizes());
-
-  const at::Tensor* same_dtype[2] = {&sampling_locations, &attention_weights};
-  const char* same_dtype_names[2] = {"sampling_locations", "attention_weights"};
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(same_dtype[i]->scalar_type() == value.scalar_type(), op, ": ", same_dtype_names[i], " has dtype ",
-                same_dtype[i]->scalar_type(), " but value has ", value.scalar_type(), "; they must match");
-    TORCH_CHECK(same_dtype[i]->device() == value.device(), op, ": ", same_dtype_names[i], " is on ",
-                same_dtype[i]->device(), " but value is on ", value.device(), "; they must match");
-  }
-  TORCH_CHECK(spatial_shapes.device() == value.device(), op, ": spatial_shapes is on ", spatial_shapes.device(),
-              " but value is on ", value.device(), "; they must match");
-
-  TORCH_CHECK(!num_points_list.empty(), op, ": num_points_list must be a non-empty list of ints >= 1");
-  TORCH_CHECK(static_cast<int64_t>(num_points_list.size()) == d.L, op, ": num_points_list has ",
-              num_points_list.size(), " entries but spatial_shapes [L, 2] has L=", d.L, " levels; they must match");
-  int64_t total_points = 0;
-  for (int64_t p : num_points_list) {
-    TORCH_CHECK(p >= 1, op, ": every entry of num_points_list must be >= 1, got ", num_points_list);
-    total_points += p;
-  }
-  TORCH_CHECK(total_points == d.P, op, ": sum(num_points_list)=", total_points,
-              " must equal P=", d.P, ", the number of points in sampling_locations [B, Q, M, P, 2]");
-
-  if (check_level_sizes) {
-    const at::Tensor shapes = spatial_shapes.contiguous();
-    const int64_t* hw = shapes.data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t l = 0; l < d.L; ++l) {
-      TORCH_CHECK(hw[2 * l] >= 1 && hw[2 * l + 1] >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got ",
-                  "(", hw[2 * l], ", ", hw[2 * l + 1], ") at level ", l);
-      TORCH_CHECK(hw[2 * l] * hw[2 * l + 1] <= (int64_t{1} << 30), op, ": level ", l, " of spatial_shapes is too large (",
-                  hw[2 * l], " x ", hw[2 * l + 1], ")");
-      total += hw[2 * l] * hw[2 * l + 1];
-    }
-    TORCH_CHECK(total == d.S, op, ": spatial_shapes sum to sum(H*W)=", total, " positions but value has S=", d.S,
-                " (value is [B, S, M, D]=", value.sizes(), ")");
-  }
-  return d;
-}
-
-void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& value, const Dims& d) {
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == d.B && grad_output.size(1) == d.Q &&
-                  grad_output.size(2) == d.M * d.D,
-              op, ": grad_output must have shape [B, Q, M*D]=[", d.B, ", ", d.Q, ", ", d.M * d.D, "], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), op, ": grad_output has dtype ",
-              grad_output.scalar_type(), " but value has ", value.scalar_type(), "; they must match");
-  TORCH_CHECK(grad_output.device() == value.device(), op, ": grad_output is on ", grad_output.device(),
-              " but value is on ", value.device(), "; they must match");
-}
-
 namespace {
 
-// The extension is compiled for baseline x86-64 (portable binary), i.e. 128-bit SSE only. The task
-// loops are therefore compiled twice: once for the baseline and once with AVX2 enabled (same source,
-// always-inlined helpers), and the AVX2 copy is picked at run time when the CPU has it. Neither copy
-// uses FMA (not enabled, and ISO C++ mode turns off contraction), and both add the same 8 (float)
-// or 4 (double) lanes in the same order, so they round identically. ~1.7x faster on D-FINE shapes.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__AVX2__)
-#define DFINE_CPU_DISPATCH_AVX2 1
-#define DFINE_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define DFINE_CPU_DISPATCH_AVX2 0
-#endif
-#if defined(__GNUC__)
-#define DFINE_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define DFINE_ALWAYS_INLINE
-#endif
-
-// DFINE_CPU_DISABLE_AVX2=1 forces the baseline copy (read once; the tests compare both copies).
-bool cpu_has_avx2() {
-#if DFINE_CPU_DISPATCH_AVX2
-  static const bool has = [] {
-    const char* disable = std::getenv("DFINE_CPU_DISABLE_AVX2");
-    if (disable != nullptr && std::strcmp(disable, "1") == 0) return false;
-    return static_cast<bool>(__builtin_cpu_supports("avx2"));
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+// The task loops are compiled twice, for the baseline and for AVX2 (common/cpu_features.h), from
+// the same source with always-inlined helpers. Neither copy uses FMA (DFINE_TARGET_AVX2), and both
+// add the same 8 (float) or 4 (double) lanes in the same order, so they round identically.
+// ~1.7x faster on D-FINE shapes.
 
 void check_cpu_dtype(const char* op, const at::Tensor& value) {
   TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, op,
@@ -173,26 +65,10 @@ LevelLayout level_layout(const at::Tensor& spatial_shapes, at::IntArrayRef num_p
   return layout;
 }
 
-// 32-byte SIMD vectors via the GCC/Clang vector extension: one AVX2 register in the AVX2 clone, two
-// SSE registers in the baseline one. (at::vec::Vectorized needs torch's per-CPU-capability build to
-// get real intrinsics; in an extension built for baseline x86-64 it is a plain array, and its
-// code in the AVX2 clone measured 1.5x slower than these loops.)
-#if defined(__GNUC__) && !defined(__clang__)
-// The helpers below return 32-byte vectors; they are always inlined, so no call ABI is involved.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+// 32-byte SIMD vectors (common/simd.h): one AVX2 register in the AVX2 copy, two SSE registers in
+// the baseline one. (at::vec::Vectorized measured 1.5x slower in the AVX2 copy.)
 template <typename scalar_t>
-struct SimdType;
-template <>
-struct SimdType<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct SimdType<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename scalar_t>
-using Simd = typename SimdType<scalar_t>::type;
+using Simd = simd::Vec<scalar_t, 32 / sizeof(scalar_t)>;
 
 template <typename scalar_t>
 constexpr int64_t simd_width() {
@@ -201,21 +77,17 @@ constexpr int64_t simd_width() {
 
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline Simd<scalar_t> simd_load(const scalar_t* p) {
-  Simd<scalar_t> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
+  return simd::load<Simd<scalar_t>>(p);
 }
 
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void simd_store(scalar_t* p, const Simd<scalar_t>& v) {
-  __builtin_memcpy(p, &v, sizeof(v));
+  simd::store(p, v);
 }
 
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline scalar_t simd_sum(const Simd<scalar_t>& v) {
-  scalar_t s = scalar_t(0);
-  for (int64_t i = 0; i < simd_width<scalar_t>(); ++i) s += v[i];
-  return s;
+  return simd::sum_lanes(v);
 }
 
 // out[0:D] += sum_k w[k] * rows[k][0:D]
@@ -483,7 +355,7 @@ void forward_kernel(const at::Tensor& value, const LevelLayout& layout, const at
   args.dims = dims;
   args.q_chunk = std::max<int64_t>(1, std::min<int64_t>(dims.Q, 16384 / std::max<int64_t>(1, dims.P * dims.D)));
   args.chunks_per_bm = (dims.Q + args.q_chunk - 1) / args.q_chunk;
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu::has_avx2();
   at::parallel_for(0, dims.B * dims.M * args.chunks_per_bm, 1, [&](int64_t begin, int64_t end) {
 #if DFINE_CPU_DISPATCH_AVX2
     if (avx2) return forward_tasks_avx2(args, begin, end);
@@ -553,31 +425,15 @@ DFINE_ALWAYS_INLINE inline void plan_backward_points(const BackwardArgs<scalar_t
 }
 
 // dst[r * dst_stride + 0:D] = src[r * D + 0:D] for r < rows. The destination is written once and
-// not read again by this kernel, so on x86 it is written with non-temporal (streaming) stores when
-// rows are 16-byte aligned: no read-for-ownership of the 34 MiB grad_value, no eviction of the
-// value rows still being gathered. SSE2 stores, part of baseline x86-64, so both clones use them.
+// not read again by this kernel: streaming stores (common/stream_copy.h) when rows are 16-byte
+// aligned, so no read-for-ownership of the 34 MiB grad_value and no eviction of the value rows
+// still being gathered.
 template <typename scalar_t>
 DFINE_ALWAYS_INLINE inline void copy_rows_out(scalar_t* dst, int64_t dst_stride, const scalar_t* src, int64_t D,
                                               int64_t rows) {
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(scalar_t);
-#if defined(__SSE2__)
-  const bool aligned = reinterpret_cast<uintptr_t>(dst) % 16 == 0 && row_bytes % 16 == 0 &&
-                       (static_cast<size_t>(dst_stride) * sizeof(scalar_t)) % 16 == 0;
-  if (aligned) {
-    const int64_t chunks = static_cast<int64_t>(row_bytes / 16);
-    for (int64_t r = 0; r < rows; ++r) {
-      const char* s = reinterpret_cast<const char*>(src + r * D);
-      char* d = reinterpret_cast<char*>(dst + r * dst_stride);
-      for (int64_t c = 0; c < chunks; ++c) {
-        _mm_stream_si128(reinterpret_cast<__m128i*>(d + 16 * c),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * c)));
-      }
-    }
-    _mm_sfence();  // streaming stores are weakly ordered: complete them before the task ends
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * D, row_bytes);
+  for (int64_t r = 0; r < rows; ++r) stream_copy(dst + r * dst_stride, src + r * D, row_bytes);
+  stream_fence();
 }
 
 // Each (b, m) task accumulates the gradient of one level at a time in a contiguous, zeroed buffer of
@@ -697,7 +553,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const 
   args.grad_attn = grad_attn.mutable_data_ptr<scalar_t>();
   args.layout = &layout;
   args.dims = dims;
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu::has_avx2();
   // Each (b, m) task does Q * P samples of D; small problems stay on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dims.Q * dims.P * dims.D));
   at::parallel_for(0, dims.B * dims.M, grain, [&](int64_t begin, int64_t end) {
@@ -758,15 +614,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 }  // namespace
 }  // namespace msda
 }  // namespace dfine
-
-TORCH_LIBRARY_FRAGMENT(dfine, m) {
-  m.def(
-      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor sampling_locations, "
-      "Tensor attention_weights, int[] num_points_list) -> Tensor");
-  m.def(
-      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
-      "Tensor sampling_locations, Tensor attention_weights, int[] num_points_list) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(dfine, CPU, m) {
   m.impl("ms_deform_attn_forward", &dfine::msda::ms_deform_attn_forward_cpu);

@@ -1,19 +1,24 @@
-// CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row, the per-row math is
-// the same __host__ __device__ code as the C++ CPU kernels (fdr_math.h). The schemas are defined
-// in fdr_cpu.cpp.
+// CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row (box or edge); the
+// per-row math is the same fdr_math.h templates the CPU kernels run (here on float / double).
+// Schemas and argument checks: ../fdr.cpp.
 // c10 headers only: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers for nothing.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+
+#include "common/checks.h"
+#include "fdr/fdr.h"
 #include "fdr/fdr_math.h"
 
 namespace dfine {
+namespace fdr {
 namespace {
-
-using namespace dfine::fdr;
 
 constexpr int kThreads = 128;
 
@@ -22,31 +27,8 @@ int blocks_for(int64_t rows) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
 }
 
-void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-}
-
-void check_same(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device());
-}
-
-void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [N=", rows, "], got ", t.sizes());
-  check_same(t, like, op, name);
-}
-
-void check_decode(const at::Tensor& z, const at::Tensor& W, const at::Tensor& ref, int64_t k, const char* op) {
-  check_cuda_float(z, op, "pred_corners");
-  TORCH_CHECK(W.dim() == 1 && W.size(0) >= 2 && W.size(0) <= kMaxBins, op, ": project must have shape [K+1], K+1 <= ",
-              kMaxBins);
-  TORCH_CHECK(z.dim() == 2 && z.size(1) == 4 * W.size(0), op, ": pred_corners must have shape [R, 4*(K+1)]");
-  TORCH_CHECK(ref.dim() == 2 && ref.size(0) == z.size(0) && ref.size(1) == 4, op, ": ref_boxes must be [R, 4]");
-  TORCH_CHECK(k >= 1 && k <= kMaxTopk && k <= W.size(0), op, ": lqe_topk out of range: ", k);
-  check_same(W, z, op, "project");
-  check_same(ref, z, op, "ref_boxes");
+void check_cuda(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": pred_corners must be a CUDA tensor");
 }
 
 template <typename T>
@@ -96,23 +78,12 @@ __global__ void ddf_rows_kernel(const T* zs, const T* zt, const T* weight, const
   }
 }
 
-template <typename T>
-const T* optional_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-at::Tensor optional_rows(const c10::optional<at::Tensor>& weight, int64_t rows, const at::Tensor& like,
-                         const char* op) {
-  if (!weight.has_value() || !weight->defined()) return at::Tensor();
-  check_rows(*weight, rows, like, op, "weight");
-  return weight->contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cuda(const at::Tensor& pred_corners,
                                                                        const at::Tensor& project,
                                                                        const at::Tensor& ref_boxes, double reg_scale,
                                                                        int64_t lqe_topk) {
-  check_decode(pred_corners, project, ref_boxes, lqe_topk, "fdr_decode_forward");
+  check_cuda(pred_corners, "fdr_decode_forward");
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, "fdr_decode_forward");
   const c10::cuda::CUDAGuard guard(pred_corners.device());
   const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
   const int64_t rows = z.size(0);
@@ -137,15 +108,10 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& ref_boxes, const at::Tensor& topk_index,
                                                             double reg_scale, int64_t lqe_topk) {
   const char* op = "fdr_decode_backward";
-  check_decode(pred_corners, project, ref_boxes, lqe_topk, op);
+  check_cuda(pred_corners, op);
+  check_decode_args(pred_corners, project, ref_boxes, lqe_topk, op);
+  check_decode_grads(grad_boxes, grad_stats, topk_index, pred_corners, ref_boxes, lqe_topk, op);
   const int64_t rows = pred_corners.size(0);
-  TORCH_CHECK(grad_boxes.sizes() == ref_boxes.sizes(), op, ": grad_boxes must have shape ", ref_boxes.sizes());
-  TORCH_CHECK(grad_stats.dim() == 3 && grad_stats.size(0) == rows && grad_stats.size(1) == 4 &&
-                  grad_stats.size(2) == lqe_topk + 1,
-              op, ": grad_stats must have shape [R, 4, lqe_topk + 1]");
-  TORCH_CHECK(topk_index.scalar_type() == at::kByte && topk_index.dim() == 3 && topk_index.size(0) == rows &&
-                  topk_index.size(2) == lqe_topk,
-              op, ": topk_index must be a uint8 tensor [R, 4, lqe_topk]");
   const c10::cuda::CUDAGuard guard(pred_corners.device());
   const at::Tensor z = pred_corners.contiguous(), W = project.contiguous(), ref = ref_boxes.contiguous();
   const at::Tensor gb = grad_boxes.to(z.scalar_type()).contiguous(), gs = grad_stats.to(z.scalar_type()).contiguous();
@@ -163,21 +129,6 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cuda(const at::Tensor& gr
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_z, grad_ref};
-}
-
-void check_loss_pred(const at::Tensor& pred, const char* op) {
-  check_cuda_float(pred, op, "pred_corners");
-  TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 2 && pred.size(1) <= kMaxBins, op,
-              ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins);
-}
-
-void check_fgl(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
-               const char* op) {
-  check_loss_pred(pred, op);
-  const int64_t rows = pred.size(0);
-  check_rows(target, rows, pred, op, "target_bins");
-  check_rows(wl, rows, pred, op, "weight_left");
-  check_rows(wr, rows, pred, op, "weight_right");
 }
 
 at::Tensor fgl_rows_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
@@ -204,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor> fgl_loss_forward_cuda(const at::Tensor& pred_
                                                          const at::Tensor& weight_right,
                                                          const c10::optional<at::Tensor>& weight, bool compute_grad) {
   const char* op = "fgl_loss_forward";
-  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
+  check_cuda(pred_corners, op);
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
   const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
   at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
                                  : at::empty({0}, pred_corners.options());
@@ -217,19 +169,13 @@ at::Tensor fgl_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& target_bins, const at::Tensor& weight_left,
                                   const at::Tensor& weight_right, const c10::optional<at::Tensor>& weight) {
   const char* op = "fgl_loss_backward";
-  check_fgl(pred_corners, target_bins, weight_left, weight_right, op);
-  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  check_cuda(pred_corners, op);
+  check_fgl_args(pred_corners, target_bins, weight_left, weight_right, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows", "pred_corners");
   const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
   at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
   fgl_rows_cuda(pred_corners, target_bins, weight_left, weight_right, w, grad_rows.contiguous(), false, grad);
   return grad;
-}
-
-void check_ddf(const at::Tensor& pred, const at::Tensor& teacher, double temperature, const char* op) {
-  check_loss_pred(pred, op);
-  TORCH_CHECK(teacher.sizes() == pred.sizes(), op, ": teacher_corners must have shape ", pred.sizes());
-  check_same(teacher, pred, op, "teacher_corners");
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
 }
 
 at::Tensor ddf_rows_cuda(const at::Tensor& pred, const at::Tensor& teacher, const at::Tensor& weight,
@@ -255,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor> ddf_loss_forward_cuda(const at::Tensor& pred_
                                                          const c10::optional<at::Tensor>& weight, double temperature,
                                                          bool compute_grad) {
   const char* op = "ddf_loss_forward";
-  check_ddf(pred_corners, teacher_corners, temperature, op);
+  check_cuda(pred_corners, op);
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
   const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
   at::Tensor grad = compute_grad ? at::empty(pred_corners.sizes(), pred_corners.options())
                                  : at::empty({0}, pred_corners.options());
@@ -268,8 +215,9 @@ at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& teacher_corners, const c10::optional<at::Tensor>& weight,
                                   double temperature) {
   const char* op = "ddf_loss_backward";
-  check_ddf(pred_corners, teacher_corners, temperature, op);
-  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows");
+  check_cuda(pred_corners, op);
+  check_ddf_args(pred_corners, teacher_corners, temperature, op);
+  check_rows(grad_rows, pred_corners.size(0), pred_corners, op, "grad_rows", "pred_corners");
   const at::Tensor w = optional_rows(weight, pred_corners.size(0), pred_corners, op);
   at::Tensor grad = at::empty(pred_corners.sizes(), pred_corners.options());
   ddf_rows_cuda(pred_corners, teacher_corners, w, temperature, grad_rows.contiguous(), false, grad);
@@ -277,13 +225,14 @@ at::Tensor ddf_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
 }
 
 }  // namespace
+}  // namespace fdr
 }  // namespace dfine
 
 TORCH_LIBRARY_IMPL(dfine, CUDA, m) {
-  m.impl("fdr_decode_forward", &dfine::fdr_decode_forward_cuda);
-  m.impl("fdr_decode_backward", &dfine::fdr_decode_backward_cuda);
-  m.impl("fgl_loss_forward", &dfine::fgl_loss_forward_cuda);
-  m.impl("fgl_loss_backward", &dfine::fgl_loss_backward_cuda);
-  m.impl("ddf_loss_forward", &dfine::ddf_loss_forward_cuda);
-  m.impl("ddf_loss_backward", &dfine::ddf_loss_backward_cuda);
+  m.impl("fdr_decode_forward", &dfine::fdr::fdr_decode_forward_cuda);
+  m.impl("fdr_decode_backward", &dfine::fdr::fdr_decode_backward_cuda);
+  m.impl("fgl_loss_forward", &dfine::fdr::fgl_loss_forward_cuda);
+  m.impl("fgl_loss_backward", &dfine::fdr::fgl_loss_backward_cuda);
+  m.impl("ddf_loss_forward", &dfine::fdr::ddf_loss_forward_cuda);
+  m.impl("ddf_loss_backward", &dfine::fdr::ddf_loss_backward_cuda);
 }

@@ -11,10 +11,10 @@
 // Their backward turns the scalar's gradient into the row gradients the reduction would have sent
 // (one value, expanded) and shares the per-row ops' backward, so the gradients are the same bits.
 //
-// Registered in C++ (like torchvision's ops) rather than with torch.library.register_autograd: the
-// losses are small (~8k rows of 33 bins per decoder layer), and the Python autograd wrapper cost
-// about as much as the kernel. The kernels are reached through the dispatcher, so fake tensors
-// (torch.compile, export) trace through here too.
+// Registered in C++ (like torchvision's ops), as the autograd of every C++/CUDA op is: the losses
+// are small (~8k rows of 33 bins per decoder layer), and the Python autograd wrapper of
+// torch.library.register_autograd cost about as much as the kernel. The kernels are reached
+// through the dispatcher, so fake tensors (torch.compile, export) trace through here too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -308,15 +308,6 @@ std::tuple<at::Tensor, at::Tensor> ddf_loss_total_composite(const at::Tensor& pr
 
 }  // namespace
 }  // namespace dfine
-
-TORCH_LIBRARY_FRAGMENT(dfine, m) {
-  m.def(
-      "fgl_loss_total(Tensor pred_corners, Tensor target_bins, Tensor weight_left, Tensor weight_right, "
-      "Tensor? weight, bool compute_grad, bool mean) -> (Tensor total, Tensor grad_pred)");
-  m.def(
-      "ddf_loss_total(Tensor pred_corners, Tensor teacher_corners, Tensor? weight, float temperature, "
-      "bool compute_grad, bool mean) -> (Tensor total, Tensor grad_pred)");
-}
 
 TORCH_LIBRARY_IMPL(dfine, CompositeExplicitAutograd, m) {
   m.impl("fgl_loss_total", &dfine::fgl_loss_total_composite);

@@ -19,8 +19,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "ms_deform_attn.h"
-#include "ms_deform_attn_math.h"
+#include "ms_deform_attn/ms_deform_attn.h"
+#include "ms_deform_attn/ms_deform_attn_math.h"
 
 namespace dfine {
 namespace msda {

@@ -1,0 +1,23 @@
+#include "common/checks.h"
+
+namespace dfine {
+
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name, const char* like_name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              like_name, " has ", like.scalar_type(), "; they must match");
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ", like_name, " is on ",
+              like.device(), "; they must match");
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name,
+                const char* like_name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [N=", rows, "], got ", t.sizes());
+  check_like(t, like, op, name, like_name);
+}
+
+void check_float32_or_64(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+}  // namespace dfine
