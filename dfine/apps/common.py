@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from dfine.deploy import DeployError, preprocess
 from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
 
-__all__ = ["COCO_CLASS_NAMES", "PredictError", "class_name", "detect"]
+__all__ = ["COCO_CLASS_NAMES", "PredictError", "add_trust_argument", "class_name", "detect"]
 
 # The command lines' user-facing error: one line, non-zero exit.
 PredictError = DeployError
@@ -43,3 +45,9 @@ def detect(runner, image: torch.Tensor, size, threshold: float, device="cpu", re
         labels = torch.tensor(MSCOCO_CATEGORY_IDS)[labels]
     keep = scores > threshold
     return labels[keep], boxes[keep], scores[keep]
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint that needs arbitrary pickle to load (it can run code; only for files "
+                             "you trust). Without it checkpoints load with torch.load(weights_only=True)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from dfine.config import ConfigError
+from dfine.apps.common import add_trust_argument
 from dfine.deploy import DeployError, check_onnx, export_onnx, load_detector
 from dfine.deploy.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, onnx_op_domains, simplify_onnx
 from dfine.model import set_backend
@@ -28,11 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--check", action="store_true",
                         help="run onnx.checker and compare onnxruntime with PyTorch on random inputs")
     parser.add_argument("--simplify", action="store_true", help="simplify with onnxsim (when installed)")
+    add_trust_argument(parser)
 
 
 def run(args) -> int:
     try:
-        det = load_detector(args.config, args.resume, backend="reference", optimize=False)
+        det = load_detector(args.config, args.resume, backend="reference", optimize=False,
+                            trusted=args.trust_checkpoint)
         detector = det.graph()
         h, w = args.size if args.size else det.input_size
         path = export_onnx(detector, args.output, (h, w), opset=args.opset, dynamic_batch=args.dynamic_batch,
@@ -62,7 +66,7 @@ def run(args) -> int:
                 failed = True
             print("check: " + ("FAILED" if failed else "onnxruntime matches PyTorch"))
             return 1 if failed else 0
-    except DeployError as err:
+    except (DeployError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
     return 0

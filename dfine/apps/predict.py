@@ -20,8 +20,9 @@ import torchvision
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from dfine.apps.common import PredictError, class_name, detect
+from dfine.apps.common import PredictError, add_trust_argument, class_name, detect
 from dfine.apps.video import is_video, predict_video
+from dfine.config import ConfigError
 from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
 from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 from dfine.ops import BACKENDS
@@ -30,27 +31,27 @@ RUNNER_BACKENDS = list(BACKENDS) + ["onnxruntime"]
 
 
 def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
-                compiled: bool = False):
+                compiled: bool = False, trusted: bool = False):
     """(runner, cfg, postprocessor): the detector of `dfine.deploy.load_detector` (deployed, with the CPU
     inference forms on the CPU), or an onnxruntime session."""
     if backend == "onnxruntime":
         if compiled:
             raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
-        return onnxruntime_runner(config, checkpoint, onnx, device)
+        return onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
     if onnx is not None:
         raise PredictError("--onnx is only used with --backend onnxruntime")
-    det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled)
+    det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled, trusted=trusted)
     return TorchRunner(det.graph()), det.cfg, det.postprocessor
 
 
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
-            onnx=None, compiled=False) -> dict:
+            onnx=None, compiled=False, trusted=False) -> dict:
     """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
 
     backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
     video = is_video(input_path)
     images = [] if video else list_images(Path(input_path))
-    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled)
+    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted)
     size = input_size(cfg)
     remapped = bool(post.remap_mscoco_category)
     if video:
@@ -93,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--onnx", default=None,
                         help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
     parser.add_argument("--device", default="cpu")
+    add_trust_argument(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the deployed model (fused ops in the graph; the first image compiles)")
 
@@ -104,8 +106,8 @@ def run(args) -> int:
         retain_freed_memory()
     try:
         out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
-                      onnx=args.onnx, compiled=args.compile)
-    except PredictError as err:
+                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint)
+    except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
     for msg in out["errors"]:

@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from dfine.apps.common import PredictError, class_name
+from dfine.apps.common import PredictError, add_trust_argument, class_name
+from dfine.config import ConfigError
 from dfine.deploy import load_detector, preprocess, read_image
 from dfine.ops import BACKENDS
 from dfine.ops.fdr import weighting_function
@@ -155,14 +156,14 @@ def visualize_image(model, image: torch.Tensor, size, query=None, top=None, outp
 
 
 def visualize(config, checkpoint, input_path, output, query=None, top=None, backend="auto",
-              device="cpu") -> Visualization:
+              device="cpu", trusted=False) -> Visualization:
     if query is not None and top is not None:
         raise PredictError("give either --query or --top, not both")
     path = Path(input_path)
     if not path.is_file():
         raise PredictError(f"--input {str(path)!r} is not an image file")
     image = read_image(path)
-    det = load_detector(config, checkpoint, device=device, backend=backend)
+    det = load_detector(config, checkpoint, device=device, backend=backend, trusted=trusted)
     return visualize_image(det.model, image, det.input_size, query, top, output, device,
                            bool(det.postprocessor.remap_mscoco_category))
 
@@ -177,13 +178,14 @@ def add_arguments(parser: argparse.ArgumentParser):
     which.add_argument("--top", type=int, default=None, help="show the N best-scoring queries (default 1)")
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--device", default="cpu")
+    add_trust_argument(parser)
 
 
 def run(args) -> int:
     try:
         vis = visualize(args.config, args.resume, args.input, args.output, args.query, args.top, args.backend,
-                        args.device)
-    except PredictError as err:
+                        args.device, args.trust_checkpoint)
+    except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
     print(f"queries {vis.queries}: {vis.probs.shape[1]} decoder layers -> {args.output}")

@@ -207,7 +207,7 @@ def simplify_onnx(path) -> str:
 
 
 def onnxruntime_runner(config: str, checkpoint: str, onnx_path: Optional[str] = None, device: str = "cpu",
-                       threads: Optional[int] = None):
+                       threads: Optional[int] = None, trusted: bool = False):
     """``(OnnxRuntimeRunner, cfg, postprocessor)``: the file ``onnx_path`` or, when it is None, the
     checkpoint exported to a temporary file first (static graph at the config's input size)."""
     if onnx_path is not None:
@@ -216,7 +216,7 @@ def onnxruntime_runner(config: str, checkpoint: str, onnx_path: Optional[str] = 
         postprocessor = build_postprocessor(cfg).deploy()
         runner = OnnxRuntimeRunner(onnx_path, threads=threads, device=device)
     else:
-        det = load_detector(config, checkpoint, backend="reference", optimize=False)
+        det = load_detector(config, checkpoint, backend="reference", optimize=False, trusted=trusted)
         cfg = det.cfg
         graph = det.graph()
         postprocessor = graph.postprocessor

@@ -4,22 +4,50 @@ training checkpoints), loading their weights into a model, and writing them atom
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import torch
 
-__all__ = ["extract_state_dict", "load_checkpoint", "LoadReport", "save_atomic", "load_training_checkpoint"]
+__all__ = ["extract_state_dict", "load_checkpoint", "LoadReport", "save_atomic", "load_training_checkpoint",
+           "read_checkpoint", "UntrustedCheckpointError"]
+
+TRUST_HINT = ("if you trust the file, load it with trusted=True (command lines: --trust-checkpoint); "
+              "a checkpoint written by this project never needs that")
 
 
-def extract_state_dict(checkpoint) -> dict:
-    """The model weights inside a checkpoint; EMA weights are preferred like the release does."""
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file whose pickle needs more than tensors and plain containers to load, i.e. could run code."""
+
+
+def read_checkpoint(path, trusted: bool = False, what: str = "checkpoint"):
+    """``torch.load`` of a checkpoint file onto the CPU with ``weights_only=True``: tensors, numbers, strings and
+    containers only, so a file cannot run code while it loads. ``trusted=True`` allows any pickle (only for files
+    you trust). Raises FileNotFoundError, UntrustedCheckpointError, or ValueError for an unreadable file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path!r} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if not trusted and "weights only" in str(err).lower():
+            refused = str(err).split("\n")[0]
+            raise UntrustedCheckpointError(f"{what} {path!r} was refused: loading it would run code from the file "
+                                           f"({refused[:300]}); {TRUST_HINT}") from None
+        raise ValueError(f"{what} {path!r} could not be read ({type(err).__name__}: {err})") from None
+    except Exception as err:  # a truncated or foreign file: zip/pickle/EOF errors of several types
+        raise ValueError(f"{what} {path!r} could not be read ({type(err).__name__}: {str(err)[:300]})") from None
+
+
+def extract_state_dict(checkpoint, trusted: bool = False) -> dict:
+    """The model weights inside a checkpoint (a dict or a file, read by ``read_checkpoint``); EMA weights are
+    preferred like the release does."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_checkpoint: checkpoint file {path!r} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     if not isinstance(checkpoint, dict):
         raise TypeError(f"load_checkpoint: expected a dict or a path, got {type(checkpoint).__name__}")
     ema = checkpoint.get("ema")
@@ -60,15 +88,16 @@ class LoadReport:
         return "\n".join(lines) if lines else "all keys matched"
 
 
-def load_checkpoint(model: torch.nn.Module, checkpoint, strict: bool = True, skip_mismatched: bool = False) -> LoadReport:
+def load_checkpoint(model: torch.nn.Module, checkpoint, strict: bool = True, skip_mismatched: bool = False,
+                    trusted: bool = False) -> LoadReport:
     """Load weights into `model`.
 
     strict=True raises a ValueError listing every missing/unexpected key and shape mismatch.
     A checkpoint in deploy format (fused convs) deploys the model first (report.deployed).
     skip_mismatched=True leaves tensors whose shapes differ (e.g. class heads for another class
     count) at their current values and lists them in `report.skipped_keys`; use it with
-    strict=False when fine-tuning."""
-    state = extract_state_dict(checkpoint)
+    strict=False when fine-tuning. A file is read with ``weights_only=True`` unless ``trusted``."""
+    state = extract_state_dict(checkpoint, trusted=trusted)
     deployed = False
     if _is_deploy_format(state) and not _is_deploy_format(model.state_dict()) and hasattr(model, "deploy"):
         model.deploy()  # fused-conv checkpoint: convert the model to the same layout first
@@ -127,14 +156,9 @@ def save_atomic(obj, path) -> None:
         pass
 
 
-def load_training_checkpoint(path) -> dict:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"resume checkpoint {path!r} could not be read ({type(e).__name__}: {e})") from None
+def load_training_checkpoint(path, trusted: bool = False) -> dict:
+    """A training checkpoint written by ``Trainer.save`` (weights_only load unless ``trusted``)."""
+    ckpt = read_checkpoint(path, trusted=trusted, what="resume checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"resume checkpoint {path!r} is not a training checkpoint (no 'model' entry); "
                          "use -t to fine-tune from released weights")

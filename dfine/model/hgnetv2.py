@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfine.model.checkpoint import read_checkpoint
 from dfine.model.conv_bn import FoldableConvBN
 
 # name -> (stem [in, mid, out], stages [in, mid, out, blocks, downsample, light, kernel, layer_num])
@@ -194,7 +195,7 @@ class HGNetv2(nn.Module):
                 f"HGNetv2: pretrained=True but the ImageNet weights {path!r} do not exist. Download "
                 f"{PRETRAINED_URL.format(name)} and put it at that path, or set HGNetv2.pretrained: False."
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path, what="HGNetv2 ImageNet weights")
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         self.load_state_dict(state, strict=False)
