@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
+from typing import List
 
 import torch
 import torchvision
@@ -24,6 +26,7 @@ from dfine.apps.common import PredictError, add_trust_argument, class_name, dete
 from dfine.apps.video import is_video, predict_video
 from dfine.config import ConfigError
 from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
+from dfine.deploy.images import to_uint8
 from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 from dfine.ops import BACKENDS
 
@@ -44,6 +47,21 @@ def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str
     return TorchRunner(det.graph()), det.cfg, det.postprocessor
 
 
+def output_names(images: List[Path]) -> List[str]:
+    """The drawn image's file name for each input: ``<stem>.jpg``, or ``<stem>.<ext>.jpg`` for inputs whose stems
+    collide (``a.jpg`` and ``a.png`` in one directory), so no result overwrites another."""
+    stems = Counter(p.stem for p in images)
+    return [f"{p.stem}.jpg" if stems[p.stem] == 1 else f"{p.stem}{p.suffix.lower()}.jpg" for p in images]
+
+
+def check_no_overwrite(inputs: List[Path], outputs: List[Path]) -> None:
+    """Refuse (before anything is written) when an output file would replace an input file."""
+    taken = {p.resolve() for p in inputs}
+    for out in outputs:
+        if out.resolve() in taken:
+            raise PredictError(f"--output would overwrite the input image {str(out)!r}; choose another directory")
+
+
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
             onnx=None, compiled=False, trusted=False) -> dict:
     """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
@@ -57,6 +75,8 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
     if video:
         return predict_video(runner, size, input_path, output_dir, threshold, device, remapped)
     out_dir = Path(output_dir)
+    drawn_names = output_names(images)
+    check_no_overwrite(images, [out_dir / n for n in drawn_names] + [out_dir / "results.json", out_dir / "images.json"])
     out_dir.mkdir(parents=True, exist_ok=True)
     results, infos, errors = [], [], []
     for image_id, path in enumerate(tqdm(images, disable=len(images) == 1, desc="predict")):
@@ -70,8 +90,8 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
         h, w = image.shape[-2:]
         labels, boxes, scores = detect(runner, image, size, threshold, device, remapped)
         names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
-        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2)
-        torchvision.io.write_jpeg(drawn, str(out_dir / f"{path.stem}.jpg"))
+        drawn = draw_bounding_boxes(to_uint8(image), boxes, labels=names, colors="red", width=2)
+        torchvision.io.write_jpeg(drawn, str(out_dir / drawn_names[image_id]))
         infos.append({"id": image_id, "file_name": path.name, "width": int(w), "height": int(h)})
         for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist()):
             results.append({"image_id": image_id, "category_id": int(l),

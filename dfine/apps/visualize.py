@@ -22,6 +22,7 @@ import torch
 from dfine.apps.common import PredictError, add_trust_argument, class_name
 from dfine.config import ConfigError
 from dfine.deploy import load_detector, preprocess, read_image
+from dfine.deploy.images import to_uint8
 from dfine.ops import BACKENDS
 from dfine.ops.fdr import weighting_function
 
@@ -107,7 +108,7 @@ def plot_fdr_layers(image: torch.Tensor, trace: LayerTrace, queries: Sequence[in
     probs = trace.probs[:, list(queries)].permute(1, 0, 2, 3).numpy()  # [D, L, 4, K+1]
     fig = Figure(figsize=(3.2 * 5, 2.6 * num_layers), dpi=100, layout="constrained")
     axes = np.asarray(fig.subplots(num_layers, 5, squeeze=False))
-    picture = image.permute(1, 2, 0).cpu().numpy()
+    picture = to_uint8(image).permute(1, 2, 0).cpu().numpy()
     for layer in range(num_layers):
         ax = axes[layer, 0]
         ax.imshow(picture)

@@ -153,6 +153,15 @@ def clean_boxes(anns: list[dict], width: float, height: float):
     return kept, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), counts
 
 
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img``. PIL's convert("RGB") clips 16-bit grayscale ("I;16", "I") to 255 (white);
+    those are scaled by 1/257 instead (65535 -> 255). 48-bit RGB PNGs already open as 8-bit RGB."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0
+        img = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Items are (image, target).
 
@@ -230,7 +239,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path} (image_id {image_id}, from {self.ann_file})")
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb8(img)
 
     def load_target(self, image_id: int, width: int, height: int) -> dict:
         info = self.coco.imgs[image_id]
