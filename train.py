@@ -15,8 +15,11 @@ import json
 import sys
 
 import dfine
+from dfine.config import ConfigError, config_value
 from dfine.engine import Trainer
+from dfine.deploy import DeployError
 from dfine.engine import distributed as du
+from dfine.model.checkpoint import UntrustedCheckpointError
 
 
 def parse_args(argv=None):
@@ -37,23 +40,38 @@ def parse_args(argv=None):
                    help="fused-op backend (default: the config's ops_backend)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow -r/-t files that need arbitrary pickle to load (they can run code; only for files "
+                        "you trust). Without it checkpoints load with torch.load(weights_only=True)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    cfg = dfine.load_config(args.config, overrides=args.update)
+    try:
+        cfg = dfine.load_config(args.config, overrides=args.update)
+    except (ConfigError, FileNotFoundError) as err:  # one clean line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
                       backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
     try:
         if args.test_only:
             if args.resume:  # the same loader as predict/export: EMA weights preferred, strict
-                backend = args.backend or cfg.get("ops_backend", "auto")
-                module = dfine.load_detector(cfg, args.resume, device=trainer.device, backend=backend, deploy=False,
-                                             optimize=False).model
+                backend = args.backend or config_value(cfg, "ops_backend")
+                try:
+                    module = dfine.load_detector(cfg, args.resume, device=trainer.device, backend=backend,
+                                                 deploy=False, optimize=False, trusted=args.trust_checkpoint).model
+                except DeployError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
             elif args.tuning:
-                trainer.tune_from(args.tuning)
+                try:
+                    trainer.tune_from(args.tuning, trusted=args.trust_checkpoint)
+                except (UntrustedCheckpointError, FileNotFoundError) as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
                 module = trainer.model
             else:
                 print("--test-only needs weights: pass -r CHECKPOINT", file=sys.stderr)
@@ -62,10 +80,14 @@ def main(argv=None) -> int:
             if du.is_main():
                 print(json.dumps(stats, indent=1))
             return 0
-        if args.resume:
-            trainer.resume(args.resume)
-        elif args.tuning:
-            trainer.tune_from(args.tuning)
+        try:
+            if args.resume:
+                trainer.resume(args.resume, trusted=args.trust_checkpoint)
+            elif args.tuning:
+                trainer.tune_from(args.tuning, trusted=args.trust_checkpoint)
+        except (UntrustedCheckpointError, FileNotFoundError) as err:  # one clean line, no traceback
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         trainer.fit()
         return 0
     finally:

@@ -130,6 +130,9 @@ def run(args) -> int:
     except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
+    except OSError as err:  # e.g. an unwritable or full --output
+        print(f"error: cannot write the results to --output {args.output!r}: {err.strerror or err}")
+        return 2
     for msg in out["errors"]:
         print(f"error: {msg}")
     unit = "frame(s)" if "video" in out else "image(s)"

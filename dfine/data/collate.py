@@ -100,8 +100,10 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
 
     Keys (defaults in brackets): img_folder, ann_file (unless `dataset` is given), train [True],
     image_size [640] (int or [H, W]), category_map ["contiguous"], batch_size [per process, 8],
-    shuffle [=train], drop_last [=train], num_workers [0], stop_epoch [None], base_size_repeat
-    [None = no multi-scale], augment [=train], seed [0].
+    shuffle [=train], drop_last [=train], num_workers [0], stop_epoch [None: multi-scale and the policy
+    augmentations never stop], policy_epoch [=stop_epoch: when the policy augmentations stop], base_size
+    [=image_size: the multi-scale base], base_size_repeat [None = no multi-scale], augment [=train], seed [0],
+    pin_memory [False].
 
     The sampler is always a DistributedSampler (num_replicas 1 when not distributed), so shuffling is
     a function of (seed, epoch) only; call `set_loader_epoch(loader, epoch)` before each epoch.
@@ -111,7 +113,8 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
     image_size = cfg.get("image_size", 640)
     stop_epoch = cfg.get("stop_epoch")
     if dataset is None:
-        transforms = DetectionTransforms(image_size, train=bool(cfg.get("augment", train)), stop_epoch=stop_epoch)
+        transforms = DetectionTransforms(image_size, train=bool(cfg.get("augment", train)),
+                                         stop_epoch=cfg.get("policy_epoch", stop_epoch))
         dataset = CocoDetection(
             cfg["img_folder"],
             cfg["ann_file"],
@@ -127,7 +130,8 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
     shuffle = bool(cfg.get("shuffle", train))
     drop_last = bool(cfg.get("drop_last", train))
     sampler = tud.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    base = image_size if isinstance(image_size, int) else tuple(image_size)
+    base = cfg.get("base_size", image_size)
+    base = base if isinstance(base, int) else tuple(base)
     collate = BatchCollator(base, cfg.get("base_size_repeat") if train else None, stop_epoch, seed)
     num_workers = int(cfg.get("num_workers", 0))
     # own generator: creating an iterator must not consume the global torch RNG

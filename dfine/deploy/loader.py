@@ -15,11 +15,12 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from dfine.config import load_config
+from dfine.config import config_value, load_config
 from dfine.deploy.compiled import compile_model
 from dfine.deploy.cpu import optimize_for_cpu, resolve_channels_last
 from dfine.deploy.graph import DeployError, DetectorGraph
 from dfine.model import LoadReport, build_model, build_postprocessor, load_checkpoint
+from dfine.model.checkpoint import UntrustedCheckpointError
 from dfine.ops import BACKENDS
 
 __all__ = ["Detector", "input_size", "load_detector", "require_file"]
@@ -27,7 +28,7 @@ __all__ = ["Detector", "input_size", "load_detector", "require_file"]
 
 def input_size(cfg: dict) -> Tuple[int, int]:
     """(H, W) the model was configured for: ``eval_spatial_size``, else 640 x 640."""
-    size = cfg.get("eval_spatial_size") or [640, 640]
+    size = config_value(cfg, "eval_spatial_size") or [640, 640]
     return int(size[0]), int(size[1])
 
 
@@ -62,7 +63,7 @@ def require_file(path, what: str) -> str:
 
 def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, device: Union[str, torch.device] = "cpu",
                   backend: str = "auto", deploy: bool = True, optimize: Union[bool, str] = "auto",
-                  compile: bool = False, overrides: Optional[Iterable[str]] = None) -> Detector:
+                  compile: bool = False, overrides: Optional[Iterable[str]] = None, trusted: bool = False) -> Detector:
     """Build the model of ``config`` and load ``checkpoint`` into it, ready for inference.
 
     Args:
@@ -77,6 +78,8 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
             device is an error.
         compile: ``torch.compile(fullgraph=True)`` of the model (``dfine.deploy.compiled``).
         overrides: ``"Section.key=value"`` config overrides (with a config path).
+        trusted: read a checkpoint file with full pickle instead of ``weights_only=True`` (it can run code: only for
+            files you trust; this project's own checkpoints never need it).
 
     Raises:
         DeployError: a missing file, an unknown backend, a checkpoint that does not fit, flags that do not combine.
@@ -102,7 +105,9 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
         if isinstance(checkpoint, (str, os.PathLike)):
             require_file(checkpoint, "checkpoint")
         try:
-            report = load_checkpoint(model, checkpoint)
+            report = load_checkpoint(model, checkpoint, trusted=trusted)
+        except UntrustedCheckpointError as err:
+            raise DeployError(str(err)) from None
         except (ValueError, TypeError) as err:
             raise DeployError(f"checkpoint does not fit the config's model: {err}") from err
     if deploy:
@@ -110,7 +115,7 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
     model = model.to(device).eval()
     optimizations = None
     if optimize:
-        optimizations = optimize_for_cpu(model, channels_last=resolve_channels_last(cfg.get("channels_last"), device))
+        optimizations = optimize_for_cpu(model, channels_last=resolve_channels_last(config_value(cfg, "channels_last"), device))
     if compile:
         model = compile_model(model)
     return Detector(model, build_postprocessor(cfg).to(device), cfg, device, report, optimizations)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dfine.config import config_section, config_value
+
 __all__ = ["loader_settings"]
 
 
@@ -14,49 +16,57 @@ def _resize_size(ops):
 
 def loader_settings(cfg: dict, split: str, world_size: int = 1, seed: int = 0) -> dict:
     """Settings of `dfine.data.build_dataloader` for ``split`` ("train" or "val") from
-    ``cfg[f"{split}_dataloader"]``: dataset paths, per-process batch size (``total_batch_size`` /
-    world size), image size (the Resize op, else ``eval_spatial_size``), stop epoch, multi-scale
-    repeat, workers, and how category ids map to labels (``dataset.category_map``, else "mscoco"
-    when ``remap_mscoco_category`` is set, else "contiguous")."""
+    ``cfg[f"{split}_dataloader"]``: dataset paths, per-process batch size (``batch_size``, else
+    ``total_batch_size`` / world size, else 8), image size (the Resize op, else ``eval_spatial_size``,
+    else 640), the augmentation stop epoch (``transforms.policy.epoch``) and the multi-scale one
+    (``collate_fn.stop_epoch``; each defaults to the other), multi-scale base size and repeat, workers,
+    and how category ids map to labels (``dataset.category_map``, else "mscoco" when
+    ``remap_mscoco_category`` is set, else "contiguous"). `load_config` has checked the section."""
     key = f"{split}_dataloader"
-    section = cfg.get(key)
-    if not isinstance(section, dict):
+    if not isinstance(cfg.get(key), dict):
         raise ValueError(f"config has no {key} section")
-    dataset = section.get("dataset") or {}
+    section = config_section(cfg, key)
+    dataset = section["dataset"]
     for field in ("img_folder", "ann_file"):
-        if not dataset.get(field):
+        if not dataset[field]:
             raise ValueError(f"config {key}.dataset.{field} is not set")
     train = split == "train"
-    transforms = dataset.get("transforms") or {}
-    size = _resize_size(transforms.get("ops")) or cfg.get("eval_spatial_size") or 640
+    transforms = dataset["transforms"]
+    size = _resize_size(transforms["ops"]) or config_value(cfg, "eval_spatial_size") or 640
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = int(size[0])
-    if "batch_size" in section:
+    if section["batch_size"] is not None:
         batch = int(section["batch_size"])
     else:
-        total = int(section.get("total_batch_size", 8 * world_size))
+        total = section["total_batch_size"]
+        total = int(total) if total is not None else 8 * world_size
         if total % world_size:
             raise ValueError(f"{key}.total_batch_size={total} is not divisible by the {world_size} processes")
         batch = total // world_size
-    collate = section.get("collate_fn") or {}
-    policy = transforms.get("policy") or {}
-    stop_epoch = collate.get("stop_epoch", policy.get("epoch"))
-    if dataset.get("category_map"):
-        category_map = dataset["category_map"]
-    else:
-        category_map = "mscoco" if cfg.get("remap_mscoco_category") else "contiguous"
-    return {
+    settings = {
         "img_folder": dataset["img_folder"],
         "ann_file": dataset["ann_file"],
         "train": train,
-        "augment": bool(section.get("augment", train)),
+        "augment": section["augment"],
         "image_size": size,
-        "category_map": category_map,
+        "category_map": dataset["category_map"] or ("mscoco" if config_value(cfg, "remap_mscoco_category")
+                                                    else "contiguous"),
         "batch_size": batch,
-        "shuffle": bool(section.get("shuffle", train)),
-        "drop_last": bool(section.get("drop_last", train)),
-        "num_workers": int(section.get("num_workers", 0)),
-        "stop_epoch": stop_epoch if train else None,
-        "base_size_repeat": collate.get("base_size_repeat") if train else None,
+        "shuffle": section["shuffle"],
+        "drop_last": section["drop_last"],
+        "num_workers": section["num_workers"],
+        "pin_memory": section["pin_memory"],
+        "stop_epoch": None,
+        "base_size_repeat": None,
         "seed": seed,
     }
+    if train:
+        collate, policy = section["collate_fn"], transforms["policy"]
+        stop = collate["stop_epoch"] if collate["stop_epoch"] is not None else policy["epoch"]
+        settings.update(
+            stop_epoch=stop,
+            policy_epoch=policy["epoch"] if policy["epoch"] is not None else stop,
+            base_size=collate["base_size"] if collate["base_size"] is not None else size,
+            base_size_repeat=collate["base_size_repeat"],
+        )
+    return settings

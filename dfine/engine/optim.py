@@ -7,6 +7,8 @@ from typing import Dict, List
 
 import torch
 
+from dfine.config import config_section
+
 __all__ = ["param_groups", "build_optimizer", "build_lr_scheduler", "LinearWarmup"]
 
 
@@ -39,29 +41,29 @@ def param_groups(model: torch.nn.Module, optimizer_cfg: dict) -> List[Dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    opt_cfg = dict(cfg.get("optimizer") or {})
-    kind = opt_cfg.pop("type", "AdamW")
-    if kind != "AdamW":
-        raise ValueError(f"optimizer.type: only AdamW is supported, got {kind!r}")
+    opt_cfg = config_section(cfg, "optimizer")
+    if opt_cfg["type"] != "AdamW":
+        raise ValueError(f"optimizer.type: only AdamW is supported, got {opt_cfg['type']!r}")
     groups = param_groups(model, opt_cfg)
     for g in groups:
         g.pop("names")
+        for k in [k for k, v in g.items() if v is None]:  # declared group keys left unset: optimizer defaults
+            g.pop(k)
     groups = [g for g in groups if g["params"]]  # empty groups (e.g. backbone norms of N/S/M) are dropped
     return torch.optim.AdamW(
         groups,
-        lr=float(opt_cfg.get("lr", 1e-4)),
-        betas=tuple(opt_cfg.get("betas", (0.9, 0.999))),
-        weight_decay=float(opt_cfg.get("weight_decay", 1e-4)),
+        lr=float(opt_cfg["lr"]),
+        betas=tuple(opt_cfg["betas"]),
+        weight_decay=float(opt_cfg["weight_decay"]),
     )
 
 
 def build_lr_scheduler(optimizer, cfg: dict):
-    sched = dict(cfg.get("lr_scheduler") or {"type": "MultiStepLR", "milestones": [10**9], "gamma": 0.1})
-    kind = sched.pop("type", "MultiStepLR")
-    if kind != "MultiStepLR":
-        raise ValueError(f"lr_scheduler.type: only MultiStepLR is supported, got {kind!r}")
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sched.get("milestones", [])),
-                                                gamma=float(sched.get("gamma", 0.1)))
+    sched = config_section(cfg, "lr_scheduler")
+    if sched["type"] != "MultiStepLR":
+        raise ValueError(f"lr_scheduler.type: only MultiStepLR is supported, got {sched['type']!r}")
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sched["milestones"]),
+                                                gamma=float(sched["gamma"]))
 
 
 class LinearWarmup:
@@ -104,7 +106,7 @@ class LinearWarmup:
 
 
 def build_warmup(lr_scheduler, cfg: dict) -> LinearWarmup:
-    section = cfg.get("lr_warmup_scheduler") or {}
-    if section and section.get("type", "LinearWarmup") != "LinearWarmup":
-        raise ValueError(f"lr_warmup_scheduler.type: only LinearWarmup is supported, got {section.get('type')!r}")
-    return LinearWarmup(lr_scheduler, int(section.get("warmup_duration", 0)))
+    section = config_section(cfg, "lr_warmup_scheduler")
+    if section["type"] != "LinearWarmup":
+        raise ValueError(f"lr_warmup_scheduler.type: only LinearWarmup is supported, got {section['type']!r}")
+    return LinearWarmup(lr_scheduler, int(section["warmup_duration"]))

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from dfine.config import config_section, config_value
 from dfine.data import CocoEvaluator, build_dataloader, set_loader_epoch
 from dfine.data.epoch import mix_seed
 from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
@@ -63,8 +64,8 @@ def _to_device(targets, device):
 class Trainer:
     """Build from a loaded config; `fit()` trains, `evaluate()` computes COCO AP.
 
-    Config keys used (published names): epochs, clip_max_norm, use_amp, use_ema, ema.{decay,warmups,
-    start}, optimizer, lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
+    Config keys used (published names; every key and its default is declared in `dfine.config.schema`):
+    epochs, clip_max_norm, use_amp, scaler.enabled, use_ema, ema.{decay,warmups,start}, optimizer, lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
     evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
@@ -75,61 +76,65 @@ class Trainer:
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
                  backend: Optional[str] = None, deterministic: bool = False, progress: bool = True):
         self.cfg = cfg
-        self.device = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or config_value(cfg, "device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = du.init_distributed(self.device)
         self.rank, self.world = du.rank(), du.world_size()
-        self.seed = int(cfg.get("seed", 0) if seed is None else seed)
-        self.output_dir = Path(output_dir or cfg.get("output_dir") or "./output")
-        self.use_amp = bool(cfg.get("use_amp", False) if use_amp is None else use_amp)
+        self.seed = int(config_value(cfg, "seed") if seed is None else seed)
+        self.output_dir = Path(output_dir or config_value(cfg, "output_dir") or "./output")
+        self.use_amp = bool(config_value(cfg, "use_amp") if use_amp is None else use_amp)
         self.progress = progress
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(self.seed)  # same initial weights on every rank
 
         model = build_model(cfg, backend=backend)
-        if self.distributed and cfg.get("sync_bn", False):
+        if self.distributed and config_value(cfg, "sync_bn"):
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 self.log_text("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU")
-        self.channels_last = resolve_channels_last(cfg.get("channels_last"), self.device)
+        self.channels_last = resolve_channels_last(config_value(cfg, "channels_last"), self.device)
         self.allocator = loaded_allocator()
-        if self.device.type == "cpu" and self.allocator == "system" and cfg.get("cpu_retain_freed_memory", True):
+        if self.device.type == "cpu" and self.allocator == "system" and config_value(cfg, "cpu_retain_freed_memory"):
             if retain_freed_memory():
                 self.allocator = "system, retaining freed memory"
         self.model = to_memory_format(model.to(self.device), self.channels_last)
         self.criterion = build_criterion(cfg, backend=backend).to(self.device)
         self.postprocessor = build_postprocessor(dict(cfg, remap_mscoco_category=False))
 
-        self.epochs = int(cfg.get("epochs", 1))
-        self.clip_max_norm = float(cfg.get("clip_max_norm", 0.0) or 0.0)
+        self.epochs = int(config_value(cfg, "epochs"))
+        self.clip_max_norm = float(config_value(cfg, "clip_max_norm") or 0.0)
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg)
         self.warmup = build_warmup(self.lr_scheduler, cfg)
         # fp16 needs loss scaling (CUDA); bf16 autocast on CPU does not
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.device.type == "cuda")
-        ema_cfg = cfg.get("ema") or {}
-        self.ema = (ModelEMA(self.model, float(ema_cfg.get("decay", 0.9999)), int(ema_cfg.get("warmups", 1000)),
-                             int(ema_cfg.get("start", 0))) if cfg.get("use_ema", False) else None)
-        train_section = cfg.get("train_dataloader") or {}
-        collate = train_section.get("collate_fn") or {}
-        stop = collate.get("stop_epoch")
+        # the config's `scaler` (GradScaler, enabled) applies to fp16 AMP, i.e. on CUDA
+        scaler_cfg = config_section(cfg, "scaler")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.device.type == "cuda"
+                                           and scaler_cfg["enabled"])
+        ema_cfg = config_section(cfg, "ema")
+        self.ema = (ModelEMA(self.model, float(ema_cfg["decay"]), int(ema_cfg["warmups"]), int(ema_cfg["start"]))
+                    if config_value(cfg, "use_ema") else None)
+        collate = config_section(cfg, "train_dataloader.collate_fn")
+        stop = collate["stop_epoch"] if collate["stop_epoch"] is not None else \
+            config_value(cfg, "train_dataloader.dataset.transforms.policy.epoch")
         self.stop_epoch = int(stop) if stop is not None else self.epochs
-        self.ema_restart_decay = float(collate.get("ema_restart_decay", ema_cfg.get("decay", 0.9999)))
-        self.checkpoint_freq = int(cfg.get("checkpoint_freq", 12) or 0)
-        self.print_freq = int(cfg.get("print_freq", 100) or 1)
-        self.eval_freq = int(cfg.get("eval_freq", 1) or 1)
-        self.max_nonfinite = int(cfg.get("max_nonfinite_steps", 20))
+        restart = collate["ema_restart_decay"]
+        self.ema_restart_decay = float(restart if restart is not None else ema_cfg["decay"])
+        self.checkpoint_freq = int(config_value(cfg, "checkpoint_freq") or 0)
+        self.print_freq = int(config_value(cfg, "print_freq") or 1)
+        self.eval_freq = int(config_value(cfg, "eval_freq") or 1)
+        self.max_nonfinite = int(config_value(cfg, "max_nonfinite_steps"))
         # BatchNorm in eval mode while training (fixed statistics): for tiny per-process batches, and
         # what makes N processes x b images train exactly like 1 process x N*b images on CPU
-        self.batchnorm_eval = bool(cfg.get("batchnorm_eval", False))
+        self.batchnorm_eval = bool(config_value(cfg, "batchnorm_eval"))
 
         self.net = self.model
         if self.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
+                find_unused_parameters=bool(config_value(cfg, "find_unused_parameters")))
 
         self.start_epoch = 0
         self.global_step = 0
@@ -156,7 +161,7 @@ class Trainer:
         return self._val_loader
 
     def _check_classes(self, dataset, split):
-        k = int(self.cfg.get("num_classes", 80))
+        k = int(config_value(self.cfg, "num_classes"))
         if dataset.num_classes > k:
             raise ValueError(
                 f"{split} dataset has labels up to {dataset.num_classes - 1} (category_map="
@@ -335,14 +340,15 @@ class Trainer:
 
     def load_weights(self, path) -> None:
         """Model and EMA weights of a training checkpoint (the two-stage reload)."""
-        ckpt = load_training_checkpoint(path)
+        ckpt = load_training_checkpoint(path)  # written by this run: never needs trusted=True
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt.get("ema"):
             self.ema.module.load_state_dict(ckpt["ema"]["module"])
 
-    def resume(self, path) -> None:
-        """Restore every piece of training state; training continues at last_epoch + 1."""
-        ckpt = load_training_checkpoint(path)
+    def resume(self, path, trusted: bool = False) -> None:
+        """Restore every piece of training state; training continues at last_epoch + 1. The file is read with
+        ``weights_only=True`` unless ``trusted``."""
+        ckpt = load_training_checkpoint(path, trusted=trusted)
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
             if not ckpt.get("ema"):
@@ -358,10 +364,10 @@ class Trainer:
         self.best = ckpt.get("best") or self.best
         self.log_text(f"resumed from {path}: continuing at epoch {self.start_epoch} (step {self.global_step})")
 
-    def tune_from(self, path) -> None:
+    def tune_from(self, path, trusted: bool = False) -> None:
         """Fine-tune: load released weights; tensors whose shape differs (class heads for another class
-        count) keep their fresh initialisation and are reported."""
-        report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True)
+        count) keep their fresh initialisation and are reported. Read with ``weights_only=True`` unless ``trusted``."""
+        report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True, trusted=trusted)
         self.log_text(f"tuning from {path}:\n{report}")
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())

@@ -13,7 +13,6 @@ the fixed matches of their groups. FGL and DDF run through the fused ops ``dfine
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
+from dfine.config import config_section, config_value
 from dfine.loss.matcher import HungarianMatcher, Indices
 from dfine.ops import ddf_loss, fdr_targets, fgl_loss, weighting_function
 
@@ -305,23 +305,21 @@ class DFINECriterion(nn.Module):
 
 
 def build_criterion(cfg: Dict, backend: Optional[str] = None) -> DFINECriterion:
-    """Build the criterion from a loaded config (sections ``DFINECriterion`` and its ``matcher``)."""
-    section = copy.deepcopy(cfg.get("DFINECriterion", {}))
-    matcher_cfg = section.pop("matcher", None) or cfg.get("HungarianMatcher", {}) or {}
-    matcher_cfg = {k: v for k, v in matcher_cfg.items() if k != "type"}
-    matcher = HungarianMatcher(**matcher_cfg)
-    section.pop("type", None)
-    section.pop("boxes_weight_format", None)
-    section.pop("share_matched_indices", None)
+    """Build the criterion from a loaded config (section ``DFINECriterion`` and its ``matcher``; defaults from
+    `dfine.config.schema`)."""
+    section = config_section(cfg, "DFINECriterion")
+    matcher_cfg = section["matcher"]
+    matcher = HungarianMatcher(weight_dict=matcher_cfg["weight_dict"], alpha=matcher_cfg["alpha"],
+                               gamma=matcher_cfg["gamma"], use_focal_loss=matcher_cfg["use_focal_loss"])
     if backend is None:
-        backend = cfg.get("ops_backend", "auto")
+        backend = config_value(cfg, "ops_backend")
     return DFINECriterion(
         matcher,
-        weight_dict=section.get("weight_dict"),
-        losses=tuple(section.get("losses", ("vfl", "boxes", "local"))),
-        alpha=section.get("alpha", 0.75),
-        gamma=section.get("gamma", 2.0),
-        num_classes=section.get("num_classes", cfg.get("num_classes", 80)),
-        reg_max=section.get("reg_max", 32),
+        weight_dict=section["weight_dict"],
+        losses=tuple(section["losses"]),
+        alpha=section["alpha"],
+        gamma=section["gamma"],
+        num_classes=section["num_classes"],
+        reg_max=section["reg_max"],
         backend=backend,
     )

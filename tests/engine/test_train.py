@@ -30,7 +30,13 @@ def tiny_data(tmp_path_factory):
 
 def tiny_overrides(data, **extra):
     """D-FINE-N at 128 px, 20 queries, 4 images per step, no workers."""
-    resize = "[{type: Resize, size: [128, 128]}]"
+    # the published pipelines with another Resize size (a list must equal the built-in pipeline otherwise)
+    train_ops = ("[{type: RandomPhotometricDistort, p: 0.5}, {type: RandomZoomOut, fill: 0}, "
+                 "{type: RandomIoUCrop, p: 0.8}, {type: SanitizeBoundingBoxes, min_size: 1}, "
+                 "{type: RandomHorizontalFlip}, {type: Resize, size: [128, 128]}, "
+                 "{type: SanitizeBoundingBoxes, min_size: 1}, {type: ConvertPILImage, dtype: float32, scale: True}, "
+                 "{type: ConvertBoxes, fmt: cxcywh, normalize: True}]")
+    val_ops = "[{type: Resize, size: [128, 128]}, {type: ConvertPILImage, dtype: float32, scale: True}]"
     items = {
         "eval_spatial_size": "[128, 128]",
         "DFINETransformer.num_queries": 20,
@@ -38,12 +44,12 @@ def tiny_overrides(data, **extra):
         "DFINEPostProcessor.num_top_queries": 20,
         "train_dataloader.dataset.img_folder": data["train_images"],
         "train_dataloader.dataset.ann_file": data["train_annotations"],
-        "train_dataloader.dataset.transforms.ops": resize,
+        "train_dataloader.dataset.transforms.ops": train_ops,
         "train_dataloader.total_batch_size": 4,
         "train_dataloader.num_workers": 0,
         "val_dataloader.dataset.img_folder": data["val_images"],
         "val_dataloader.dataset.ann_file": data["val_annotations"],
-        "val_dataloader.dataset.transforms.ops": resize,
+        "val_dataloader.dataset.transforms.ops": val_ops,
         "val_dataloader.total_batch_size": 6,
         "epochs": 2,
         "eval_freq": 1,
@@ -308,7 +314,7 @@ def test_train_py_cli_trains_then_test_only(tiny_data, tmp_path):
 
 
 def test_report_table_and_curve(tiny_data, tmp_path):
-    from dfine.engine import report
+    from dfine.apps import report
 
     Trainer(tiny_config(tiny_data), output_dir=tmp_path, progress=False).fit()
     epochs = report.read_epochs(tmp_path)
