@@ -183,6 +183,7 @@ class CocoDetection(torch.utils.data.Dataset):
         category_map: str = "contiguous",
         aug_seed: int | None = None,
         warn: bool = True,
+        check_files: bool = True,
     ):
         self.img_folder = os.fspath(img_folder)
         self.ann_file = os.fspath(ann_file)
@@ -213,6 +214,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.stats[key] += n
             self.stats["empty_images"] += int(not kept)
         self._size_mismatch_warned = False
+        if check_files:  # before the first training step, not in the middle of an epoch
+            self.check_image_files()
         if warn and (self.stats["degenerate"] or self.stats["outside"] or self.stats["clipped"]):
             warnings.warn(
                 f"{self.ann_file}: dropped {self.stats['degenerate']} degenerate box(es) (w or h <= 0), "
@@ -220,6 +223,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"clipped {self.stats['clipped']} box(es) to the image",
                 stacklevel=2,
             )
+
+    def check_image_files(self) -> None:
+        """FileNotFoundError naming how many image files of the annotation file are missing, and the first ones."""
+        missing = [self.coco.imgs[i]["file_name"] for i in self.ids
+                   if not os.path.isfile(os.path.join(self.img_folder, self.coco.imgs[i]["file_name"]))]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{self.ann_file}: {len(missing)} of {len(self.ids)} image files are not in "
+                                    f"{self.img_folder!r}: {shown}")
 
     def __len__(self) -> int:
         return len(self.ids)

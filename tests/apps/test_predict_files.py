@@ -88,3 +88,15 @@ def test_output_into_the_input_directory_never_overwrites_an_input(tiny, tmp_pat
     torchvision.io.write_png(image8, str(other / "d.png"))
     predict_mod.predict(cfg, weights, str(other), str(other), backend="reference")
     assert (other / "d.jpg").is_file() and json.loads((other / "images.json").read_text())["images"][0]["id"] == 0
+
+
+def test_unwritable_output_is_one_error_line(tiny, tmp_path, capsys):
+    from dfine.__main__ import main
+
+    cfg, weights, _, image8 = tiny
+    torchvision.io.write_png(image8, str(tmp_path / "e.png"))
+    (tmp_path / "a_file").write_text("in the way")
+    code = main(["predict", "-c", cfg, "-r", weights, "--input", str(tmp_path / "e.png"), "--output",
+                 str(tmp_path / "a_file" / "out"), "--backend", "reference"])
+    assert code == 2
+    assert "error: cannot write the results to --output" in capsys.readouterr().out
