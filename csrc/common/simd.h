@@ -225,11 +225,13 @@ DFINE_FORCE_INLINE V lane_lookup(const V* table, V bin) {
   return out;
 }
 
-// table[bin[i]][i] += value[i] for every lane i.
+// table[bin[i]][i] += value[i] for every lane i, over the n vectors of table: by a compare per
+// vector rather than scalar stores into the vectors, which would stall their next vector loads
+// (store forwarding). Adding 0 elsewhere leaves the values as they are.
 template <typename V>
   requires IsVec<V>
-DFINE_FORCE_INLINE void lane_add_at(V* table, V bin, V value) {
-  for (int i = 0; i < kWidth<V>; ++i) table[static_cast<int>(bin[i])][i] += value[i];
+DFINE_FORCE_INLINE void lane_add_at(V* table, int n, V bin, V value) {
+  for (int j = 0; j < n; ++j) table[j] += bin == static_cast<Elem<V>>(j) ? value : V{};
 }
 
 }  // namespace simd

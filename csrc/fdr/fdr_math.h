@@ -58,7 +58,7 @@ DFINE_HD T lane_lookup(const T* table, T bin) {
 
 template <typename T>
   requires std::is_floating_point_v<T>
-DFINE_HD void lane_add_at(T* table, T bin, T value) {
+DFINE_HD void lane_add_at(T* table, int /*n*/, T bin, T value) {
   table[static_cast<int>(bin)] += value;
 }
 
@@ -273,7 +273,7 @@ DFINE_HD void edge_backward(const V* p, const S* W, int n, int k, V d, V grad_d,
     dot += terms[i];
   }
   for (int j = 0; j < n; ++j) gz[j] = p[j] * (grad_d * W[j] - dot);
-  for (int i = 0; i < k; ++i) lane_add_at(gz, top_bin[i], terms[i]);
+  for (int i = 0; i < k; ++i) lane_add_at(gz, n, top_bin[i], terms[i]);
 }
 
 // One box (rows): z = 4 * n logits (edges l, t, r, b) -> box (cx, cy, w, h), stats [4, k + 1] and
@@ -401,7 +401,8 @@ DFINE_HD void ddf_row_terms(const V* zs, const V* zt, int n, S temperature, V g,
   }
   if (grad_z != nullptr) {
     const V scale = g * temperature;
-    for (int j = 0; j < n; ++j) grad_z[j] = scale * (ea[j] * inv_a * sp - eb[j] * inv_b);
+    const V q_scale = scale * inv_a * sp, p_scale = scale * inv_b;
+    for (int j = 0; j < n; ++j) grad_z[j] = ea[j] * q_scale - eb[j] * p_scale;
   }
   sum_a = sa;
   sum_b = sb;
