@@ -21,6 +21,7 @@ For every backend that can run here (``cpp``; ``triton`` under TRITON_INTERPRET=
 
     test_forward[case]       outputs vs the reference: shape, dtype, values (no autograd recording)
     test_backward[case]      outputs and the gradients of the differentiable inputs vs the reference
+                             (both over every case but the empty*, non_contiguous* and gradcheck* ones)
     test_gradcheck[case]     torch.autograd.gradcheck in float64 (fast mode under the Triton interpreter)
     test_non_contiguous      strided inputs and upstream gradients: vs the reference, and the same
                              results as the contiguous copies
@@ -38,6 +39,8 @@ Half-precision cases are compared with the reference run in float64 on the same 
 
 from __future__ import annotations
 
+import inspect
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -59,6 +62,12 @@ _WARMED_UP = set()  # (test class, backend, device) that made a valid call befor
 
 def devices() -> Tuple[str, ...]:
     return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Whether Triton kernels run under its (slow) interpreter: always for CPU tensors; for CUDA
+    tensors too when TRITON_INTERPRET=1 (tests/conftest.py sets it unless it is set already)."""
+    return backend == "triton" and (device == "cpu" or _backend.triton_interpret())
 
 
 def require(backend: str, device: str) -> None:
@@ -92,7 +101,8 @@ class Call:
 
     inputs: Dict[str, Any]  # keyword arguments of op and reference (tensors and plain values)
     grad: Optional[Tuple[str, ...]] = None  # inputs that get gradients (default: the class's `differentiable`)
-    compare_grad: Optional[Tuple[str, ...]] = None  # of those, the ones compared (default: all); the rest must be finite
+    # of those, the gradients compared with the reference's (default: all); the others must be finite
+    compare_grad: Optional[Tuple[str, ...]] = None
     reference_inputs: Dict[str, Any] = field(default_factory=dict)  # what the reference gets instead
     tol: Dict[str, Tol] = field(default_factory=dict)  # "forward"/"backward" tolerance of this case
     # expect(inputs, outputs, grads): facts of the op on this case, asserted on the fused and on the
@@ -106,7 +116,7 @@ class BadArg:
     id: str
     mutate: Callable[[Dict[str, Any]], Dict[str, Any]]  # good inputs (a copy) -> bad inputs
     exc: Any  # exception type(s)
-    match: str  # regex the message must contain; it names the argument
+    match: str  # regex the message must contain (the base also checks that it names one of the op's arguments)
 
 
 def case(*, dtypes: Sequence[torch.dtype] = (torch.float32,), heavy: bool = False):
@@ -194,10 +204,10 @@ class OpTester:
                 continue
             for backend in FUSED_BACKENDS:
                 for device in devices():
-                    interpreted = backend == "triton" and device == "cpu"
-                    if interpreted and heavy:
+                    slow = interpreted(backend, device)
+                    if slow and heavy:
                         continue  # the interpreter is too slow for big shapes
-                    if (interpreted and forward_only and self.interpreter_forward_cases is not None
+                    if (slow and forward_only and self.interpreter_forward_cases is not None
                             and name not in self.interpreter_forward_cases):
                         continue
                     for dtype in dtypes:
@@ -353,7 +363,7 @@ class OpTester:
         args = tuple(call.inputs[n].detach().clone().requires_grad_(True) for n in names)
         # under the Triton interpreter, one vJP per output element would take minutes: fast mode checks
         # the Jacobian along random directions instead (a few calls)
-        fast = backend == "triton" and device == "cpu"
+        fast = interpreted(backend, device)
         assert torch.autograd.gradcheck(of_differentiable, args, fast_mode=fast, **self.gradcheck_kwargs)
 
     def test_non_contiguous(self, backend, device, case_name, dtype):
@@ -389,8 +399,11 @@ class OpTester:
             with torch.no_grad():
                 fn(**good)  # a valid call first: later C++ calls try the op before the Python checks
             _WARMED_UP.add((type(self), backend, device))
-        with pytest.raises(bad.exc, match=bad.match):
+        with pytest.raises(bad.exc, match=bad.match) as raised:
             fn(**bad.mutate(dict(good)))
+        parameters = inspect.signature(type(self).op).parameters
+        assert any(re.search(rf"\b{name}\b", str(raised.value)) for name in parameters if name != "backend"), (
+            f"the message names none of the op's arguments: {raised.value}")
 
     def test_bad_backend_name(self, device):
         good = self.bad_argument_inputs(device)

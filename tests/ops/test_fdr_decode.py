@@ -4,8 +4,6 @@ write-up of the published formulas, fused backends (cpp, triton) vs the referenc
 ``TestFdrDecode`` declares fdr_decode's cases for the shared ``OpTester`` (tests/ops/op_tester.py):
 forward, gradients, gradcheck, non-contiguous, empty and bad-argument checks on every backend."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,7 +268,8 @@ class TestFdrDecode(OpTester):
         return _call(*_inputs(lead=(3,), dtype=dtype, scale=1.0), device)
 
     bad_arguments = [
-        BadArg("corners_bins", lambda a: {**a, "pred_corners": a["pred_corners"][..., :-1]}, ValueError, "pred_corners"),
+        BadArg("corners_bins", lambda a: {**a, "pred_corners": a["pred_corners"][..., :-1]}, ValueError,
+               "pred_corners"),
         BadArg("ref_boxes_shape", lambda a: {**a, "ref_boxes": a["ref_boxes"][..., :3]}, ValueError, "ref_boxes"),
         BadArg("project_length", lambda a: {**a, "project": a["project"][:-1]}, ValueError, "pred_corners"),
         BadArg("corners_int", lambda a: {**a, "pred_corners": a["pred_corners"].long()}, TypeError, "pred_corners"),

@@ -334,13 +334,15 @@ class TestMsDeformAttn(OpTester):
     @case(dtypes=(torch.float64,))
     def case_gradcheck(self, dtype, device):
         shapes, points = [(2, 3), (1, 2)], [1, 1]
-        value, ss, loc, attn, points = make_inputs(1, 2, 1, 2, shapes, points, dtype, seed=31, loc_low=-0.2, loc_high=1.2)
+        value, ss, loc, attn, points = make_inputs(1, 2, 1, 2, shapes, points, dtype, seed=31,
+                                                   loc_low=-0.2, loc_high=1.2)
         return as_inputs((value, ss, snap_away_from_pixel_edges(loc, shapes, points), attn, points), device)
 
     @case(dtypes=(torch.float64,), heavy=True)
     def case_gradcheck_3_levels(self, dtype, device):
         shapes, points = [(3, 4), (2, 2), (1, 1)], [2, 1, 2]
-        value, ss, loc, attn, points = make_inputs(2, 3, 2, 3, shapes, points, dtype, seed=31, loc_low=-0.2, loc_high=1.2)
+        value, ss, loc, attn, points = make_inputs(2, 3, 2, 3, shapes, points, dtype, seed=31,
+                                                   loc_low=-0.2, loc_high=1.2)
         return as_inputs((value, ss, snap_away_from_pixel_edges(loc, shapes, points), attn, points), device)
 
     # ---- errors: every message names the offending argument ---------------------------------
@@ -353,7 +355,8 @@ class TestMsDeformAttn(OpTester):
                r"attention_weights must have shape \[B, Q, M, P\]"),
         BadArg("num_points_sum", lambda a: {**a, "num_points_list": [1, 1]}, ValueError,
                r"sum\(num_points_list\)=2 must equal P=3"),
-        BadArg("shapes_sum", lambda a: {**a, "spatial_shapes": torch.tensor([[3, 3], [2, 3]], device=a["value"].device)},
+        BadArg("shapes_sum",
+               lambda a: {**a, "spatial_shapes": torch.tensor([[3, 3], [2, 3]], device=a["value"].device)},
                ValueError, r"spatial_shapes .*sum.* S=13"),
         BadArg("shapes_int32", lambda a: {**a, "spatial_shapes": a["spatial_shapes"].int()}, TypeError,
                r"spatial_shapes must be an int64 tensor"),
@@ -361,7 +364,8 @@ class TestMsDeformAttn(OpTester):
                r"sampling_locations has dtype torch.float64"),
         BadArg("attn_dtype", lambda a: {**a, "attention_weights": a["attention_weights"].double()}, TypeError,
                r"attention_weights has dtype torch.float64"),
-        BadArg("value_int", lambda a: {**a, "value": a["value"].long()}, TypeError, r"value must be a floating-point tensor"),
+        BadArg("value_int", lambda a: {**a, "value": a["value"].long()}, TypeError,
+               r"value must be a floating-point tensor"),
         BadArg("loc_int", lambda a: {**a, "sampling_locations": a["sampling_locations"].to(torch.int32)}, TypeError,
                r"sampling_locations must be a floating-point"),
         BadArg("loc_meta", lambda a: {**a, "sampling_locations": a["sampling_locations"].to("meta")}, ValueError,

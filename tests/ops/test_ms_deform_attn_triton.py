@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import require_backend
 from tests.ops.op_tester import Call
-from tests.ops import test_ms_deform_attn as msda  # (a module import: pytest would collect an imported test class again)
+from tests.ops import test_ms_deform_attn as msda  # a module: an imported test class would be collected again
 
 
 def test_custom_op_registration():
