@@ -138,8 +138,9 @@ def strided_copy(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def _tensors_to(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+def _as_call(made) -> Call:
+    """A case method returns a Call, or just its inputs (a dict)."""
+    return made if isinstance(made, Call) else Call(inputs=made)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -171,7 +172,7 @@ class OpTester:
 
     @case()
     def case_non_contiguous(self, dtype, device):
-        call = self.case_random(dtype, device)
+        call = _as_call(self.case_random(dtype, device))
         inputs = {k: strided_copy(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in call.inputs.items()}
         return replace(call, inputs=inputs)
@@ -240,8 +241,7 @@ class OpTester:
     # ---- running ---------------------------------------------------------------------------
 
     def make_call(self, name: str, dtype: torch.dtype, device: str) -> Call:
-        call = getattr(self, f"case_{name}")(dtype, device)
-        call = call if isinstance(call, Call) else Call(inputs=call)
+        call = _as_call(getattr(self, f"case_{name}")(dtype, device))
         call.dtype = dtype
         if call.grad is None:
             call.grad = tuple(n for n in self.differentiable if isinstance(call.inputs.get(n), torch.Tensor))
