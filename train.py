@@ -16,9 +16,10 @@ import sys
 
 import dfine
 from dfine.config import ConfigError, config_value
-from dfine.engine import Trainer
 from dfine.deploy import DeployError
+from dfine.engine import Trainer
 from dfine.engine import distributed as du
+from dfine.engine.trainer import NonFiniteLossError, NonFiniteWeightsError
 from dfine.model.checkpoint import UntrustedCheckpointError
 
 
@@ -76,7 +77,11 @@ def main(argv=None) -> int:
             else:
                 print("--test-only needs weights: pass -r CHECKPOINT", file=sys.stderr)
                 return 2
-            stats = trainer.evaluate(module)
+            try:
+                stats = trainer.evaluate(module)
+            except NonFiniteWeightsError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
             if du.is_main():
                 print(json.dumps(stats, indent=1))
             return 0
@@ -88,7 +93,11 @@ def main(argv=None) -> int:
         except (UntrustedCheckpointError, FileNotFoundError) as err:  # one clean line, no traceback
             print(f"error: {err}", file=sys.stderr)
             return 2
-        trainer.fit()
+        try:
+            trainer.fit()
+        except (NonFiniteLossError, NonFiniteWeightsError) as err:  # the message names the epoch, step and last.pth
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     finally:
         du.cleanup()

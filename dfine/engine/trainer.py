@@ -34,13 +34,30 @@ from dfine.loss import build_criterion
 from dfine.model import build_model, build_postprocessor, load_checkpoint
 from dfine.model.checkpoint import load_training_checkpoint, save_atomic
 
-__all__ = ["Trainer", "NonFiniteLossError", "seed_everything"]
+__all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightsError", "first_non_finite", "seed_everything"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training stopped after too many consecutive non-finite losses or gradients."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights became non-finite; no checkpoint was written over the last good one."""
+
+
+def first_non_finite(state: dict, prefix: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor of a (nested) state dict holding NaN or inf, else None."""
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = first_non_finite(value, name + ".")
+            if found:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +82,8 @@ class Trainer:
     """Build from a loaded config; `fit()` trains, `evaluate()` computes COCO AP.
 
     Config keys used (published names; every key and its default is declared in `dfine.config.schema`):
-    epochs, clip_max_norm, use_amp, scaler.enabled, use_ema, ema.{decay,warmups,start}, optimizer, lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
+    epochs, clip_max_norm, use_amp, scaler.enabled, use_ema, ema.{decay,warmups,start}, optimizer,
+    lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
     evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
@@ -76,7 +94,8 @@ class Trainer:
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
                  backend: Optional[str] = None, deterministic: bool = False, progress: bool = True):
         self.cfg = cfg
-        self.device = torch.device(device or config_value(cfg, "device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or config_value(cfg, "device")
+                                   or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = du.init_distributed(self.device)
         self.rank, self.world = du.rank(), du.world_size()
         self.seed = int(config_value(cfg, "seed") if seed is None else seed)
@@ -251,11 +270,29 @@ class Trainer:
                         f"or resume from {self.output_dir / 'last.pth'}"
                     )
                 continue
-            consecutive_bad = 0
             self.scaler.scale(loss).backward()
-            if self.clip_max_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+            self.scaler.unscale_(self.optimizer)
+            # the total norm, clipped when configured; a non-finite one would poison the weights. (With the fp16
+            # GradScaler that is expected while the scale settles: scaler.step skips those steps itself.)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                  self.clip_max_norm if self.clip_max_norm > 0 else float("inf"))
+            if not self.scaler.is_enabled():
+                norm_ok = torch.isfinite(norm).to(torch.float32).reshape(1)
+                if self.distributed:
+                    torch.distributed.all_reduce(norm_ok, op=torch.distributed.ReduceOp.MIN)
+                if norm_ok.item() < 1:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    consecutive_bad += 1
+                    self.log_text(f"epoch {epoch} step {self.global_step}: non-finite gradient (norm {float(norm)}), "
+                                  "step skipped")
+                    if consecutive_bad >= self.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"training stopped: {consecutive_bad} consecutive non-finite losses or gradients at epoch "
+                            f"{epoch}, step {self.global_step}; lower the learning rate, check the data, or resume "
+                            f"from {self.output_dir / 'last.pth'}")
+                    continue
+            consecutive_bad = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.warmup.step()
@@ -308,6 +345,11 @@ class Trainer:
             outputs = _float_outputs(outputs)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(self.device)
             results = self.postprocessor(outputs, sizes)
+            if not all(bool(torch.isfinite(r["scores"]).all() and torch.isfinite(r["boxes"]).all()) for r in results):
+                module.train(was_training)
+                raise NonFiniteWeightsError(
+                    "evaluation stopped: the model's outputs are not finite (the weights have diverged); lower the "
+                    f"learning rate, check the data, or resume from {self.output_dir / 'last.pth'}")
             evaluator.update([{k: v.cpu() for k, v in r.items()} for r in results], [t["image_id"] for t in targets])
             if bar is not None:
                 bar.update(1)
@@ -335,8 +377,16 @@ class Trainer:
         }
 
     def save(self, name: str, epoch: int) -> None:
+        """Write a checkpoint atomically; never one with non-finite weights (the previous file is kept)."""
         if du.is_main():
-            save_atomic(self.state_dict(epoch), self.output_dir / name)
+            state = self.state_dict(epoch)
+            bad = first_non_finite({"model": state["model"], "ema": state["ema"] or {}})
+            if bad:
+                raise NonFiniteWeightsError(
+                    f"training stopped at epoch {epoch}: weight {bad} is not finite; {self.output_dir / name} was not "
+                    f"written (the previous one is intact). Lower the learning rate or resume from "
+                    f"{self.output_dir / 'last.pth'}")
+            save_atomic(state, self.output_dir / name)
 
     def load_weights(self, path) -> None:
         """Model and EMA weights of a training checkpoint (the two-stage reload)."""

@@ -301,7 +301,8 @@ class DFINECriterion(nn.Module):
                     terms = self._get_loss(loss, outputs["dn_pre_outputs"], targets, dn_indices, dn_num_boxes)
                     losses.update(self._weighted(terms, "_dn_pre"))
 
-        return {k: torch.nan_to_num(v, nan=0.0) for k, v in losses.items()}
+        # non-finite terms are returned as they are: the trainer's guard must see them (and skip the step)
+        return losses
 
 
 def build_criterion(cfg: Dict, backend: Optional[str] = None) -> DFINECriterion:

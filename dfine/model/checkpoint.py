@@ -34,10 +34,12 @@ def read_checkpoint(path, trusted: bool = False, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        if not trusted and "weights only" in str(err).lower():
-            refused = str(err).split("\n")[0]
+        # weights_only refuses a pickle that names a global (a function or class to call): that is code.
+        # Other unpickler errors ("Unsupported operand ...") are files that are not checkpoints at all.
+        globals_named = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        if not trusted and globals_named:
             raise UntrustedCheckpointError(f"{what} {path!r} was refused: loading it would run code from the file "
-                                           f"({refused[:300]}); {TRUST_HINT}") from None
+                                           f"({globals_named[0][:200]}); {TRUST_HINT}") from None
         raise ValueError(f"{what} {path!r} could not be read ({type(err).__name__}: {err})") from None
     except Exception as err:  # a truncated or foreign file: zip/pickle/EOF errors of several types
         raise ValueError(f"{what} {path!r} could not be read ({type(err).__name__}: {str(err)[:300]})") from None
