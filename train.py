@@ -19,7 +19,7 @@ from dfine.config import ConfigError, config_value
 from dfine.deploy import DeployError
 from dfine.engine import Trainer
 from dfine.engine import distributed as du
-from dfine.engine.trainer import NonFiniteLossError, NonFiniteWeightsError
+from dfine.engine.trainer import NonFiniteLossError, NonFiniteWeightsError, NothingToTrainError, PartialLoadError
 from dfine.model.checkpoint import UntrustedCheckpointError
 
 
@@ -41,6 +41,9 @@ def parse_args(argv=None):
                    help="fused-op backend (default: the config's ops_backend)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--allow-partial-load", action="store_true",
+                   help="with -t: train even when the weights leave part of the backbone or encoder at random "
+                        "initialisation (by default that is refused: weights of another model size)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow -r/-t files that need arbitrary pickle to load (they can run code; only for files "
                         "you trust). Without it checkpoints load with torch.load(weights_only=True)")
@@ -55,8 +58,12 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:  # one clean line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
-                      backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
+    try:
+        trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
+                          backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.test_only:
             if args.resume:  # the same loader as predict/export: EMA weights preferred, strict
@@ -69,8 +76,8 @@ def main(argv=None) -> int:
                     return 2
             elif args.tuning:
                 try:
-                    trainer.tune_from(args.tuning, trusted=args.trust_checkpoint)
-                except (UntrustedCheckpointError, FileNotFoundError) as err:
+                    trainer.tune_from(args.tuning, trusted=args.trust_checkpoint, allow_partial=args.allow_partial_load)
+                except (UntrustedCheckpointError, FileNotFoundError, PartialLoadError) as err:
                     print(f"error: {err}", file=sys.stderr)
                     return 2
                 module = trainer.model
@@ -89,15 +96,18 @@ def main(argv=None) -> int:
             if args.resume:
                 trainer.resume(args.resume, trusted=args.trust_checkpoint)
             elif args.tuning:
-                trainer.tune_from(args.tuning, trusted=args.trust_checkpoint)
-        except (UntrustedCheckpointError, FileNotFoundError) as err:  # one clean line, no traceback
+                trainer.tune_from(args.tuning, trusted=args.trust_checkpoint, allow_partial=args.allow_partial_load)
+        except (UntrustedCheckpointError, FileNotFoundError, PartialLoadError) as err:  # one clean message
             print(f"error: {err}", file=sys.stderr)
             return 2
         try:
             trainer.fit()
-        except (NonFiniteLossError, NonFiniteWeightsError) as err:  # the message names the epoch, step and last.pth
+        except (NonFiniteLossError, NonFiniteWeightsError, OSError) as err:  # names the epoch, step and last.pth
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except NothingToTrainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     finally:
         du.cleanup()

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from dfine.config import config_section, config_value
+from dfine.config import ConfigError, config_section, config_value
 from dfine.data import CocoEvaluator, build_dataloader, set_loader_epoch
 from dfine.data.epoch import mix_seed
 from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
@@ -32,15 +32,44 @@ from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
 from dfine.loss import build_criterion
 from dfine.model import build_model, build_postprocessor, load_checkpoint
-from dfine.model.checkpoint import load_training_checkpoint, save_atomic
+from dfine.model.checkpoint import load_training_checkpoint, remove_stale_temporaries, save_atomic
 
-__all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightsError", "first_non_finite", "seed_everything"]
+__all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightsError", "NothingToTrainError", "PartialLoadError", "first_non_finite", "seed_everything"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped after too many consecutive non-finite losses or gradients."""
+
+
+class PartialLoadError(RuntimeError):
+    """-t weights that leave part of the backbone or encoder at its random initialisation."""
+
+
+def load_table(own: dict, report) -> tuple:
+    """(markdown table of tensors per model part: loaded, shape mismatch, missing in the checkpoint; the parts
+    among backbone/encoder that did not load completely)."""
+    mismatched = {k for k, _, _ in report.shape_mismatches}
+    missing = set(report.missing_keys)
+    rows = ["| part | tensors | loaded | re-initialised (shape differs) | re-initialised (not in checkpoint) |",
+            "|---|---|---|---|---|"]
+    incomplete = []
+    for part in sorted({k.split(".")[0] for k in own}):
+        keys = [k for k in own if k.split(".")[0] == part]
+        bad_shape = sum(k in mismatched for k in keys)
+        absent = sum(k in missing for k in keys)
+        rows.append(f"| {part} | {len(keys)} | {len(keys) - bad_shape - absent} | {bad_shape} | {absent} |")
+        if part in ("backbone", "encoder") and (bad_shape or absent):
+            incomplete.append(part)
+    if report.unexpected_keys:
+        rows.append(f"\n{len(report.unexpected_keys)} checkpoint tensor(s) not in this model: "
+                    f"{', '.join(report.unexpected_keys[:5])}{', ...' if len(report.unexpected_keys) > 5 else ''}")
+    return "\n".join(rows), incomplete
+
+
+class NothingToTrainError(RuntimeError):
+    """fit() was asked to continue a run that already reached its last epoch."""
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -122,6 +151,8 @@ class Trainer:
         self.postprocessor = build_postprocessor(dict(cfg, remap_mscoco_category=False))
 
         self.epochs = int(config_value(cfg, "epochs"))
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         self.clip_max_norm = float(config_value(cfg, "clip_max_norm") or 0.0)
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg)
@@ -414,11 +445,18 @@ class Trainer:
         self.best = ckpt.get("best") or self.best
         self.log_text(f"resumed from {path}: continuing at epoch {self.start_epoch} (step {self.global_step})")
 
-    def tune_from(self, path, trusted: bool = False) -> None:
+    def tune_from(self, path, trusted: bool = False, allow_partial: bool = False) -> None:
         """Fine-tune: load released weights; tensors whose shape differs (class heads for another class
-        count) keep their fresh initialisation and are reported. Read with ``weights_only=True`` unless ``trusted``."""
+        count) keep their fresh initialisation. A table of loaded / re-initialised tensors per part is logged.
+        Refuses (PartialLoadError) when a backbone or encoder tensor does not load - the weights are then for
+        another model size - unless ``allow_partial``. Read with ``weights_only=True`` unless ``trusted``."""
         report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True, trusted=trusted)
-        self.log_text(f"tuning from {path}:\n{report}")
+        table, incomplete = load_table(self.model.state_dict(), report)
+        self.log_text(f"tuning from {path}:\n{table}")
+        if incomplete and not allow_partial:
+            raise PartialLoadError(
+                f"{path} does not fit this model's {' and '.join(incomplete)} (weights of another model size?): "
+                f"training would start from partly random weights. Pass --allow-partial-load to train anyway.\n{table}")
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())
 
@@ -437,6 +475,14 @@ class Trainer:
         weights are saved as best_stg1.pth; at the stop epoch (augmentation off) training restarts from
         them with EMA decay = ema_restart_decay; in stage 2 an epoch that does not improve AP lowers
         the EMA decay by 1e-4 and restarts from best_stg1.pth (the EMA search)."""
+        if self.start_epoch >= self.epochs:
+            raise NothingToTrainError(
+                f"nothing to train: the run already finished epoch {self.start_epoch - 1} and epochs is {self.epochs}; "
+                f"raise it (e.g. -u epochs={self.start_epoch + 1}) to train further")
+        if du.is_main():
+            removed = remove_stale_temporaries(self.output_dir)
+            if removed:
+                self.log_text(f"removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}")
         self.log_text(f"training epochs {self.start_epoch}..{self.epochs - 1} on {self.device} "
                       f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}")
         if self.device.type == "cpu":

@@ -12,7 +12,7 @@ from typing import List, Tuple
 import torch
 
 __all__ = ["extract_state_dict", "load_checkpoint", "LoadReport", "save_atomic", "load_training_checkpoint",
-           "read_checkpoint", "UntrustedCheckpointError"]
+           "read_checkpoint", "remove_stale_temporaries", "UntrustedCheckpointError"]
 
 TRUST_HINT = ("if you trust the file, load it with trusted=True (command lines: --trust-checkpoint); "
               "a checkpoint written by this project never needs that")
@@ -131,19 +131,42 @@ def _is_deploy_format(state: dict) -> bool:
     return any(".conv_bn_fused." in k for k in state)
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(directory) -> List[str]:
+    """Delete the temporary files that an interrupted ``save_atomic`` (e.g. kill -9) left in ``directory``
+    (``<name>.pth.<random>.tmp``); returns their names. Call it where no other process is saving."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        stem = name[: -len(TMP_SUFFIX)] if name.endswith(TMP_SUFFIX) else ""
+        if ".pth." in stem and os.path.isfile(os.path.join(directory, name)):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
 def save_atomic(obj, path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`
     (os.replace is atomic on POSIX): readers see the old file or the new one, never half of one."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk surfaces as OSError, or as torch's zip-writer RuntimeError
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+        intact = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+        raise OSError(f"could not write checkpoint {path!r} ({reason}; is the disk full?); {intact}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
