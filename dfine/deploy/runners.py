@@ -70,5 +70,13 @@ class OnnxRuntimeRunner:
             "images": images.detach().to("cpu", torch.float32).contiguous().numpy(),
             "orig_target_sizes": torch.as_tensor(orig_sizes).detach().to("cpu", torch.int64).contiguous().numpy(),
         }
-        labels, boxes, scores = self.session.run(list(OUTPUT_NAMES), feeds)
+        try:
+            labels, boxes, scores = self.session.run(list(OUTPUT_NAMES), feeds)
+        except Exception as err:  # onnxruntime's own exception types
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            hint = ""
+            if "topk" in first.lower() or "k argument" in first.lower():
+                hint = " - the images are too small: they give fewer positions than the model's num_queries"
+            raise DeployError(f"onnxruntime could not run the graph on images {list(images.shape)}{hint} ({first})"
+                              ) from None
         return tuple(torch.from_numpy(t).to(images.device) for t in (labels, boxes, scores))

@@ -63,6 +63,14 @@ def exported(request, tmp_path_factory):
     return request.param, detector, path, caught
 
 
+def test_onnxruntime_input_too_small_is_a_clear_error(exported):
+    """32 x 32 gives 21 positions at strides 8/16/32, fewer than num_queries: PyTorch says so, and so must
+    the onnxruntime runner (not onnxruntime's bare TopK error)."""
+    _, _, path, _ = exported
+    with pytest.raises(DeployError, match=r"images \[1, 3, 32, 32\] - the images are too small"):
+        OnnxRuntimeRunner(path)(torch.rand(1, 3, 32, 32), torch.tensor([[32, 32]]))
+
+
 def _inputs(n, h, w, seed):
     gen = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 3, h, w, generator=gen)
