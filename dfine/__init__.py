@@ -5,12 +5,12 @@ Layers (imports go one way, checked by import-linter, see setup.cfg): ops -> con
 """
 
 from dfine import ops  # noqa: F401
-from dfine.config import load_config
+from dfine.config import ConfigError, load_config
 from dfine.deploy import load_detector
 from dfine.loss import build_criterion
 from dfine.model import build_model, build_postprocessor, set_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "load_config", "build_model", "build_postprocessor", "build_criterion", "load_detector",
-           "set_backend"]
+__all__ = ["ops", "ConfigError", "load_config", "build_model", "build_postprocessor", "build_criterion",
+           "load_detector", "set_backend"]

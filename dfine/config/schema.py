@@ -207,7 +207,8 @@ def _dataloader(train: bool) -> Section:
     transforms = {
         "type": _fixed("Compose"),
         "ops": Key(None, _LIST, nullable=True,
-                   doc="must equal the built-in pipeline (PUBLISHED_TRAIN_OPS / PUBLISHED_VAL_OPS) but for Resize size"),
+                   doc="must equal the built-in pipeline (PUBLISHED_TRAIN_OPS / PUBLISHED_VAL_OPS) but for the "
+                       "Resize size"),
     }
     collate = {"type": _fixed("BatchImageCollateFunction")}
     if train:

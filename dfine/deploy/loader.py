@@ -115,7 +115,8 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
     model = model.to(device).eval()
     optimizations = None
     if optimize:
-        optimizations = optimize_for_cpu(model, channels_last=resolve_channels_last(config_value(cfg, "channels_last"), device))
+        channels_last = resolve_channels_last(config_value(cfg, "channels_last"), device)
+        optimizations = optimize_for_cpu(model, channels_last=channels_last)
     if compile:
         model = compile_model(model)
     return Detector(model, build_postprocessor(cfg).to(device), cfg, device, report, optimizations)

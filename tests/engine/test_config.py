@@ -236,9 +236,11 @@ def test_transforms_ops_must_be_the_built_in_pipeline(tmp_path):
     with pytest.raises(ConfigError, match=r"ops\[9\]' .*has no .*GaussianBlur"):
         dfine.load_config(config_path("n"), [f"{key}={_ops_yaml(published + [{'type': 'GaussianBlur'}])}"])
     with pytest.raises(ConfigError, match=r"ops\[4\].p' .*RandomHorizontalFlip has no parameter 'p'"):
-        dfine.load_config(config_path("n"), [f"{key}={_ops_yaml(published[:4] + [{'type': 'RandomHorizontalFlip', 'p': 0.5}] + published[5:])}"])
+        flip = [{"type": "RandomHorizontalFlip", "p": 0.5}]
+        dfine.load_config(config_path("n"), [f"{key}={_ops_yaml(published[:4] + flip + published[5:])}"])
     with pytest.raises(ConfigError, match=r"ops\[1\]' .*RandomZoomOut without fill: 0"):
-        dfine.load_config(config_path("n"), [f"{key}={_ops_yaml(published[:1] + [{'type': 'RandomZoomOut'}] + published[2:])}"])
+        zoom = [{"type": "RandomZoomOut"}]
+        dfine.load_config(config_path("n"), [f"{key}={_ops_yaml(published[:1] + zoom + published[2:])}"])
     with pytest.raises(ConfigError, match=r"ops\[5\].size' .*expected a size"):
         dfine.load_config(config_path("n"), [f"{key}=" + _ops_yaml(published).replace("[320, 320]", "big")])
     # in a file, the val list: the file is named
