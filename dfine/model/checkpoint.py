@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 __all__ = ["extract_state_dict", "load_checkpoint", "LoadReport", "save_atomic", "load_training_checkpoint",
            "read_checkpoint", "remove_stale_temporaries", "UntrustedCheckpointError"]
@@ -24,13 +26,18 @@ class UntrustedCheckpointError(ValueError):
 
 def read_checkpoint(path, trusted: bool = False, what: str = "checkpoint"):
     """``torch.load`` of a checkpoint file onto the CPU with ``weights_only=True``: tensors, numbers, strings and
-    containers only, so a file cannot run code while it loads. ``trusted=True`` allows any pickle (only for files
+    containers only, so a file cannot run code while it loads. A ``.safetensors`` file gives its state_dict. ``trusted=True`` allows any pickle (only for files
     you trust). Raises FileNotFoundError, UntrustedCheckpointError, or ValueError for an unreadable file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    if path.endswith(".safetensors"):  # tensors only by construction: a flat state_dict
+        try:
+            return load_safetensors(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{what} {path!r} could not be read ({type(err).__name__}: {str(err)[:300]})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:

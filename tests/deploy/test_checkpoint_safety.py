@@ -10,7 +10,8 @@ import torch
 
 import dfine
 from dfine.deploy import DeployError
-from dfine.model.checkpoint import UntrustedCheckpointError, load_checkpoint, load_training_checkpoint, read_checkpoint
+from dfine.model.checkpoint import (UntrustedCheckpointError, extract_state_dict, load_checkpoint,
+                                    load_training_checkpoint, read_checkpoint)
 from tests.engine.test_train import SYNTH_CFG, tiny_data, tiny_overrides  # noqa: F401
 from tests.model_helpers import REPO
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -90,3 +91,21 @@ def test_train_py_refuses_code_in_a_checkpoint(tiny, tiny_data, tmp_path, flag):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--trust-checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "last.pth").exists()
+
+
+def test_safetensors_weights_load_everywhere(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    cfg, weights, _, _ = tiny
+    state = extract_state_dict(weights)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path))  # clone: up/reg_scale are shared
+    det = dfine.load_detector(cfg, str(path), backend="reference")
+    assert det.report.ok
+    model = dfine.build_model(dfine.load_config(cfg), backend="reference")
+    load_checkpoint(model, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="could not be read"):
+        read_checkpoint(tmp_path / "bad.safetensors")
