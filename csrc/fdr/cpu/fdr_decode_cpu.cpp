@@ -1,6 +1,6 @@
-// C++ CPU kernels of the FDR decode. float32: the 8 edge rows of 2 boxes per group (lanes.h), run
-// through fdr_math.h's templates on vectors; float64: box by box through the same templates on
-// double (the instantiation the CUDA kernels run). Only loading, layout and looping here.
+// C++ CPU kernels of the FDR decode. float32 in the AVX2 copy: the 8 edge rows of 2 boxes per group
+// (lanes.h), run through fdr_math.h's templates on vectors; float64, and float32 in the baseline
+// copy: box by box through the same templates on scalars (as the CUDA kernels). Only loading, layout and looping here.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -92,41 +92,51 @@ DFINE_FORCE_INLINE void decode_backward_group(const DecodeArgs<float>& a, int64_
   store_group_rows(gz, n, edges, a.grad_z + edge0 * n);
 }
 
-// Every box: groups of kBoxesPerGroup float32 boxes, or single float64 boxes.
+// Groups of kBoxesPerGroup float32 boxes (the AVX2 copy).
+template <bool kForward>
+void decode_box_groups(const DecodeArgs<float>& a, int64_t rows) {
+  for_each_group(rows, kBoxesPerGroup, kGrainRows, DFINE_GROUP_BODY {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t box0 = g * kBoxesPerGroup;
+      const int boxes = static_cast<int>(std::min<int64_t>(kBoxesPerGroup, rows - box0));
+      if (a.n == kDfineBins && a.k == kDfineTopk) {
+        kForward ? decode_forward_group<kDfineBins, kDfineTopk>(a, box0, boxes)
+                 : decode_backward_group<kDfineBins, kDfineTopk>(a, box0, boxes);
+      } else if (a.n == kDfineBins) {
+        kForward ? decode_forward_group<kDfineBins, 0>(a, box0, boxes)
+                 : decode_backward_group<kDfineBins, 0>(a, box0, boxes);
+      } else {
+        kForward ? decode_forward_group<0, 0>(a, box0, boxes) : decode_backward_group<0, 0>(a, box0, boxes);
+      }
+    }
+    if (!kForward) stream_fence();
+  });
+}
+
+// Single boxes (float64, and float32 in the baseline copy).
+template <typename T, bool kForward>
+void decode_box_rows(const DecodeArgs<T>& a, int64_t rows) {
+  const int n = a.n, k = a.k;
+  for_each_group(rows, 1, kGrainRows, DFINE_GROUP_BODY {
+    for (int64_t r = g0; r < g1; ++r) {
+      if (kForward) {
+        fdr_decode_row_forward<T>(a.z + r * 4 * n, a.W, n, a.ref + r * 4, a.rs, k, a.boxes + r * 4,
+                                  a.stats + r * 4 * (k + 1), a.topk_index + r * 4 * k);
+      } else {
+        fdr_decode_row_backward<T>(a.z + r * 4 * n, a.W, n, a.ref + r * 4, a.rs, k, a.saved_index + r * 4 * k,
+                                   a.grad_boxes + r * 4, a.grad_stats + r * 4 * (k + 1), a.grad_z + r * 4 * n,
+                                   a.grad_ref + r * 4);
+      }
+    }
+  });
+}
+
 template <typename T, bool kForward>
 void decode_boxes(const DecodeArgs<T>& a, int64_t rows) {
   if constexpr (std::is_same_v<T, float>) {
-    for_each_group(rows, kBoxesPerGroup, kGrainRows, DFINE_GROUP_BODY {
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t box0 = g * kBoxesPerGroup;
-        const int boxes = static_cast<int>(std::min<int64_t>(kBoxesPerGroup, rows - box0));
-        if (a.n == kDfineBins && a.k == kDfineTopk) {
-          kForward ? decode_forward_group<kDfineBins, kDfineTopk>(a, box0, boxes)
-                   : decode_backward_group<kDfineBins, kDfineTopk>(a, box0, boxes);
-        } else if (a.n == kDfineBins) {
-          kForward ? decode_forward_group<kDfineBins, 0>(a, box0, boxes)
-                   : decode_backward_group<kDfineBins, 0>(a, box0, boxes);
-        } else {
-          kForward ? decode_forward_group<0, 0>(a, box0, boxes) : decode_backward_group<0, 0>(a, box0, boxes);
-        }
-      }
-      if (!kForward) stream_fence();
-    });
-  } else {
-    const int n = a.n, k = a.k;
-    for_each_group(rows, 1, kGrainRows, DFINE_GROUP_BODY {
-      for (int64_t r = g0; r < g1; ++r) {
-        if (kForward) {
-          fdr_decode_row_forward<T>(a.z + r * 4 * n, a.W, n, a.ref + r * 4, a.rs, k, a.boxes + r * 4,
-                                    a.stats + r * 4 * (k + 1), a.topk_index + r * 4 * k);
-        } else {
-          fdr_decode_row_backward<T>(a.z + r * 4 * n, a.W, n, a.ref + r * 4, a.rs, k, a.saved_index + r * 4 * k,
-                                     a.grad_boxes + r * 4, a.grad_stats + r * 4 * (k + 1), a.grad_z + r * 4 * n,
-                                     a.grad_ref + r * 4);
-        }
-      }
-    });
+    if (use_lanes()) return decode_box_groups<kForward>(a, rows);
   }
+  decode_box_rows<T, kForward>(a, rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::Tensor& pred_corners,

@@ -1,6 +1,6 @@
 // C++ CPU kernels of the GO-LSD losses (fgl_loss, ddf_loss). float32 rows run 8 at a time through
-// fdr_math.h's templates on vectors (lanes.h), float64 rows one at a time through the same
-// templates on double (the instantiation the CUDA kernels run). Only loading, layout and looping
+// fdr_math.h's templates on vectors (lanes.h) in the AVX2 copy; float64 rows, and float32 rows in
+// the baseline copy, one at a time through the same templates on scalars (as the CUDA kernels). Only loading, layout and looping
 // here: the formulas are fdr_math.h's.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -96,18 +96,20 @@ DFINE_FORCE_INLINE void ddf_one_row(const DdfArgs<T>& a, int64_t r) {
 template <typename T, typename Group, typename Row>
 void for_each_loss_row(int64_t rows, const Group& group, const Row& row) {
   if constexpr (std::is_same_v<T, float>) {
-    for_each_group(rows, kLanes, kGrainRows * 4, DFINE_GROUP_BODY {
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t r0 = g * kLanes;
-        group(r0, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)), std::true_type{});
-      }
-      stream_fence();
-    });
-  } else {
-    for_each_group(rows, 1, kGrainRows, DFINE_GROUP_BODY {
-      for (int64_t r = g0; r < g1; ++r) row(r);
-    });
+    if (use_lanes()) {
+      for_each_group(rows, kLanes, kGrainRows * 4, DFINE_GROUP_BODY {
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t r0 = g * kLanes;
+          group(r0, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)), std::true_type{});
+        }
+        stream_fence();
+      });
+      return;
+    }
   }
+  for_each_group(rows, 1, kGrainRows, DFINE_GROUP_BODY {
+    for (int64_t r = g0; r < g1; ++r) row(r);
+  });
 }
 
 // loss[r] = weight[r] * loss_r (if want_loss); grad (if defined) = upstream[r] * weight[r] * d(loss_r)/dz.

@@ -22,6 +22,11 @@ using VecF = simd::Vec<float, kLanes>;
 constexpr int kDfineBins = 33;  // reg_max = 32: compile-time loops over the bins
 constexpr int64_t kGrainRows = 128;
 
+// Whether float32 rows go through the vector groups: in the AVX2 copy only. In the baseline copy
+// (SSE2) every 32-byte vector operation is split in two and the 8-lane shuffles are lowered
+// element by element (~20x slower), so it runs the scalar instantiation of the same templates.
+inline bool use_lanes() { return cpu::has_avx2(); }
+
 // body(g0, g1) on groups [g0, g1) of `group` rows (rows split over threads), from the best ISA copy.
 template <typename Body>
 void for_each_group(int64_t rows, int64_t group, int64_t grain_rows, const Body& body) {
