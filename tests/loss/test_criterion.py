@@ -165,13 +165,18 @@ def test_no_targets_gives_finite_losses_and_gradients():
     assert torch.isfinite(outputs["pred_logits"].grad).all()
 
 
-def test_degenerate_and_nan_boxes_do_not_crash():
+def test_degenerate_boxes_give_finite_losses_and_nan_boxes_are_not_hidden():
     g = torch.Generator().manual_seed(5)
+    targets = _targets([2, 3], 5, g)
     outputs = _fake_outputs()
-    outputs["pred_boxes"][0, :3] = float("nan")
     outputs["aux_outputs"][0]["pred_boxes"][1, :2, 2:] = 0.0  # zero-size boxes
-    losses = _criterion()(outputs, _targets([2, 3], 5, g))
+    losses = _criterion()(outputs, targets)
     assert all(torch.isfinite(v) for v in losses.values())
+    # NaN predictions: no crash (matching copes), and the box terms say NaN instead of a silent 0, so the
+    # trainer's guard skips the step
+    outputs["pred_boxes"][0, :3] = float("nan")
+    losses = _criterion()(outputs, targets)
+    assert not torch.isfinite(losses["loss_bbox"]) and not torch.isfinite(losses["loss_giou"])
 
 
 def test_fused_and_reference_losses_and_gradients_agree(fused_backend):
