@@ -1,2 +1,3 @@
-"""Triton kernels of the fused ops (one file per op). Entry points are wrapped as torch.library
-custom ops in ``dfine/ops/``; call them through ``dfine.ops.<op>(..., backend="triton")``."""
+"""Triton kernels of the fused ops, one file per op (installed and imported as ``dfine.kernels``). Each file holds
+the kernels, their launchers, the torch.library custom op with its fake kernel and its autograd; call them through
+``dfine.ops.<op>(..., backend="triton")``."""

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# jemalloc: train.py on the CPU runs faster under it (see dfine/cpu_speed.py). Best effort:
+# jemalloc: train.py on the CPU runs faster under it (see dfine/deploy/cpu.py). Best effort:
 # without it (no root, no apt) training falls back to tuned glibc malloc.
 if ! ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get install -y -q libjemalloc2 >/dev/null 2>&1 \
