@@ -106,8 +106,7 @@ class TestDdfLoss(OpTester):
 
     def case_zero_teacher_probability(self, dtype, device):
         """Teacher bins at -inf have probability 0: xlogy semantics make their terms 0, not NaN. 21
-        rows: a group of 16 with AVX-512 (two of 8 with AVX2), 5 through the row kernel; the last
-        bin, which the AVX-512 kernel gathers apart, too."""
+        rows: two 8-row vector groups of the AVX2 copy and 5 rows through the scalar template."""
         pred, teacher, weight = _inputs(n=21, dtype=dtype)
         teacher[:, :3] = float("-inf")
         teacher[::2, BINS - 1] = float("-inf")
@@ -176,9 +175,9 @@ class TestDdfLoss(OpTester):
 
 
 def test_cpp_row_and_lane_kernels_agree():
-    # float32 rows of 33 bins go through the CPU group kernels (16 rows with AVX-512, 8 with AVX2)
-    # when they fill a group, the others through the row kernel: the same row must give the same
-    # loss and gradient either way (19 rows = 16 + 3, or 2 x 8 + 3)
+    # float32 rows of 33 bins go through the AVX2 copy's 8-row vector groups when they fill a group,
+    # the others through the scalar template row by row: the same row must give the same loss and
+    # gradient either way (19 rows = 2 x 8 + 3)
     require_backend("cpp")
     pred, teacher, weight = _inputs(n=19)
     pred[2] = torch.sign(pred[2]) * 1e4

@@ -196,10 +196,9 @@ class TestFglLoss(OpTester):
 
 
 def test_cpp_row_and_lane_kernels_agree():
-    # float32 rows of 33 bins go through the CPU lane kernels (16 rows per group with AVX-512, then
-    # 8 with AVX2) when they fill a group, the others through the row kernel: the same row must give
-    # the same loss and gradient either way (27 rows = 16 + 8 + 3; edge targets 0 and K - 0.1 are in
-    # the first group)
+    # float32 rows of 33 bins go through the AVX2 copy's 8-row vector groups when they fill a group,
+    # the others through the scalar template row by row: the same row must give the same loss and
+    # gradient either way (27 rows = 3 x 8 + 3; edge targets 0 and K - 0.1 are in the first group)
     require_backend("cpp")
     pred, target, wl, wr, iou = _inputs(n=27)
     pred[5] = torch.sign(pred[5]) * 1e4
