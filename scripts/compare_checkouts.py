@@ -67,7 +67,7 @@ model = dfine.build_model(dfine.load_config(sys.argv[1]), backend="reference")
 torch.save({"model": model.state_dict()}, sys.argv[2])
 """
 
-ROW = re.compile(r"^\|\s*([NSMLX])\s*\|\s*(reference ops|fused ops)\s*\|\s*([0-9.]+)\s*\|")
+ROW = re.compile(r"^\|\s*([NSMLX])\s*\|\s*(reference ops|fused ops[^|]*?)\s*\|\s*([0-9.]+)\s*\|")
 
 
 def run(tree: Path, args, timeout=1800) -> str:
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs", type=int, default=15, help="predict calls per measurement")
     parser.add_argument("--train-runs", type=int, default=5, help="training steps per measurement")
+    parser.add_argument("--only", choices=["train", "predict"], help="measure only one of the two")
     args = parser.parse_args(argv)
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     results: dict = {}
@@ -97,14 +98,14 @@ def main(argv=None) -> int:
             run(trees["after"], ["-c", CHECKPOINT_SNIPPET, cfg, ckpts[size]])
         for r in range(args.rounds):
             for name, tree in trees.items():
-                out = run(tree, ["benchmarks/bench_train_step.py", "--sizes", *args.sizes, "--runs",
-                                 str(args.train_runs)])
+                out = "" if args.only == "predict" else run(
+                    tree, ["benchmarks/bench_train_step.py", "--sizes", *args.sizes, "--runs", str(args.train_runs)])
                 for line in out.splitlines():
                     m = ROW.match(line)
                     if m:
                         key = (f"train step, {m.group(2)} (s)", m.group(1))
                         results.setdefault(key, {}).setdefault(name, []).append(float(m.group(3)))
-                for size in args.sizes:
+                for size in (args.sizes if args.only != "train" else []):
                     cfg = str(tree / "configs" / "dfine" / f"dfine_hgnetv2_{size}_coco.yml")
                     ms = json.loads(run(tree, ["-c", PREDICT_SNIPPET, cfg, ckpts[size], str(args.runs)]))["ms"]
                     results.setdefault(("predict path (ms)", size.upper()), {}).setdefault(name, []).append(ms)
