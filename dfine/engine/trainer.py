@@ -452,7 +452,7 @@ class Trainer:
         another model size - unless ``allow_partial``. Read with ``weights_only=True`` unless ``trusted``."""
         report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True, trusted=trusted)
         table, incomplete = load_table(self.model.state_dict(), report)
-        self.log_text(f"tuning from {path}:\n{table}")
+        self.log_text(f"tuning from {path}:\n{table}\n{report}")  # the table, then the tensors by name
         if incomplete and not allow_partial:
             raise PartialLoadError(
                 f"{path} does not fit this model's {' and '.join(incomplete)} (weights of another model size?): "
