@@ -1,50 +1,57 @@
-"""What the command lines share: class names for drawing, one image through a runner."""
+"""What the command lines share: one image through a runner, the --classes and --trust-checkpoint options,
+the class-names notice."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from dfine.deploy import DeployError, preprocess
-from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
+from dfine.model.classes import COCO_CLASS_NAMES, ClassInfo
 
-__all__ = ["COCO_CLASS_NAMES", "PredictError", "add_trust_argument", "class_name", "detect"]
+__all__ = ["COCO_CLASS_NAMES", "PredictError", "add_classes_argument", "add_trust_argument", "coco_records",
+           "detect", "label_texts", "print_notice"]
 
 # The command lines' user-facing error: one line, non-zero exit.
 PredictError = DeployError
 
-COCO_CLASS_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-]
 
-
-def class_name(label: int, remapped: bool) -> str:
-    if remapped and label in MSCOCO_CATEGORY_IDS:
-        return COCO_CLASS_NAMES[MSCOCO_CATEGORY_IDS.index(label)]
-    if not remapped and 0 <= label < len(COCO_CLASS_NAMES):
-        return COCO_CLASS_NAMES[label]
-    return str(label)
-
-
-def detect(runner, image: torch.Tensor, size, threshold: float, device="cpu", remapped=False):
-    """One uint8 [3, H, W] image -> (labels, boxes xyxy in its pixels, scores) above `threshold`; labels are
-    COCO category ids when the config remaps them."""
+def detect(runner, image: torch.Tensor, size, threshold: float, device="cpu"):
+    """One uint8 [3, H, W] image -> (labels, boxes xyxy in its pixels, scores) above `threshold`; labels are the
+    model's (0..K-1): ``ClassInfo`` says what they mean."""
     h, w = image.shape[-2:]
     labels, boxes, scores = (t[0].cpu() for t in runner(preprocess(image, size)[None].to(device),
                                                          torch.tensor([[w, h]], device=device)))
-    if remapped:
-        labels = torch.tensor(MSCOCO_CATEGORY_IDS)[labels]
     keep = scores > threshold
     return labels[keep], boxes[keep], scores[keep]
+
+
+def label_texts(classes: ClassInfo, labels, scores) -> list:
+    """The text drawn at each box: the class name and the score."""
+    return [f"{classes.name(int(l))} {float(s):.2f}" for l, s in zip(labels, scores)]
+
+
+def coco_records(classes: ClassInfo, image_id: int, labels, boxes, scores) -> list:
+    """COCO results records of one image; ``category_id`` is the dataset's id of each label (None for a label
+    no dataset category maps to)."""
+    return [{"image_id": image_id, "category_id": classes.category_id(l),
+             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
+            for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist())]
+
+
+def print_notice(classes: ClassInfo) -> None:
+    """The notice of class names that were guessed (no metadata in the checkpoint), on stderr."""
+    if classes is not None and classes.notice:
+        print(f"notice: {classes.notice}", file=sys.stderr)
+
+
+def add_classes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="class names overriding those the checkpoint records: a text file with one name per line "
+                             "(label order), a JSON list of names, a JSON object {category_id: name}, or a COCO "
+                             "annotation file (its 'categories'); see docs/deploy.md")
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:

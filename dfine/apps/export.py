@@ -3,7 +3,9 @@
     python -m dfine export -c CFG -r CKPT [--output model.onnx] [--opset 17] [--dynamic-batch] [--dynamic-size]
                            [--size H W] [--check] [--simplify]
 
-The graph's interface and how the fused ops are exported: ``dfine.deploy.onnx_export``.
+The graph's interface and how the fused ops are exported: ``dfine.deploy.onnx_export``. The file's
+``metadata_props`` carry the class names and category ids the checkpoint records (``--classes FILE`` overrides):
+``names``, ``category_ids`` (JSON lists indexed by label) and ``num_classes``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from dfine.config import ConfigError
-from dfine.apps.common import add_trust_argument
+from dfine.apps.common import add_classes_argument, add_trust_argument, print_notice
 from dfine.deploy import DeployError, check_onnx, export_onnx, load_detector
 from dfine.deploy.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, onnx_op_domains, simplify_onnx
 from dfine.model import set_backend
@@ -30,19 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--check", action="store_true",
                         help="run onnx.checker and compare onnxruntime with PyTorch on random inputs")
     parser.add_argument("--simplify", action="store_true", help="simplify with onnxsim (when installed)")
+    add_classes_argument(parser)
     add_trust_argument(parser)
 
 
 def run(args) -> int:
     try:
         det = load_detector(args.config, args.resume, backend="reference", optimize=False,
-                            trusted=args.trust_checkpoint)
+                            trusted=args.trust_checkpoint, classes=args.classes)
+        print_notice(det.classes)
         detector = det.graph()
         h, w = args.size if args.size else det.input_size
         path = export_onnx(detector, args.output, (h, w), opset=args.opset, dynamic_batch=args.dynamic_batch,
-                           dynamic_size=args.dynamic_size)
+                           dynamic_size=args.dynamic_size, metadata=det.classes.onnx_metadata())
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, input 1x3x{h}x{w}"
-              f"{', dynamic batch' if args.dynamic_batch else ''}{', dynamic H/W' if args.dynamic_size else ''})")
+              f"{', dynamic batch' if args.dynamic_batch else ''}{', dynamic H/W' if args.dynamic_size else ''}; "
+              f"{det.classes.num_classes} class names from {det.classes.origin})")
         if args.simplify:
             print(simplify_onnx(path))
         if args.check:

@@ -7,6 +7,10 @@
 
 Every path goes through a runner (dfine.deploy.runners): runner(images [N,3,H,W], orig_sizes [N,2] (w, h)) ->
 (labels, boxes, scores), fed by the same `dfine.deploy.preprocess`.
+
+Class names and ``category_id``s come from the checkpoint's class metadata (an ONNX file's metadata_props with
+``--onnx``), ``--classes FILE`` overriding (`dfine.model.classes`); ``images.json`` lists them as COCO
+``categories``.
 """
 
 from __future__ import annotations
@@ -22,29 +26,43 @@ import torchvision
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from dfine.apps.common import PredictError, add_trust_argument, class_name, detect
+from dfine.apps.common import (PredictError, add_classes_argument, add_trust_argument, coco_records, detect,
+                               label_texts, print_notice)
 from dfine.apps.video import is_video, predict_video
 from dfine.config import ConfigError
 from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
 from dfine.deploy.images import to_uint8
 from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
+from dfine.deploy.loader import detector_classes
+from dfine.model.checkpoint import checkpoint_metadata
 from dfine.ops import BACKENDS
 
 RUNNER_BACKENDS = list(BACKENDS) + ["onnxruntime"]
 
 
 def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
-                compiled: bool = False, trusted: bool = False):
-    """(runner, cfg, postprocessor): the detector of `dfine.deploy.load_detector` (deployed, with the CPU
-    inference forms on the CPU), or an onnxruntime session."""
+                compiled: bool = False, trusted: bool = False, classes=None):
+    """(runner, cfg, postprocessor, ClassInfo): the detector of `dfine.deploy.load_detector` (deployed, with the
+    CPU inference forms on the CPU), or an onnxruntime session. ``classes``: a ``--classes`` file."""
     if backend == "onnxruntime":
         if compiled:
             raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
-        return onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
+        runner, cfg, post = onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
+        record = runner.class_metadata if onnx is not None else None
+        if record is not None:
+            info = detector_classes(cfg, record, classes, source=f"ONNX file {str(onnx)!r}")
+        else:  # an on-the-fly export, or a file exported without class metadata: what the checkpoint records
+            try:
+                metadata = checkpoint_metadata(checkpoint, trusted=trusted) if Path(checkpoint).is_file() else {}
+            except ValueError as err:
+                raise PredictError(str(err)) from None
+            info = detector_classes(cfg, metadata.get("classes"), classes, source=f"checkpoint {str(checkpoint)!r}")
+        return runner, cfg, post, info
     if onnx is not None:
         raise PredictError("--onnx is only used with --backend onnxruntime")
-    det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled, trusted=trusted)
-    return TorchRunner(det.graph()), det.cfg, det.postprocessor
+    det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled, trusted=trusted,
+                        classes=classes)
+    return TorchRunner(det.graph()), det.cfg, det.postprocessor, det.classes
 
 
 def output_names(images: List[Path]) -> List[str]:
@@ -63,17 +81,20 @@ def check_no_overwrite(inputs: List[Path], outputs: List[Path]) -> None:
 
 
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
-            onnx=None, compiled=False, trusted=False) -> dict:
-    """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
+            onnx=None, compiled=False, trusted=False, classes=None) -> dict:
+    """Returns {"results": [COCO detections], "images": [...], "categories": [{"id", "name"}], "errors": [messages],
+    "classes": ClassInfo} (+ "video" for a video).
 
-    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
+    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export).
+    classes: a ``--classes`` file overriding the names (and ids) the checkpoint records."""
     video = is_video(input_path)
     images = [] if video else list_images(Path(input_path))
-    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted)
+    runner, cfg, post, info = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted, classes)
     size = input_size(cfg)
-    remapped = bool(post.remap_mscoco_category)
     if video:
-        return predict_video(runner, size, input_path, output_dir, threshold, device, remapped)
+        out = predict_video(runner, size, input_path, output_dir, threshold, device, info)
+        out["classes"] = info
+        return out
     out_dir = Path(output_dir)
     drawn_names = output_names(images)
     check_no_overwrite(images, [out_dir / n for n in drawn_names] + [out_dir / "results.json", out_dir / "images.json"])
@@ -88,19 +109,17 @@ def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="
             errors.append(str(err))
             continue
         h, w = image.shape[-2:]
-        labels, boxes, scores = detect(runner, image, size, threshold, device, remapped)
-        names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
-        drawn = draw_bounding_boxes(to_uint8(image), boxes, labels=names, colors="red", width=2)
+        labels, boxes, scores = detect(runner, image, size, threshold, device)
+        drawn = draw_bounding_boxes(to_uint8(image), boxes, labels=label_texts(info, labels, scores), colors="red",
+                                    width=2)
         torchvision.io.write_jpeg(drawn, str(out_dir / drawn_names[image_id]))
         infos.append({"id": image_id, "file_name": path.name, "width": int(w), "height": int(h)})
-        for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist()):
-            results.append({"image_id": image_id, "category_id": int(l),
-                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+        results += coco_records(info, image_id, labels, boxes, scores)
     with open(out_dir / "results.json", "w") as f:
         json.dump(results, f)
     with open(out_dir / "images.json", "w") as f:
-        json.dump({"images": infos}, f, indent=1)
-    return {"results": results, "images": infos, "errors": errors}
+        json.dump({"images": infos, "categories": info.categories()}, f, indent=1)
+    return {"results": results, "images": infos, "categories": info.categories(), "errors": errors, "classes": info}
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -114,6 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--onnx", default=None,
                         help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
     parser.add_argument("--device", default="cpu")
+    add_classes_argument(parser)
     add_trust_argument(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the deployed model (fused ops in the graph; the first image compiles)")
@@ -126,13 +146,14 @@ def run(args) -> int:
         retain_freed_memory()
     try:
         out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
-                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint)
+                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint, classes=args.classes)
     except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
     except OSError as err:  # e.g. an unwritable or full --output
         print(f"error: cannot write the results to --output {args.output!r}: {err.strerror or err}")
         return 2
+    print_notice(out["classes"])
     for msg in out["errors"]:
         print(f"error: {msg}")
     unit = "frame(s)" if "video" in out else "image(s)"

@@ -19,7 +19,9 @@ from torchvision.utils import draw_bounding_boxes
 
 from tqdm import tqdm
 
-from dfine.apps.common import PredictError, class_name, detect
+from dfine.apps.common import PredictError, coco_records, detect, label_texts
+from dfine.model.classes import COCO_CLASS_NAMES, ClassInfo
+from dfine.model.postprocessor import MSCOCO_CATEGORY_IDS
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 DEFAULT_FPS = 25.0
@@ -90,9 +92,12 @@ class VideoWriter:
 
 
 def predict_video(runner: Callable, size, input_path, output_dir, threshold=0.4, device="cpu",
-                  remapped=False) -> dict:
-    """Returns {"results": [COCO detections, image_id = frame index], "images": [one per frame], "errors": [],
-    "video": {...}}; writes ``output_dir/<stem>.mp4``, ``results.json`` and ``images.json``."""
+                  classes: ClassInfo = None) -> dict:
+    """Returns {"results": [COCO detections, image_id = frame index], "images": [one per frame], "categories",
+    "errors": [], "video": {...}}; writes ``output_dir/<stem>.mp4``, ``results.json`` and ``images.json``.
+    ``classes``: names and category ids per label (default: the COCO ones)."""
+    if classes is None:
+        classes = ClassInfo(tuple(COCO_CLASS_NAMES), tuple(MSCOCO_CATEGORY_IDS), "COCO")
     input_path = Path(input_path)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,15 +110,13 @@ def predict_video(runner: Callable, size, input_path, output_dir, threshold=0.4,
     try:
         for frame_id, frame in enumerate(tqdm(reader, total=reader.frame_count or None, desc="predict video",
                                               unit="frame")):
-            labels, boxes, scores = detect(runner, frame, size, threshold, device, remapped)
-            names = [f"{class_name(int(l), remapped)} {float(s):.2f}" for l, s in zip(labels, scores)]
-            writer.write(draw_bounding_boxes(frame, boxes, labels=names, colors="red", width=2))
+            labels, boxes, scores = detect(runner, frame, size, threshold, device)
+            writer.write(draw_bounding_boxes(frame, boxes, labels=label_texts(classes, labels, scores), colors="red",
+                                             width=2))
             h, w = frame.shape[-2:]
             infos.append({"id": frame_id, "file_name": input_path.name, "frame": frame_id,
                           "width": int(w), "height": int(h)})
-            for l, b, s in zip(labels.tolist(), boxes.tolist(), scores.tolist()):
-                results.append({"image_id": frame_id, "category_id": int(l),
-                                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
+            results += coco_records(classes, frame_id, labels, boxes, scores)
     finally:
         reader.close()
         writer.close()
@@ -124,5 +127,5 @@ def predict_video(runner: Callable, size, input_path, output_dir, threshold=0.4,
     with open(out_dir / "results.json", "w") as f:
         json.dump(results, f)
     with open(out_dir / "images.json", "w") as f:
-        json.dump({"images": infos, "video": video}, f, indent=1)
-    return {"results": results, "images": infos, "errors": [], "video": video}
+        json.dump({"images": infos, "categories": classes.categories(), "video": video}, f, indent=1)
+    return {"results": results, "images": infos, "categories": classes.categories(), "errors": [], "video": video}

@@ -19,10 +19,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from dfine.apps.common import PredictError, add_trust_argument, class_name
+from dfine.apps.common import PredictError, add_classes_argument, add_trust_argument, print_notice
 from dfine.config import ConfigError
 from dfine.deploy import load_detector, preprocess, read_image
 from dfine.deploy.images import to_uint8
+from dfine.model.classes import ClassInfo, resolve_classes
 from dfine.ops import BACKENDS
 from dfine.ops.fdr import weighting_function
 
@@ -51,6 +52,7 @@ class Visualization:
     probs: np.ndarray  # [D, L, 4, K+1] exactly what was plotted, per detection, layer, edge
     bins: np.ndarray  # [K+1] the x positions of the plotted points
     trace: Optional[LayerTrace] = field(default=None, repr=False)
+    classes: Optional[ClassInfo] = field(default=None, repr=False)  # how the labels were named
 
 
 @torch.no_grad()
@@ -144,29 +146,32 @@ def plot_fdr_layers(image: torch.Tensor, trace: LayerTrace, queries: Sequence[in
 
 
 def visualize_image(model, image: torch.Tensor, size, query=None, top=None, output=None, device="cpu",
-                    remapped=False) -> Visualization:
-    """Trace, choose the detections, plot, and save to ``output`` when given."""
+                    classes: ClassInfo = None) -> Visualization:
+    """Trace, choose the detections, plot, and save to ``output`` when given. ``classes`` names the labels
+    (default: from the class count, as for a checkpoint without class metadata)."""
     trace = trace_layers(model, image, size, device)
+    if classes is None:
+        classes = resolve_classes(model.decoder.num_classes, coco_config=True)
     queries = select_queries(trace.scores, query, top)
-    names = [f"query {q}: {class_name(int(trace.labels[q]), remapped)} {float(trace.scores[q]):.2f}" for q in queries]
+    names = [f"query {q}: {classes.name(int(trace.labels[q]))} {float(trace.scores[q]):.2f}" for q in queries]
     fig, axes, probs = plot_fdr_layers(image, trace, queries, names)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(str(output))
-    return Visualization(figure=fig, axes=axes, queries=queries, probs=probs, bins=trace.bins.numpy(), trace=trace)
+    return Visualization(figure=fig, axes=axes, queries=queries, probs=probs, bins=trace.bins.numpy(), trace=trace,
+                         classes=classes)
 
 
 def visualize(config, checkpoint, input_path, output, query=None, top=None, backend="auto",
-              device="cpu", trusted=False) -> Visualization:
+              device="cpu", trusted=False, classes=None) -> Visualization:
     if query is not None and top is not None:
         raise PredictError("give either --query or --top, not both")
     path = Path(input_path)
     if not path.is_file():
         raise PredictError(f"--input {str(path)!r} is not an image file")
     image = read_image(path)
-    det = load_detector(config, checkpoint, device=device, backend=backend, trusted=trusted)
-    return visualize_image(det.model, image, det.input_size, query, top, output, device,
-                           bool(det.postprocessor.remap_mscoco_category))
+    det = load_detector(config, checkpoint, device=device, backend=backend, trusted=trusted, classes=classes)
+    return visualize_image(det.model, image, det.input_size, query, top, output, device, det.classes)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -179,15 +184,17 @@ def add_arguments(parser: argparse.ArgumentParser):
     which.add_argument("--top", type=int, default=None, help="show the N best-scoring queries (default 1)")
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--device", default="cpu")
+    add_classes_argument(parser)
     add_trust_argument(parser)
 
 
 def run(args) -> int:
     try:
         vis = visualize(args.config, args.resume, args.input, args.output, args.query, args.top, args.backend,
-                        args.device, args.trust_checkpoint)
+                        args.device, args.trust_checkpoint, args.classes)
     except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
+    print_notice(vis.classes)
     print(f"queries {vis.queries}: {vis.probs.shape[1]} decoder layers -> {args.output}")
     return 0

@@ -2,6 +2,7 @@
 
     det = load_detector("configs/dfine/dfine_hgnetv2_s_coco.yml", "dfine_s_coco.pth", device="cpu")
     labels, boxes, scores = det.graph()(images, orig_sizes)
+    det.classes.name(label), det.classes.category_id(label)     # what a label means (dfine.model.classes)
 
 ``predict``, ``export``, ``visualize``, ``train.py --test-only`` and the benchmarks all load through it.
 """
@@ -20,10 +21,11 @@ from dfine.deploy.compiled import compile_model
 from dfine.deploy.cpu import optimize_for_cpu, resolve_channels_last
 from dfine.deploy.graph import DeployError, DetectorGraph
 from dfine.model import LoadReport, build_model, build_postprocessor, load_checkpoint
-from dfine.model.checkpoint import UntrustedCheckpointError
+from dfine.model.checkpoint import UntrustedCheckpointError, checkpoint_metadata, read_checkpoint
+from dfine.model.classes import ClassInfo, resolve_classes
 from dfine.ops import BACKENDS
 
-__all__ = ["Detector", "input_size", "load_detector", "require_file"]
+__all__ = ["Detector", "detector_classes", "input_size", "load_detector", "require_file"]
 
 
 def input_size(cfg: dict) -> Tuple[int, int]:
@@ -42,6 +44,7 @@ class Detector:
     device: torch.device
     report: Optional[LoadReport] = None  # what load_checkpoint found; None without a checkpoint
     optimizations: Optional[dict] = None  # what optimize_for_cpu replaced; None when not applied
+    classes: Optional[ClassInfo] = None  # names and dataset category ids per label
 
     @property
     def input_size(self) -> Tuple[int, int]:
@@ -61,9 +64,22 @@ def require_file(path, what: str) -> str:
     return path
 
 
+def detector_classes(cfg: dict, metadata: Optional[dict] = None, classes_file=None,
+                     source: str = "the checkpoint") -> ClassInfo:
+    """What the labels of ``cfg``'s model mean: ``metadata`` (the class record of a checkpoint or ONNX file),
+    else guessed from the class count (COCO for 80, numbered otherwise, with a notice), ``classes_file``
+    (``--classes``) overriding; see `dfine.model.classes.resolve_classes`. Raises DeployError."""
+    try:
+        return resolve_classes(config_value(cfg, "DFINETransformer.num_classes"), metadata, classes_file,
+                               coco_config=bool(config_value(cfg, "remap_mscoco_category")), source=source)
+    except ValueError as err:
+        raise DeployError(str(err)) from None
+
+
 def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, device: Union[str, torch.device] = "cpu",
                   backend: str = "auto", deploy: bool = True, optimize: Union[bool, str] = "auto",
-                  compile: bool = False, overrides: Optional[Iterable[str]] = None, trusted: bool = False) -> Detector:
+                  compile: bool = False, overrides: Optional[Iterable[str]] = None, trusted: bool = False,
+                  classes=None) -> Detector:
     """Build the model of ``config`` and load ``checkpoint`` into it, ready for inference.
 
     Args:
@@ -80,6 +96,8 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
         overrides: ``"Section.key=value"`` config overrides (with a config path).
         trusted: read a checkpoint file with full pickle instead of ``weights_only=True`` (it can run code: only for
             files you trust; this project's own checkpoints never need it).
+        classes: a ``--classes`` file overriding the class names (and ids) the checkpoint records
+            (`dfine.model.classes.read_classes_file`). ``Detector.classes`` holds the result.
 
     Raises:
         DeployError: a missing file, an unknown backend, a checkpoint that does not fit, flags that do not combine.
@@ -101,15 +119,25 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
         cfg = load_config(require_file(config, "config"), overrides=overrides)
     model = build_model(cfg, backend=backend)
     report = None
+    metadata = {}
+    source = "the checkpoint" if checkpoint is not None else "the model (no checkpoint given)"
     if checkpoint is not None:
         if isinstance(checkpoint, (str, os.PathLike)):
+            source = f"checkpoint {os.fspath(checkpoint)!r}"
             require_file(checkpoint, "checkpoint")
+        try:
+            if isinstance(checkpoint, (str, os.PathLike)) and not os.fspath(checkpoint).endswith(".safetensors"):
+                checkpoint = read_checkpoint(checkpoint, trusted=trusted)  # once: weights and metadata
+            metadata = checkpoint_metadata(checkpoint)
+        except ValueError as err:  # UntrustedCheckpointError too: one clear line
+            raise DeployError(str(err)) from None
         try:
             report = load_checkpoint(model, checkpoint, trusted=trusted)
         except UntrustedCheckpointError as err:
             raise DeployError(str(err)) from None
         except (ValueError, TypeError) as err:
             raise DeployError(f"checkpoint does not fit the config's model: {err}") from err
+    classes = detector_classes(cfg, metadata.get("classes"), classes, source)
     if deploy:
         model.deploy()
     model = model.to(device).eval()
@@ -119,4 +147,4 @@ def load_detector(config: Union[str, os.PathLike, dict], checkpoint=None, *, dev
         optimizations = optimize_for_cpu(model, channels_last=channels_last)
     if compile:
         model = compile_model(model)
-    return Detector(model, build_postprocessor(cfg).to(device), cfg, device, report, optimizations)
+    return Detector(model, build_postprocessor(cfg).to(device), cfg, device, report, optimizations, classes)

@@ -5,7 +5,9 @@ The graph (the published D-FINE deployment interface):
 * inputs  ``images`` [N, 3, H, W] float32 (RGB in [0, 1], plain resize: ``dfine.deploy.preprocess``) and
   ``orig_target_sizes`` [N, 2] int64, (w, h) of the original images;
 * outputs ``labels`` [N, K] int64 (contiguous class ids), ``boxes`` [N, K, 4] float32 (x1, y1, x2, y2 in pixels
-  of the original image) and ``scores`` [N, K] float32, K = ``DFINEPostProcessor.num_top_queries``.
+  of the original image) and ``scores`` [N, K] float32, K = ``DFINEPostProcessor.num_top_queries``;
+* ``metadata_props`` (``python -m dfine export``): ``names`` and ``category_ids`` (JSON lists indexed by label)
+  and ``num_classes`` - what the labels mean (``dfine.model.classes``).
 
 The fused ops are exported through their plain-PyTorch references (the model is switched to
 ``backend="reference"`` while tracing), so the file holds standard ONNX operators only
@@ -46,11 +48,13 @@ def _backends(module: nn.Module) -> Dict[nn.Module, str]:
 
 
 def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640), batch: int = 1,
-                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dynamic_size: bool = False) -> Path:
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dynamic_size: bool = False,
+                metadata: Optional[Dict[str, str]] = None) -> Path:
     """Trace ``detector`` at ``batch x 3 x H x W`` and write the ONNX file ``output``.
 
     The fused ops are switched to their references while tracing (restored afterwards). Dynamic
-    axes: ``N`` (batch of every input and output) and ``H``/``W`` of ``images``."""
+    axes: ``N`` (batch of every input and output) and ``H``/``W`` of ``images``. ``metadata`` ({key: string},
+    e.g. ``ClassInfo.onnx_metadata()``) is written into the file's ``metadata_props``."""
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise DeployError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}] (GridSample needs opset >= {MIN_OPSET}; "
                           f"{MAX_OPSET} is the newest opset of torch's TorchScript ONNX exporter), got {opset}")
@@ -93,6 +97,12 @@ def export_onnx(detector: DetectorGraph, output, size: Sequence[int] = (640, 640
         for m, name in saved.items():
             m.backend = name
         detector.train(was_training)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(output))
+        onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+        onnx.save(proto, str(output))
     return output
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from dfine.deploy.graph import INPUT_NAMES, OUTPUT_NAMES, DeployError, DetectorGraph
+from dfine.model.classes import classes_from_onnx_metadata
 
 __all__ = ["TorchRunner", "OnnxRuntimeRunner"]
 
@@ -58,6 +59,15 @@ class OnnxRuntimeRunner:
             raise DeployError(f"{os.fspath(path)!r} is not a D-FINE export: inputs {names}, outputs {outputs} "
                               f"(expected {INPUT_NAMES} -> {OUTPUT_NAMES}; write one with `python -m dfine export`)")
         self.device = device
+
+    @property
+    def class_metadata(self) -> Optional[dict]:
+        """The class record ({"names", "category_ids"}) the export wrote into the file's metadata_props; None for
+        a file without one."""
+        try:
+            return classes_from_onnx_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
+        except ValueError as err:
+            raise DeployError(str(err)) from None
 
     @property
     def input_size(self) -> Tuple[Optional[int], Optional[int]]:

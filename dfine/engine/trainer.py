@@ -33,6 +33,7 @@ from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
 from dfine.loss import build_criterion
 from dfine.model import build_model, build_postprocessor, load_checkpoint
 from dfine.model.checkpoint import load_training_checkpoint, remove_stale_temporaries, save_atomic
+from dfine.model.classes import class_metadata as make_class_metadata
 
 __all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightsError", "NothingToTrainError", "PartialLoadError", "first_non_finite", "seed_everything"]
 
@@ -192,6 +193,7 @@ class Trainer:
         self.history: List[dict] = []
         self._train_loader = self._val_loader = None
         self._writer = None
+        self._classes = None
 
     # -------------------------------------------------------------------------------------------
     # data
@@ -217,6 +219,20 @@ class Trainer:
                 f"{split} dataset has labels up to {dataset.num_classes - 1} (category_map="
                 f"{dataset.category_map!r}) but the config's num_classes is {k}; set num_classes: {dataset.num_classes}"
             )
+
+    def class_metadata(self) -> dict:
+        """What the labels mean (names, dataset category ids; `dfine.model.classes`), from the training set's
+        annotation file and category mapping; written into every checkpoint."""
+        if self._classes is None:
+            dataset = self.train_loader().dataset
+            self._classes = make_class_metadata(int(config_value(self.cfg, "num_classes")),
+                                                dataset.label_to_category_id, dataset.category_names,
+                                                dataset.category_map, dataset.ann_file)
+        return self._classes
+
+    def config_record(self) -> dict:
+        """The merged config this run trains with, as plain JSON values (loads under weights_only=True)."""
+        return json.loads(json.dumps(self.cfg, default=str))
 
     # -------------------------------------------------------------------------------------------
     # logging
@@ -405,6 +421,8 @@ class Trainer:
             "best": self.best,
             "seed": self.seed,
             "date": datetime.datetime.now().isoformat(),
+            "classes": self.class_metadata(),
+            "config": self.config_record(),
         }
 
     def save(self, name: str, epoch: int) -> None:
@@ -446,13 +464,22 @@ class Trainer:
         self.log_text(f"resumed from {path}: continuing at epoch {self.start_epoch} (step {self.global_step})")
 
     def tune_from(self, path, trusted: bool = False, allow_partial: bool = False) -> None:
-        """Fine-tune: load released weights; tensors whose shape differs (class heads for another class
-        count) keep their fresh initialisation. A table of loaded / re-initialised tensors per part is logged.
+        """Fine-tune: load released weights. Between an Objects365 (366 classes) and a COCO (80) model the class
+        rows of the class-shaped tensors (score heads, denoising class embedding) are copied by the published
+        table (`dfine.model.checkpoint.class_row_mapping`); for any other class count those tensors keep their
+        fresh initialisation and are logged by name. A table of loaded / re-initialised tensors per part is logged.
         Refuses (PartialLoadError) when a backbone or encoder tensor does not load - the weights are then for
         another model size - unless ``allow_partial``. Read with ``weights_only=True`` unless ``trusted``."""
-        report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True, trusted=trusted)
+        report = load_checkpoint(self.model, path, strict=False, skip_mismatched=True, trusted=trusted,
+                                 map_classes=True)
         table, incomplete = load_table(self.model.state_dict(), report)
         self.log_text(f"tuning from {path}:\n{table}\n{report}")  # the table, then the tensors by name
+        if report.mapped_keys:
+            self.log_text(f"class rows {report.class_mapping}: copied by the published Objects365/COCO table into "
+                          f"{len(report.mapped_keys)} class-shaped tensors ({', '.join(report.mapped_keys)})")
+        if report.skipped_keys:
+            self.log_text(f"re-initialised (shape differs from the checkpoint, e.g. another class count): "
+                          f"{len(report.skipped_keys)} tensors: {', '.join(report.skipped_keys)}")
         if incomplete and not allow_partial:
             raise PartialLoadError(
                 f"{path} does not fit this model's {' and '.join(incomplete)} (weights of another model size?): "
