@@ -6,8 +6,9 @@ is chosen with `category_map`:
   * "mscoco": the published COCO table, COCO's 80 ids (1..90 with 10 gaps) -> 0..79, fixed, so a
     COCO-trained head keeps its meaning even if a JSON lists fewer categories
     (the release's `remap_mscoco_category: True`);
-  * "identity": label = category id (the release with `remap_mscoco_category: False`); ids must
-    already be 0..K-1.
+  * "identity": label = category id (the release with `remap_mscoco_category: False`): ids must be
+    non-negative and below num_classes; gaps are allowed (Objects365: ids 1..365, num_classes 366, label 0
+    unused).
 `label_to_category_id` / `category_id_to_label` give the two directions; the evaluator uses the first.
 
 Annotation hygiene, counted once at construction (`dataset.stats`) and warned about:
@@ -119,9 +120,9 @@ def build_category_mapping(category_ids, category_map: str = "contiguous") -> tu
             raise ValueError(f"category_map='mscoco' but category ids {unknown} are not COCO detection ids")
         cat_to_label = dict(MSCOCO_CATEGORY_TO_LABEL)
     elif category_map == "identity":
-        if ids and (ids[0] < 0 or ids[-1] != len(ids) - 1):
+        if ids and ids[0] < 0:
             raise ValueError(
-                f"category_map='identity' needs category ids 0..K-1 (labels = ids), got {ids}; "
+                f"category_map='identity' needs non-negative category ids (labels = ids), got {ids[:10]}; "
                 "use category_map='contiguous' to map them"
             )
         cat_to_label = {cid: cid for cid in ids}

@@ -70,8 +70,10 @@ def test_mscoco_and_identity_mappings():
     with pytest.raises(ValueError, match=r"\[12\]"):
         build_category_mapping([1, 12], "mscoco")
     assert build_category_mapping([2, 0, 1], "identity")[0] == {0: 0, 1: 1, 2: 2}
-    with pytest.raises(ValueError, match="0..K-1"):
-        build_category_mapping([1, 3], "identity")
+    # the release's remap_mscoco_category: False: label = id, gaps allowed (Objects365 ids 1..365, label 0 unused)
+    assert build_category_mapping([1, 3], "identity") == ({1: 1, 3: 3}, {1: 1, 3: 3})
+    with pytest.raises(ValueError, match="non-negative"):
+        build_category_mapping([-1, 3], "identity")
     with pytest.raises(ValueError, match="category_map"):
         build_category_mapping([1], "bogus")
 
