@@ -474,9 +474,6 @@ class Trainer:
                                  map_classes=True)
         table, incomplete = load_table(self.model.state_dict(), report)
         self.log_text(f"tuning from {path}:\n{table}\n{report}")  # the table, then the tensors by name
-        if report.mapped_keys:
-            self.log_text(f"class rows {report.class_mapping}: copied by the published Objects365/COCO table into "
-                          f"{len(report.mapped_keys)} class-shaped tensors ({', '.join(report.mapped_keys)})")
         if report.skipped_keys:
             self.log_text(f"re-initialised (shape differs from the checkpoint, e.g. another class count): "
                           f"{len(report.skipped_keys)} tensors: {', '.join(report.skipped_keys)}")
