@@ -3,6 +3,7 @@
     python train.py -c configs/dfine/dfine_hgnetv2_n_synthetic.yml
     python train.py -c CFG -r output/last.pth                   # resume exactly where it stopped
     python train.py -c CFG -t dfine_n_coco.pth                  # fine-tune released weights (other class count ok)
+    python train.py -c configs/dfine/objects365/dfine_hgnetv2_s_obj2coco.yml -t dfine_s_obj365.pth   # Objects365 -> COCO
     python train.py -c CFG -r best.pth --test-only              # COCO AP of a checkpoint
     torchrun --nproc_per_node=2 train.py -c CFG                 # DistributedDataParallel (gloo on CPU)
     python train.py -c CFG -u epochs=3 train_dataloader.total_batch_size=4
@@ -28,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("-c", "--config", required=True, help="config YAML")
     group = p.add_mutually_exclusive_group()
     group.add_argument("-r", "--resume", help="training checkpoint to resume from (or to evaluate with --test-only)")
-    group.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched class heads are re-initialised)")
+    group.add_argument("-t", "--tuning", help="weights to fine-tune from: Objects365 (366 classes) <-> COCO (80) class "
+                                              "rows are mapped by the published table; class heads of any other "
+                                              "class count are re-initialised (listed in the log)")
     p.add_argument("--test-only", action="store_true", help="only evaluate (weights from -r or -t)")
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. epochs=3 train_dataloader.total_batch_size=4")
