@@ -263,6 +263,12 @@ SCHEMA = Section({
     "evaluator": Section({
         "type": _fixed("CocoEvaluator"),
         "iou_types": Key(["bbox"], _LIST, items=_STR, choices=(["bbox"],)),
+        # ours: the per-class analysis written at each evaluation (dfine.data.coco_analysis)
+        "confusion_score_threshold": Key(0.5, _FLOAT, doc="score a detection needs to enter the confusion matrix"),
+        "confusion_iou_threshold": Key(0.5, _FLOAT, doc="IoU at which a detection matches a box in the confusion matrix"),
+        "plots": Key("last", _STR, choices=("last", "every", "none"),
+                     doc="precision-recall and confusion PNGs: at the last evaluation of training (and --test-only), "
+                         "at every evaluation, or never"),
     }),
     "DFINE": Section({
         "backbone": _fixed("HGNetv2"),
