@@ -4,7 +4,7 @@
     python train.py -c CFG -r output/last.pth                   # resume exactly where it stopped
     python train.py -c CFG -t dfine_n_coco.pth                  # fine-tune released weights (other class count ok)
     python train.py -c configs/dfine/objects365/dfine_hgnetv2_s_obj2coco.yml -t dfine_s_obj365.pth   # Objects365 -> COCO
-    python train.py -c CFG -r best.pth --test-only              # COCO AP of a checkpoint
+    python train.py -c CFG -r best.pth --test-only              # COCO AP, per-class table, PR curves, confusion
     torchrun --nproc_per_node=2 train.py -c CFG                 # DistributedDataParallel (gloo on CPU)
     python train.py -c CFG -u epochs=3 train_dataloader.total_batch_size=4
 """
@@ -17,6 +17,7 @@ import sys
 
 import dfine
 from dfine.config import ConfigError, config_value
+from dfine.data.coco_analysis import summary_text
 from dfine.deploy import DeployError
 from dfine.engine import Trainer
 from dfine.engine import distributed as du
@@ -32,7 +33,12 @@ def parse_args(argv=None):
     group.add_argument("-t", "--tuning", help="weights to fine-tune from: Objects365 (366 classes) <-> COCO (80) class "
                                               "rows are mapped by the published table; class heads of any other "
                                               "class count are re-initialised (listed in the log)")
-    p.add_argument("--test-only", action="store_true", help="only evaluate (weights from -r or -t)")
+    p.add_argument("--test-only", action="store_true",
+                   help="only evaluate (weights from -r or -t): COCO stats, per-class table, precision-recall and "
+                        "confusion plots in OUTPUT_DIR/eval")
+    p.add_argument("--confusion-threshold", type=float, metavar="SCORE",
+                   help="score a detection needs to enter the confusion matrix (evaluator.confusion_score_threshold, "
+                        "default 0.5)")
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. epochs=3 train_dataloader.total_batch_size=4")
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
@@ -56,6 +62,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
+    if args.confusion_threshold is not None:
+        if not 0.0 <= args.confusion_threshold <= 1.0:
+            print(f"error: --confusion-threshold must be in [0, 1], got {args.confusion_threshold}", file=sys.stderr)
+            return 2
+        args.update = [*args.update, f"evaluator.confusion_score_threshold={args.confusion_threshold}"]
     try:
         cfg = dfine.load_config(args.config, overrides=args.update)
     except (ConfigError, FileNotFoundError) as err:  # one clean line, no traceback
@@ -87,13 +98,16 @@ def main(argv=None) -> int:
             else:
                 print("--test-only needs weights: pass -r CHECKPOINT", file=sys.stderr)
                 return 2
+            analysis_dir = trainer.output_dir / "eval"
             try:
-                stats = trainer.evaluate(module)
+                stats = trainer.evaluate(module, analysis_dir=analysis_dir, plots=trainer.eval_plots != "none")
             except NonFiniteWeightsError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
             if du.is_main():
-                print(json.dumps(stats, indent=1))
+                print(summary_text(trainer.last_analysis))
+                print(f"per-class table, confusion matrix and plots: {analysis_dir}")
+                print(json.dumps(stats, indent=1))  # last: scripts read the stats from the first "{"
             return 0
         try:
             if args.resume:

@@ -11,7 +11,7 @@ COMMANDS = {
     "export": (export, "export model + post-processor to ONNX"),
     "visualize": (visualize, "plot each decoder layer's box and FDR edge distributions"),
     "info": (info, "parameters and GFLOPs of the published sizes"),
-    "report": (report, "AP table and training curve of a training run's log.jsonl"),
+    "report": (report, "AP table, training curve and per-class analysis of a training run"),
 }
 
 

@@ -159,7 +159,8 @@ DFINE_TRANSFORMER = Section({
     "eval_idx": Key(-1, _INT),
     "eps": Key(1e-2, _FLOAT),
     "aux_loss": Key(True, _BOOL),
-    "cross_attn_method": Key("default", _STR, choices=("default",)),
+    "cross_attn_method": Key("default", _STR, choices=("default", "discrete"),
+                             doc="'discrete': nearest-cell sampling (a gather, no GridSample), offsets frozen"),
     "query_select_method": Key("default", _STR, choices=("default",)),
     "reg_max": Key(32, _INT),
     "reg_scale": Key(4.0, _NUM, doc="an int gives an int64 reg_scale tensor, as the release"),
@@ -262,6 +263,12 @@ SCHEMA = Section({
     "evaluator": Section({
         "type": _fixed("CocoEvaluator"),
         "iou_types": Key(["bbox"], _LIST, items=_STR, choices=(["bbox"],)),
+        # ours: the per-class analysis written at each evaluation (dfine.data.coco_analysis)
+        "confusion_score_threshold": Key(0.5, _FLOAT, doc="score a detection needs to enter the confusion matrix"),
+        "confusion_iou_threshold": Key(0.5, _FLOAT, doc="IoU at which a detection matches a box in the confusion matrix"),
+        "plots": Key("last", _STR, choices=("last", "every", "none"),
+                     doc="precision-recall and confusion PNGs: at the last evaluation of training (and --test-only), "
+                         "at every evaluation, or never"),
     }),
     "DFINE": Section({
         "backbone": _fixed("HGNetv2"),

@@ -8,6 +8,8 @@ post-processor returns them, plus the image's id. Labels are either the model's 
 Under torch.distributed every rank calls update() on its share and summarize() gathers all results
 (all_gather_object); images seen twice (DistributedSampler padding) are counted once.
 An evaluation with no detections at all returns 0 for every metric instead of failing.
+After summarize(), analyze() gives the per-class results and the confusion matrix from the same
+evaluation (dfine.data.coco_analysis).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from dfine.data.coco import coco_api_from_dict, load_coco_json
+from dfine.data.coco_analysis import EvalAnalysis, analyze_evaluation
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -96,6 +99,7 @@ class CocoEvaluator:
     def reset(self) -> None:
         self.records: list[dict] = []
         self.image_ids: list[int] = []
+        self._last = None  # (COCOeval or None, records, image ids, stats) of the last summarize()
 
     def update(self, results, image_ids) -> None:
         """results: list of {"boxes", "scores", "labels"} (or a dict image_id -> that); image_ids: the
@@ -129,7 +133,9 @@ class CocoEvaluator:
         (0..1). Every rank gets the same dict."""
         records, image_ids = self._gathered()
         if not records:
-            return {name: 0.0 for name in STAT_NAMES}
+            stats = {name: 0.0 for name in STAT_NAMES}
+            self._last = (None, records, image_ids, stats)
+            return stats
         known_images = {img["id"] for img in self.gt["images"]}
         unknown = sorted(set(image_ids) - known_images)
         if unknown:
@@ -144,7 +150,19 @@ class CocoEvaluator:
             evaluator.accumulate()
             evaluator.summarize()
         stats = np.asarray(evaluator.stats, dtype=np.float64)[: len(STAT_NAMES)]
-        return {name: float(v) for name, v in zip(STAT_NAMES, stats)}
+        stats = {name: float(v) for name, v in zip(STAT_NAMES, stats)}
+        self._last = (evaluator, records, image_ids, stats)
+        return stats
+
+    def analyze(self, score_threshold: float = 0.5, iou_threshold: float = 0.5) -> EvalAnalysis:
+        """Per-class AP / AP50 / AP75 / AR100 / R50, precision-recall curves and the confusion matrix at
+        ``score_threshold`` (detections) and ``iou_threshold`` (matches) of the last summarize(), read from
+        the COCO evaluator's own arrays and matches (dfine.data.coco_analysis)."""
+        if self._last is None:
+            raise RuntimeError("CocoEvaluator.analyze: call summarize() first")
+        evaluator, records, image_ids, stats = self._last
+        return analyze_evaluation(self.gt, evaluator, records, image_ids, score_threshold, iou_threshold,
+                                  overall=stats)
 
     def _pycoco_gt(self):
         return coco_api_from_dict(self.gt)

@@ -24,6 +24,7 @@ import torch
 
 from dfine.config import ConfigError, config_section, config_value
 from dfine.data import CocoEvaluator, build_dataloader, set_loader_epoch
+from dfine.data.coco_analysis import METRICS, summary_text, write_analysis
 from dfine.data.epoch import mix_seed
 from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine import distributed as du
@@ -180,6 +181,16 @@ class Trainer:
         # BatchNorm in eval mode while training (fixed statistics): for tiny per-process batches, and
         # what makes N processes x b images train exactly like 1 process x N*b images on CPU
         self.batchnorm_eval = bool(config_value(cfg, "batchnorm_eval"))
+        evaluator_cfg = config_section(cfg, "evaluator")
+        self.confusion_score_threshold = float(evaluator_cfg["confusion_score_threshold"])
+        self.confusion_iou_threshold = float(evaluator_cfg["confusion_iou_threshold"])
+        if not 0.0 <= self.confusion_score_threshold <= 1.0:
+            raise ConfigError("evaluator.confusion_score_threshold must be in [0, 1], "
+                              f"got {self.confusion_score_threshold}")
+        if not 0.0 < self.confusion_iou_threshold <= 1.0:
+            raise ConfigError(f"evaluator.confusion_iou_threshold must be in (0, 1], got {self.confusion_iou_threshold}")
+        self.eval_plots = evaluator_cfg["plots"]
+        self.last_analysis = None  # the EvalAnalysis of the last evaluate(analysis_dir=...), main process
 
         self.net = self.model
         if self.distributed:
@@ -374,7 +385,11 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     @torch.no_grad()
-    def evaluate(self, module=None) -> dict:
+    def evaluate(self, module=None, analysis_dir=None, plots: bool = False) -> dict:
+        """COCO stats of ``module`` (default: the EMA or the model) on the validation set. With
+        ``analysis_dir`` the main process also keeps the per-class analysis (``self.last_analysis``: per-class
+        AP, precision-recall curves, confusion matrix at ``evaluator.confusion_*_threshold``) and writes it
+        there (``dfine.data.coco_analysis.write_analysis``; the PNGs when ``plots``)."""
         module = module or self.eval_module()
         loader = self.val_loader()
         evaluator = CocoEvaluator(loader.dataset)
@@ -403,7 +418,12 @@ class Trainer:
         if bar is not None:
             bar.close()
         module.train(was_training)
-        return evaluator.summarize()
+        stats = evaluator.summarize()
+        self.last_analysis = None
+        if analysis_dir is not None and du.is_main():
+            self.last_analysis = evaluator.analyze(self.confusion_score_threshold, self.confusion_iou_threshold)
+            write_analysis(self.last_analysis, analysis_dir, plots=plots)
+        return stats
 
     # -------------------------------------------------------------------------------------------
     # checkpoints
@@ -520,8 +540,11 @@ class Trainer:
             record = {"type": "epoch", "epoch": epoch, "train": train_stats}
             evaluate = (epoch + 1) % self.eval_freq == 0 or epoch == self.epochs - 1
             if evaluate:
-                stats = self.evaluate()
+                plots = self.eval_plots == "every" or (self.eval_plots == "last" and epoch == self.epochs - 1)
+                stats = self.evaluate(analysis_dir=self.output_dir / "eval", plots=plots)
                 record["eval"] = stats
+                if self.last_analysis is not None:
+                    record["per_class"] = _per_class_record(self.last_analysis)
                 for k in STAT_NAMES:
                     self.scalar(f"eval/{k}", stats[k], epoch)
                 if self._improved("overall", stats, epoch):
@@ -538,6 +561,8 @@ class Trainer:
                     self.log_text(f"epoch {epoch}: no stage-2 improvement; EMA decay -> {self.ema.decay:.4f}")
                 self.log_text(f"epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f}  "
                               + "  ".join(f"{k} {stats[k]:.4f}" for k in STAT_NAMES))
+                if self.last_analysis is not None:
+                    self.log_text(f"epoch {epoch} " + summary_text(self.last_analysis))
             else:
                 self.log_text(f"epoch {epoch}: loss {train_stats.get('loss', float('nan')):.4f}")
             self.scalar("train/epoch_loss", train_stats.get("loss", float("nan")), epoch)
@@ -574,6 +599,18 @@ class Trainer:
                           "continuing with the current weights")
         if self.ema is not None:
             self.ema.decay = self.ema_restart_decay
+
+
+def _per_class_record(analysis) -> dict:
+    """The per-class part of a log.jsonl epoch record (the curves and the matrix are in eval/analysis.json)."""
+    counts = analysis.counts_at_threshold()
+    rows = []
+    for i, (cid, name) in enumerate(zip(analysis.category_ids, analysis.names)):
+        row = {"id": cid, "name": name, "boxes": analysis.num_gt[i]}
+        row.update({m: analysis.metrics[m][i] for m in METRICS})
+        row.update({k: counts[k][i] for k in ("TP", "FP", "FN")})
+        rows.append(row)
+    return {"score_threshold": analysis.score_threshold, "iou_threshold": analysis.iou_threshold, "classes": rows}
 
 
 def _float_outputs(outputs):

@@ -74,12 +74,13 @@ class LQE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, d_model=256, n_head=8, dim_feedforward=1024, dropout=0.0, num_levels=3, num_points=(3, 6, 3),
-                 backend="auto"):
+                 backend="auto", cross_attn_method="default"):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformableAttention(d_model, n_head, num_levels, num_points, backend=backend)
+        self.cross_attn = MSDeformableAttention(d_model, n_head, num_levels, num_points, backend=backend,
+                                                method=cross_attn_method)
         self.dropout2 = nn.Dropout(dropout)
         self.gateway = Gate(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -198,8 +199,11 @@ class DFINETransformer(nn.Module):
                  aux_loss=True, cross_attn_method="default", query_select_method="default", reg_max=32,
                  reg_scale=4.0, up=0.5, layer_scale=1, mlp_act="relu", backend="auto"):
         super().__init__()
-        if cross_attn_method != "default" or query_select_method != "default":
-            raise ValueError("DFINETransformer: only cross_attn_method/query_select_method 'default' are supported")
+        if cross_attn_method not in MSDeformableAttention.METHODS:
+            raise ValueError(f"DFINETransformer: cross_attn_method must be one of {MSDeformableAttention.METHODS}, "
+                             f"got {cross_attn_method!r}")
+        if query_select_method != "default":
+            raise ValueError("DFINETransformer: only query_select_method 'default' is supported")
         if learn_query_content:
             raise ValueError("DFINETransformer: learn_query_content=True is not supported (published configs use False)")
         if layer_scale != 1:
@@ -240,7 +244,8 @@ class DFINETransformer(nn.Module):
             anchors, valid = generate_anchors(shapes, eps=eps)
             self.register_buffer("anchors", anchors)
             self.register_buffer("valid_mask", valid)
-        layer = DecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, num_levels, num_points, backend=backend)
+        layer = DecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, num_levels, num_points, backend=backend,
+                             cross_attn_method=cross_attn_method)
         self.decoder = TransformerDecoder(hidden_dim, layer, num_layers, self.up, self.reg_scale, reg_max, eval_idx,
                                           backend=backend)
 

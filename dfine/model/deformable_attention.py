@@ -1,5 +1,6 @@
 """Multi-scale deformable cross-attention of D-FINE: per-level point counts, no value/output
-projection; the sampling itself runs through the fused op `dfine.ops.ms_deform_attn`."""
+projection; the sampling itself runs through the fused op `dfine.ops.ms_deform_attn` (method
+"default", bilinear) or `dfine.ops.ms_deform_attn_discrete` (method "discrete", nearest cell)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import math
 import torch
 import torch.nn as nn
 
-from dfine.ops import ms_deform_attn
+from dfine.ops import ms_deform_attn, ms_deform_attn_discrete
 from dfine.ops._backend import symbolic_shapes
 
 
 class MSDeformableAttention(nn.Module):
+    METHODS = ("default", "discrete")
+
     def __init__(self, embed_dim=256, num_heads=8, num_levels=3, num_points=(3, 6, 3), offset_scale=0.5,
-                 backend="auto"):
+                 backend="auto", method="default"):
         super().__init__()
+        if method not in self.METHODS:
+            raise ValueError(f"MSDeformableAttention: method must be one of {self.METHODS}, got {method!r}")
         if isinstance(num_points, int):
             num_points = [num_points] * num_levels
         if len(num_points) != num_levels:
@@ -27,6 +32,7 @@ class MSDeformableAttention(nn.Module):
         self.total_points = sum(self.num_points_list)
         self.offset_scale = offset_scale
         self.backend = backend
+        self.method = method
         scale = [1.0 / p for p in self.num_points_list for _ in range(p)]
         self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * self.total_points * 2)
@@ -34,6 +40,9 @@ class MSDeformableAttention(nn.Module):
         # a module, so that dfine.deploy.optimize_for_cpu can swap in a faster CPU form
         self.weight_softmax = nn.Softmax(dim=-1)
         self.reset_parameters()
+        if method == "discrete":
+            # as published: rounded sampling points give the offsets no gradient, so they stay frozen
+            self.sampling_offsets.requires_grad_(False)
 
     def reset_parameters(self):
         nn.init.zeros_(self.sampling_offsets.weight)
@@ -63,4 +72,6 @@ class MSDeformableAttention(nn.Module):
         step = self.num_points_scale.to(query.dtype)[:, None] * ref[..., 2:] * self.offset_scale
         locations = ref[..., :2] + offsets * step
         v = value.reshape(b, value.shape[1], m, self.embed_dim // m)
+        if self.method == "discrete":
+            return ms_deform_attn_discrete(v, spatial_shapes, locations, weights, self.num_points_list)
         return ms_deform_attn(v, spatial_shapes, locations, weights, self.num_points_list, backend=self.backend)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dfine.kernels import ms_deform_attn as _triton_kernels  # noqa: F401  (defines the dfine::*_triton ops)
 from dfine.ops._backend import extension_available, resolve_backend, symbolic_shapes
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "check_ms_deform_attn_inputs"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "ms_deform_attn_discrete", "check_ms_deform_attn_inputs"]
 
 _OP = "ms_deform_attn"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,6 +53,60 @@ def ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attentio
     weights = attention_weights.permute(0, 2, 1, 3).reshape(B * M, 1, Q, P)
     out = (sampled * weights).sum(-1)  # [B*M, D, Q]
     return out.reshape(B, M * D, Q).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_discrete(value, spatial_shapes, sampling_locations, attention_weights, num_points_list):
+    """The published ``cross_attn_method: discrete``: each point reads the one cell it rounds to (no
+    bilinear interpolation, no ``GridSample``: a gather, for runtimes without it). Shapes as in
+    :func:`ms_deform_attn`.
+
+    Per level of size ``(H, W)``: ``x = int64(loc_x * W + 0.5)``, ``y = int64(loc_y * H + 0.5)``, both
+    clamped to ``[0, H - 1]`` - the published code clamps x by H too (on a map wider than tall, columns
+    ``x >= H`` are never read). Kept for checkpoint compatibility. Where the published code would index
+    past a map taller than wide (``x >= W``) x is also clamped to ``W - 1`` (there it has no result).
+    The rounded coordinates carry no gradient (the published model freezes ``sampling_offsets``);
+    ``value`` and ``attention_weights`` get theirs."""
+    if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
+        value, sampling_locations, attention_weights = (
+            t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (value, sampling_locations, attention_weights)
+        )
+        with torch.autocast(value.device.type, enabled=False):
+            return ms_deform_attn_discrete(value, spatial_shapes, sampling_locations, attention_weights,
+                                           num_points_list)
+    if symbolic_shapes() and not isinstance(spatial_shapes, torch.Tensor):
+        shapes = [(h, w) for h, w in spatial_shapes]  # traced sizes stay graph values (dynamic ONNX H, W)
+        num_points_list = [int(p) for p in num_points_list]
+    else:
+        _, num_points_list = check_ms_deform_attn_inputs(
+            value, spatial_shapes, sampling_locations, attention_weights, num_points_list)
+        shapes = _shapes_as_list(spatial_shapes)
+    B, S, M, D = value.shape
+    _, Q, _, P, _ = sampling_locations.shape
+    value = value.permute(0, 2, 3, 1).reshape(B * M, D, S)
+    level_values = value.split([h * w for h, w in shapes], dim=-1)
+    locations = sampling_locations.permute(0, 2, 1, 3, 4).reshape(B * M, Q, P, 2)
+    level_locations = locations.split(num_points_list, dim=2)
+    sampled = []
+    for (h, w), v, loc in zip(shapes, level_values, level_locations):
+        # int64() truncates toward zero; after the clamp at 0 that is the same as floor
+        x = (loc[..., 0] * w + 0.5).to(torch.int64)
+        y = (loc[..., 1] * h + 0.5).to(torch.int64)
+        y = _clamp_upper(y.clamp(min=0), h - 1)
+        x = _clamp_upper(_clamp_upper(x.clamp(min=0), h - 1), w - 1)  # h - 1: the published clamp
+        index = (y * w + x).reshape(B * M, 1, -1).expand(-1, D, -1)  # flat cell of each point
+        sampled.append(v.gather(2, index).reshape(B * M, D, Q, -1))  # [B*M, D, Q, P_l]
+    sampled = torch.cat(sampled, dim=-1)
+    weights = attention_weights.permute(0, 2, 1, 3).reshape(B * M, 1, Q, P)
+    out = (sampled * weights).sum(-1)
+    return out.reshape(B, M * D, Q).transpose(1, 2).contiguous()
+
+
+def _clamp_upper(index: torch.Tensor, bound):
+    # ``bound`` is a traced size (a tensor) while exporting with dynamic H, W, else an int
+    if isinstance(bound, torch.Tensor):
+        return torch.minimum(index, bound.to(index.dtype))
+    return index.clamp(max=bound)
 
 
 def ms_deform_attn(

@@ -152,6 +152,31 @@ def test_trace_reads_no_size_into_python(exported):
     assert {m.backend for m in detector.modules() if hasattr(m, "backend")} == {FUSED}
 
 
+def test_discrete_cross_attention_exports_without_gridsample(tmp_path):
+    """cross_attn_method: discrete (nearest cell, a gather): the graph has no GridSample and onnxruntime
+    equals PyTorch on square, wider and taller inputs from one dynamic export (the published clamp of x
+    by H matters on the non-square ones)."""
+    torch.manual_seed(3)
+    model, cfg = build("n", TINY + ["DFINETransformer.cross_attn_method=discrete"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] not in ("up", "reg_scale"):
+                # large offsets: points land far from their reference, on the clamped borders too
+                p.add_(torch.randn_like(p) * (0.5 if "sampling_offsets" in name else 0.05))
+    detector = DetectorGraph(model.deploy(), dfine.build_postprocessor(cfg)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_onnx(detector, tmp_path / "discrete.onnx", (320, 320), dynamic_batch=True, dynamic_size=True)
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and str(REPO / "dfine") in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]  # no traced size became a constant
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" not in ops and "GatherElements" in ops, ops
+    runner = OnnxRuntimeRunner(path, threads=2)
+    for n, h, w in [(1, 320, 320), (2, 256, 384), (1, 384, 256)]:
+        images, sizes = _inputs(n, h, w, seed=h + w)
+        _assert_same(TorchRunner(detector)(images, sizes), runner(images, sizes), sizes)
+
+
 def test_compare_detections_matches_reordered_ties():
     labels = torch.tensor([[1, 2, 1]])
     boxes = torch.tensor([[[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]])

@@ -180,7 +180,8 @@ def test_override_with_a_bad_value_names_the_key():
 
 @pytest.mark.parametrize("override, key, supported", [
     ("HybridEncoder.act=relu", "HybridEncoder.act", "'silu'"),
-    ("DFINETransformer.cross_attn_method=discrete", "DFINETransformer.cross_attn_method", "'default'"),
+    ("DFINETransformer.cross_attn_method=bilinear", "DFINETransformer.cross_attn_method", "'default' or 'discrete'"),
+    ("DFINETransformer.query_select_method=agnostic", "DFINETransformer.query_select_method", "'default'"),
     ("optimizer.type=SGD", "optimizer.type", "'AdamW'"),
     ("lr_scheduler.type=CosineAnnealingLR", "lr_scheduler.type", "'MultiStepLR'"),
     ("scaler.type=NativeScaler", "scaler.type", "'GradScaler'"),

@@ -4,6 +4,7 @@ exact resume, fine-tuning, non-finite losses, AMP, --test-only, bad configs."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +199,16 @@ def test_fit_writes_checkpoints_logs_and_evaluates(tiny_data, tmp_path):
     assert set(stats) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and all(0 <= v <= 1 or v == -1 for v in stats.values())  # -1: no GT of that size
     losses = step_losses(tmp_path)
     assert len(losses) == 6 and all(math.isfinite(l) for _, _, l in losses)
+    # every evaluation logs the per-class results under the dataset's names; the last one draws the plots
+    from dfine.data.synthetic import CATEGORIES
+
+    per_class = history[-1]["per_class"]
+    assert [(c["id"], c["name"]) for c in per_class["classes"]] == [(cid, name) for cid, name, _ in CATEGORIES]
+    assert per_class["score_threshold"] == 0.5 and "per_class" in history[0]
+    assert (tmp_path / "log.txt").read_text().count("per-class results") == 2
+    analysis = json.loads((tmp_path / "eval" / "analysis.json").read_text())
+    assert analysis["overall"] == stats and analysis["names"] == [name for _, name, _ in CATEGORIES]
+    assert (tmp_path / "eval" / "pr_overall.png").exists() and (tmp_path / "eval" / "confusion.png").exists()
     # the released-checkpoint loader reads our checkpoints (EMA weights preferred)
     fresh = dfine.build_model(tiny_config(tiny_data), backend="reference")
     load_checkpoint(fresh, tmp_path / "last.pth")
@@ -306,22 +317,47 @@ def test_train_py_cli_trains_then_test_only(tiny_data, tmp_path):
     run = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "last.pth").exists()
-    test = subprocess.run([sys.executable, "train.py", *args, "-r", str(tmp_path / "last.pth"), "--test-only"],
+    shutil.rmtree(tmp_path / "eval")
+    test = subprocess.run([sys.executable, "train.py", *args, "-r", str(tmp_path / "last.pth"), "--test-only",
+                           "--confusion-threshold", "0.05"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert test.returncode == 0, test.stderr[-3000:]
     stats = json.loads(test.stdout[test.stdout.index("{"):])
     assert set(stats) >= {"AP", "AP50"}
+    # the per-class table (dataset names), the confusion matrix at the chosen threshold, the plots
+    from dfine.data.coco_analysis import read_analysis
+    from dfine.data.synthetic import CATEGORIES
+
+    assert "| id | class | boxes | AP | AP50 | AP75 | AR100 | R50 | TP | FP | FN |" in test.stdout
+    assert "confusion matrix at score>=0.05, IoU>=0.5" in test.stdout
+    analysis = read_analysis(tmp_path / "eval")
+    assert analysis.score_threshold == 0.05 and analysis.names == [name for _, name, _ in CATEGORIES]
+    confusion = analysis.confusion_array()
+    assert confusion.shape == (len(CATEGORIES) + 1,) * 2
+    assert confusion[:-1].sum(1).tolist() == analysis.num_gt  # every box once: matched or missed
+    assert analysis.overall["AP"] == pytest.approx(stats["AP"])
+    drawn = {p.name for p in (tmp_path / "eval" / "pr_per_class").glob("*.png")}
+    assert len(drawn) == sum(n > 0 for n in analysis.num_gt)
+    assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, "train.py", *args, "-r", str(tmp_path / "last.pth"), "--test-only",
+                          "--confusion-threshold", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --confusion-threshold must be in [0, 1], got 2.0"]
 
 
-def test_report_table_and_curve(tiny_data, tmp_path):
+def test_report_table_and_curve(tiny_data, tmp_path, capsys):
     from dfine.apps import report
 
     Trainer(tiny_config(tiny_data), output_dir=tmp_path, progress=False).fit()
     epochs = report.read_epochs(tmp_path)
     table = report.ap_table(epochs)
     assert table.count("\n") == 3 and f"{epochs[-1]['eval']['AP50']:.3f}" in table
+    (tmp_path / "eval" / "confusion.png").unlink()  # as after a run with evaluator.plots: none
     assert report.main([str(tmp_path)]) == 0
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = capsys.readouterr().out
+    assert "| id | class | boxes |" in shown and "confusion matrix at score>=0.5" in shown
+    assert (tmp_path / "eval" / "confusion.png").exists()  # redrawn from eval/analysis.json
     assert isinstance(dfine.build_criterion(tiny_config(tiny_data)), dfine.loss.DFINECriterion)
 
 
