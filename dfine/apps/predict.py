@@ -2,6 +2,7 @@
 
     python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
     python -m dfine predict ... --backend onnxruntime [--onnx model.onnx]    # exported graph (dfine.deploy)
+    python -m dfine predict ... --backend openvino [--onnx model.onnx|.xml]  # OpenVINO on the CPU (cached IR)
     python -m dfine predict ... --compile                                    # torch.compile (dfine.deploy.compiled)
     python -m dfine predict ... --input clip.mp4                             # video (dfine.apps.video)
 
@@ -25,24 +26,29 @@ from tqdm import tqdm
 from dfine.apps.common import PredictError, add_trust_argument, class_name, detect
 from dfine.apps.video import is_video, predict_video
 from dfine.config import ConfigError
-from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
+from dfine.deploy import (TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, openvino_runner,
+                          read_image)
 from dfine.deploy.images import to_uint8
 from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 from dfine.ops import BACKENDS
 
-RUNNER_BACKENDS = list(BACKENDS) + ["onnxruntime"]
+GRAPH_BACKENDS = ["onnxruntime", "openvino"]  # run an exported graph instead of the PyTorch model
+RUNNER_BACKENDS = list(BACKENDS) + GRAPH_BACKENDS
 
 
 def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
-                compiled: bool = False, trusted: bool = False):
+                compiled: bool = False, trusted: bool = False, cache_dir=True):
     """(runner, cfg, postprocessor): the detector of `dfine.deploy.load_detector` (deployed, with the CPU
-    inference forms on the CPU), or an onnxruntime session."""
+    inference forms on the CPU), an onnxruntime session or an OpenVINO compiled model. `cache_dir`: where
+    --backend openvino keeps converted checkpoints (True: the default place; None: nowhere)."""
+    if backend in GRAPH_BACKENDS and compiled:
+        raise PredictError(f"--compile applies to the PyTorch model, not to --backend {backend}")
     if backend == "onnxruntime":
-        if compiled:
-            raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
         return onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
+    if backend == "openvino":
+        return openvino_runner(config, checkpoint, onnx, device, trusted=trusted, cache_dir=cache_dir)
     if onnx is not None:
-        raise PredictError("--onnx is only used with --backend onnxruntime")
+        raise PredictError("--onnx is only used with --backend onnxruntime or openvino")
     det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled, trusted=trusted)
     return TorchRunner(det.graph()), det.cfg, det.postprocessor
 
@@ -63,13 +69,14 @@ def check_no_overwrite(inputs: List[Path], outputs: List[Path]) -> None:
 
 
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
-            onnx=None, compiled=False, trusted=False) -> dict:
+            onnx=None, compiled=False, trusted=False, cache_dir=True) -> dict:
     """Returns {"results": [COCO detections], "images": [...], "errors": [messages]} (+ "video" for a video).
 
-    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export)."""
+    backend: a fused-op backend (PyTorch), "onnxruntime" or "openvino" (the file `onnx`, else the checkpoint
+    exported on the fly; openvino keeps the conversion in `cache_dir`)."""
     video = is_video(input_path)
     images = [] if video else list_images(Path(input_path))
-    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted)
+    runner, cfg, post = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted, cache_dir)
     size = input_size(cfg)
     remapped = bool(post.remap_mscoco_category)
     if video:
@@ -110,9 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--output", required=True, help="directory for drawn images (or the video) and results.json")
     parser.add_argument("--threshold", type=float, default=0.4)
     parser.add_argument("--backend", default="auto", choices=RUNNER_BACKENDS,
-                        help="fused-op backend of the PyTorch model, or onnxruntime (an exported graph)")
+                        help="fused-op backend of the PyTorch model, or onnxruntime / openvino (an exported graph)")
     parser.add_argument("--onnx", default=None,
-                        help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
+                        help="with --backend onnxruntime or openvino: the ONNX file (openvino also reads its IR .xml); "
+                             "default: export the checkpoint (onnxruntime: to a temp file each run; openvino: once, "
+                             "into --cache-dir)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="with --backend openvino: where converted checkpoints are kept (default "
+                             "$DFINE_CACHE_DIR/openvino or ~/.cache/dfine/openvino); 'none' converts every run")
     parser.add_argument("--device", default="cpu")
     add_trust_argument(parser)
     parser.add_argument("--compile", action="store_true",
@@ -125,8 +137,11 @@ def run(args) -> int:
         # of faulting fresh pages in for every large tensor (dfine/deploy/cpu.py)
         retain_freed_memory()
     try:
+        if args.cache_dir is not None and args.backend != "openvino":
+            raise PredictError("--cache-dir is only used with --backend openvino")
+        cache_dir = True if args.cache_dir is None else None if args.cache_dir.lower() == "none" else args.cache_dir
         out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
-                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint)
+                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint, cache_dir=cache_dir)
     except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2
