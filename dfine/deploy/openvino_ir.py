@@ -65,16 +65,15 @@ def openvino_cache_key(cfg: dict, checkpoint: str, trusted: bool = False) -> str
     return h.hexdigest()[:32]
 
 
-def _convert(config, checkpoint, trusted: bool, ir_path: Path):
+def _convert(config, checkpoint, trusted: bool, ir_path: Path) -> None:
     """Export the checkpoint to ONNX (static, the config's input size), read it into OpenVINO, save the IR."""
     ov = require_openvino()
     det = load_detector(config, checkpoint, backend="reference", optimize=False, trusted=trusted)
-    with tempfile.TemporaryDirectory(prefix="dfinerequire_openvino_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dfine_onnx_") as tmp:
         onnx_path = export_onnx(det.graph(), os.path.join(tmp, "model.onnx"), input_size(det.cfg))
         model = ov.Core().read_model(str(onnx_path))
-    # float32 weights: save_model would compress them to float16 by default
-    ov.save_model(model, str(ir_path), compress_to_fp16=False)
-    return model
+        # float32 weights: save_model would compress them to float16 by default
+        ov.save_model(model, str(ir_path), compress_to_fp16=False)
 
 
 def openvino_runner(config: str, checkpoint: str, model_path: Optional[str] = None, device: str = "cpu",
@@ -95,9 +94,9 @@ def openvino_runner(config: str, checkpoint: str, model_path: Optional[str] = No
         if cache_dir is True:
             cache_dir = default_cache_dir()
         if not cache_dir:
-            with tempfile.TemporaryDirectory(prefix="dfinerequire_openvino_") as tmp:
-                model = _convert(config, checkpoint, trusted, Path(tmp) / _IR_NAME)
-            runner = OpenVinoRunner(model, threads=threads, device=device)
+            with tempfile.TemporaryDirectory(prefix="dfine_openvino_") as tmp:
+                _convert(config, checkpoint, trusted, Path(tmp) / _IR_NAME)
+                runner = OpenVinoRunner(Path(tmp) / _IR_NAME, threads=threads, device=device)
         else:
             entry = Path(cache_dir) / openvino_cache_key(cfg, checkpoint, trusted)
             if not (entry / _IR_NAME).is_file():

@@ -92,28 +92,24 @@ def require_openvino():
 
 
 class OpenVinoRunner:
-    """An exported ONNX file, an OpenVINO IR (``.xml`` beside its ``.bin``) or an ``openvino.Model``, compiled
-    for OpenVINO's CPU plugin.
+    """An exported ONNX file or an OpenVINO IR (``.xml`` beside its ``.bin``), compiled for OpenVINO's CPU plugin.
 
     float32 inference (``INFERENCE_PRECISION_HINT=f32``: on CPUs with bf16 units OpenVINO would otherwise pick
     bf16 and drift from PyTorch), latency mode (one stream), ``threads`` inference threads (None: OpenVINO's
     default, every core)."""
 
-    def __init__(self, model, threads: Optional[int] = None, device: str = "cpu"):
+    def __init__(self, path, threads: Optional[int] = None, device: str = "cpu"):
         ov = require_openvino()
         self.check_device(device)
         core = ov.Core()
-        if isinstance(model, ov.Model):
-            self.name = "the converted model"
-        else:
-            path = os.fspath(model)
-            self.name = repr(path)
-            if not os.path.isfile(path):
-                raise DeployError(f"model file {path!r} (ONNX or OpenVINO .xml) does not exist")
-            try:
-                model = core.read_model(path)
-            except Exception as err:  # OpenVINO raises RuntimeError with a multi-line C++ trace
-                raise DeployError(f"openvino cannot read {path!r}: {_first_line(err)}") from None
+        path = os.fspath(path)
+        self.name = repr(path)
+        if not os.path.isfile(path):
+            raise DeployError(f"model file {path!r} (ONNX or OpenVINO .xml) does not exist")
+        try:
+            model = core.read_model(path)
+        except Exception as err:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+            raise DeployError(f"openvino cannot read {path!r}: {_first_line(err)}") from None
         names = tuple(i.get_any_name() for i in model.inputs)
         outputs = tuple(o.get_any_name() for o in model.outputs)
         if names != INPUT_NAMES or outputs != OUTPUT_NAMES:
