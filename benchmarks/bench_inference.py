@@ -1,15 +1,19 @@
-"""Deployed inference latency on CPU (2 threads): PyTorch eager, torch.compile, onnxruntime.
+"""Deployed inference latency on CPU (2 threads): PyTorch eager, torch.compile, onnxruntime, OpenVINO.
 
 Every variant runs the same thing - `model.deploy()` + the post-processor in deploy mode
 (`dfine.deploy.DetectorGraph`: images, orig_target_sizes -> labels, boxes, scores) - with random weights:
 
 * eager, reference ops      PyTorch eager, plain-PyTorch ops (grid_sample, softmax-expectation)
 * eager, fused ops (cpp)    PyTorch eager, the C++ kernels of dfine._C
+* eager, fused + CPU forms  the same with `dfine.deploy.optimize_for_cpu` (channels_last, oneDNN linear layers, ...):
+                            what `python -m dfine predict` runs on the CPU
 * torch.compile, fused ops  inductor, static shapes, fullgraph; the C++ ops are custom ops inside the graph
                             (reg_scale handed to fdr_decode as a float, see reg_scale_as_float)
 * onnxruntime, dynamic      CPUExecutionProvider, intra_op_num_threads=2, one dynamic batch/H/W export
                             (reference ops -> GridSample), as `python -m dfine export --dynamic-*` writes
 * onnxruntime, static       the same graph exported at the measured shape (lets ORT fold shape math)
+* openvino, dynamic / static  the same two ONNX files in OpenVINO's CPU plugin (INFERENCE_NUM_THREADS=2, float32,
+                            latency hint), as `python -m dfine predict --backend openvino` runs them
 
     python benchmarks/bench_inference.py [--sizes s n] [--runs 10] [--shapes 640x640 480x800] [--batches 1 4]
     python -m pytest benchmarks/bench_inference.py --benchmark-only      # pytest-benchmark (N, 640, batch 1)
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import dfine  # noqa: E402
 from dfine.deploy import export_onnx  # noqa: E402
-from dfine.deploy import OnnxRuntimeRunner, TorchRunner  # noqa: E402
+from dfine.deploy import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner  # noqa: E402
 
 THREADS = 2
 torch.set_num_threads(THREADS)
@@ -44,9 +48,9 @@ def config_path(size):
     return str(REPO / "configs" / "dfine" / f"dfine_hgnetv2_{size}_coco.yml")
 
 
-def build_detector(size, backend):
+def build_detector(size, backend, optimize=False):
     torch.manual_seed(0)
-    det = dfine.load_detector(config_path(size), None, backend=backend, optimize=False,
+    det = dfine.load_detector(config_path(size), None, backend=backend, optimize=optimize,
                               overrides=["DFINETransformer.num_denoising=0"])
     return det.graph()
 
@@ -93,16 +97,19 @@ class Variants:
         self.reference = build_detector(size, "reference")
         self.fused = build_detector(size, "cpp")
         self.fused.load_state_dict(self.reference.state_dict())
+        self.cpu_forms = build_detector(size, "cpp", optimize=True)  # same seed: the same weights
         self.compiled = None
         self.compile_note = ""
         self.dynamic_path = export_onnx(build_detector(size, "reference"), Path(tmp) / f"{size}_dynamic.onnx",
                                         (640, 640), dynamic_batch=True, dynamic_size=True)
         self.ort_dynamic = OnnxRuntimeRunner(self.dynamic_path, threads=THREADS)
+        self.ov_dynamic = OpenVinoRunner(self.dynamic_path, threads=THREADS)
 
     def runners(self, batch, h, w):
         static = export_onnx(self.reference, Path(self.tmp) / f"{self.size}_{batch}x{h}x{w}.onnx", (h, w), batch=batch)
         yield "eager, reference ops", TorchRunner(self.reference)
         yield "eager, fused ops (cpp)", TorchRunner(self.fused)
+        yield "eager, fused ops + CPU forms", TorchRunner(self.cpu_forms)
         compile_start = time.perf_counter()
         images, sizes = inputs(batch, h, w)
         with torch.no_grad():  # compile for this shape (not timed in the median)
@@ -122,6 +129,8 @@ class Variants:
         yield "torch.compile, fused ops", TorchRunner(self.compiled)
         yield "onnxruntime, dynamic graph", self.ort_dynamic
         yield "onnxruntime, static graph", OnnxRuntimeRunner(static, threads=THREADS)
+        yield "openvino, dynamic graph", self.ov_dynamic
+        yield "openvino, static graph", OpenVinoRunner(static, threads=THREADS)
 
 
 def main(argv=None):
@@ -134,9 +143,11 @@ def main(argv=None):
     if not dfine.ops.extension_available():
         sys.exit("bench_inference: the fused ops need dfine._C; build it with `python setup.py build_ext --inplace`")
     import onnxruntime
+    import openvino
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
-          f"(intra_op_num_threads={THREADS}), {os.cpu_count()} CPUs; median of {args.runs} runs")
+          f"(intra_op_num_threads={THREADS}), openvino {openvino.__version__} (INFERENCE_NUM_THREADS={THREADS}), "
+          f"{os.cpu_count()} CPUs; median of {args.runs} runs")
     print("| size | input (N x H x W) | variant | median ms | min ms | vs eager reference | vs eager fused |")
     print("|---|---|---|---|---|---|---|")
     summary = []
@@ -159,22 +170,25 @@ def main(argv=None):
             del variants
     print()
     for size, batch, h, w, r, compile_s in summary:
-        torch_best = min(("eager, fused ops (cpp)", "torch.compile, fused ops", "eager, reference ops"), key=r.get)
-        ort_best = min(("onnxruntime, dynamic graph", "onnxruntime, static graph"), key=r.get)
+        torch_best = min((n for n in r if n.startswith(("eager", "torch.compile"))), key=r.get)
+        ort_best = min((n for n in r if n.startswith("onnxruntime")), key=r.get)
+        ov_best = min((n for n in r if n.startswith("openvino")), key=r.get)
+        best = min(r, key=r.get)
         print(f"{size.upper()} {batch}x{h}x{w}: torch.compile vs eager fused {r['eager, fused ops (cpp)'] / r['torch.compile, fused ops']:.2f}x "
-              f"(compile {compile_s:.0f} s); fastest PyTorch ({torch_best}, {r[torch_best]:.1f} ms) vs fastest "
-              f"onnxruntime ({ort_best}, {r[ort_best]:.1f} ms): {r[ort_best] / r[torch_best]:.2f}x")
+              f"(compile {compile_s:.0f} s); fastest PyTorch ({torch_best}, {r[torch_best]:.1f} ms), onnxruntime "
+              f"({ort_best}, {r[ort_best]:.1f} ms), OpenVINO ({ov_best}, {r[ov_best]:.1f} ms); fastest: {best}")
 
 
-@pytest.mark.parametrize("variant", ["eager fused", "onnxruntime"])
+@pytest.mark.parametrize("variant", ["eager fused", "onnxruntime", "openvino"])
 def test_bench_inference_n_640(benchmark, variant, tmp_path):
     if variant == "eager fused":
         if not dfine.ops.extension_available():
             pytest.skip("dfine._C is not built")
         runner = TorchRunner(build_detector("n", "cpp"))
     else:
-        runner = OnnxRuntimeRunner(export_onnx(build_detector("n", "reference"), tmp_path / "n.onnx", (640, 640)),
-                                   threads=THREADS)
+        graph = export_onnx(build_detector("n", "reference"), tmp_path / "n.onnx", (640, 640))
+        runner_type = OnnxRuntimeRunner if variant == "onnxruntime" else OpenVinoRunner
+        runner = runner_type(graph, threads=THREADS)
     x = inputs(1, 640, 640)
     runner(*x)
     benchmark.pedantic(runner, args=x, rounds=3, iterations=1, warmup_rounds=1)

@@ -2,6 +2,7 @@
 
     python -m dfine predict -c CFG -r CKPT --input IMG_OR_DIR --output DIR [--threshold 0.4] [--backend auto]
     python -m dfine predict ... --backend onnxruntime [--onnx model.onnx]    # exported graph (dfine.deploy)
+    python -m dfine predict ... --backend openvino [--onnx model.onnx|.xml]  # OpenVINO on the CPU (cached IR)
     python -m dfine predict ... --compile                                    # torch.compile (dfine.deploy.compiled)
     python -m dfine predict ... --input clip.mp4                             # video (dfine.apps.video)
 
@@ -30,25 +31,32 @@ from dfine.apps.common import (PredictError, add_classes_argument, add_trust_arg
                                label_texts, print_notice)
 from dfine.apps.video import is_video, predict_video
 from dfine.config import ConfigError
-from dfine.deploy import TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, read_image
+from dfine.deploy import (TorchRunner, input_size, list_images, load_detector, onnxruntime_runner, openvino_runner,
+                          read_image)
 from dfine.deploy.images import to_uint8
 from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 from dfine.deploy.loader import detector_classes
 from dfine.model.checkpoint import checkpoint_metadata
 from dfine.ops import BACKENDS
 
-RUNNER_BACKENDS = list(BACKENDS) + ["onnxruntime"]
+GRAPH_BACKENDS = ["onnxruntime", "openvino"]  # run an exported graph instead of the PyTorch model
+RUNNER_BACKENDS = list(BACKENDS) + GRAPH_BACKENDS
 
 
 def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str = "cpu", onnx=None,
-                compiled: bool = False, trusted: bool = False, classes=None):
+                compiled: bool = False, trusted: bool = False, classes=None, cache_dir=True):
     """(runner, cfg, postprocessor, ClassInfo): the detector of `dfine.deploy.load_detector` (deployed, with the
-    CPU inference forms on the CPU), or an onnxruntime session. ``classes``: a ``--classes`` file."""
-    if backend == "onnxruntime":
-        if compiled:
-            raise PredictError("--compile applies to the PyTorch model, not to --backend onnxruntime")
-        runner, cfg, post = onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
-        record = runner.class_metadata if onnx is not None else None
+    CPU inference forms on the CPU), an onnxruntime session or an OpenVINO compiled model. ``classes``: a
+    ``--classes`` file. `cache_dir`: where --backend openvino keeps converted checkpoints (True: the default
+    place; None: nowhere)."""
+    if backend in GRAPH_BACKENDS and compiled:
+        raise PredictError(f"--compile applies to the PyTorch model, not to --backend {backend}")
+    if backend in GRAPH_BACKENDS:
+        if backend == "onnxruntime":
+            runner, cfg, post = onnxruntime_runner(config, checkpoint, onnx, device, trusted=trusted)
+        else:
+            runner, cfg, post = openvino_runner(config, checkpoint, onnx, device, trusted=trusted, cache_dir=cache_dir)
+        record = getattr(runner, "class_metadata", None) if onnx is not None else None
         if record is not None:
             info = detector_classes(cfg, record, classes, source=f"ONNX file {str(onnx)!r}")
         else:  # an on-the-fly export, or a file exported without class metadata: what the checkpoint records
@@ -59,7 +67,7 @@ def load_runner(config: str, checkpoint: str, backend: str = "auto", device: str
             info = detector_classes(cfg, metadata.get("classes"), classes, source=f"checkpoint {str(checkpoint)!r}")
         return runner, cfg, post, info
     if onnx is not None:
-        raise PredictError("--onnx is only used with --backend onnxruntime")
+        raise PredictError("--onnx is only used with --backend onnxruntime or openvino")
     det = load_detector(config, checkpoint, device=device, backend=backend, compile=compiled, trusted=trusted,
                         classes=classes)
     return TorchRunner(det.graph()), det.cfg, det.postprocessor, det.classes
@@ -81,15 +89,17 @@ def check_no_overwrite(inputs: List[Path], outputs: List[Path]) -> None:
 
 
 def predict(config, checkpoint, input_path, output_dir, threshold=0.4, backend="auto", device="cpu",
-            onnx=None, compiled=False, trusted=False, classes=None) -> dict:
+            onnx=None, compiled=False, trusted=False, classes=None, cache_dir=True) -> dict:
     """Returns {"results": [COCO detections], "images": [...], "categories": [{"id", "name"}], "errors": [messages],
     "classes": ClassInfo} (+ "video" for a video).
 
-    backend: a fused-op backend (PyTorch) or "onnxruntime" (the file `onnx`, else an on-the-fly export).
+    backend: a fused-op backend (PyTorch), "onnxruntime" or "openvino" (the file `onnx`, else the checkpoint
+    exported on the fly; openvino keeps the conversion in `cache_dir`).
     classes: a ``--classes`` file overriding the names (and ids) the checkpoint records."""
     video = is_video(input_path)
     images = [] if video else list_images(Path(input_path))
-    runner, cfg, post, info = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted, classes)
+    runner, cfg, post, info = load_runner(config, checkpoint, backend, device, onnx, compiled, trusted, classes,
+                                          cache_dir)
     size = input_size(cfg)
     if video:
         out = predict_video(runner, size, input_path, output_dir, threshold, device, info)
@@ -129,9 +139,14 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--output", required=True, help="directory for drawn images (or the video) and results.json")
     parser.add_argument("--threshold", type=float, default=0.4)
     parser.add_argument("--backend", default="auto", choices=RUNNER_BACKENDS,
-                        help="fused-op backend of the PyTorch model, or onnxruntime (an exported graph)")
+                        help="fused-op backend of the PyTorch model, or onnxruntime / openvino (an exported graph)")
     parser.add_argument("--onnx", default=None,
-                        help="with --backend onnxruntime: the ONNX file (default: export the checkpoint to a temp file)")
+                        help="with --backend onnxruntime or openvino: the ONNX file (openvino also reads its IR .xml); "
+                             "default: export the checkpoint (onnxruntime: to a temp file each run; openvino: once, "
+                             "into --cache-dir)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="with --backend openvino: where converted checkpoints are kept (default "
+                             "$DFINE_CACHE_DIR/openvino or ~/.cache/dfine/openvino); 'none' converts every run")
     parser.add_argument("--device", default="cpu")
     add_classes_argument(parser)
     add_trust_argument(parser)
@@ -145,8 +160,12 @@ def run(args) -> int:
         # of faulting fresh pages in for every large tensor (dfine/deploy/cpu.py)
         retain_freed_memory()
     try:
+        if args.cache_dir is not None and args.backend != "openvino":
+            raise PredictError("--cache-dir is only used with --backend openvino")
+        cache_dir = True if args.cache_dir is None else None if args.cache_dir.lower() == "none" else args.cache_dir
         out = predict(args.config, args.resume, args.input, args.output, args.threshold, args.backend, args.device,
-                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint, classes=args.classes)
+                      onnx=args.onnx, compiled=args.compile, trusted=args.trust_checkpoint, classes=args.classes,
+                      cache_dir=cache_dir)
     except (PredictError, ConfigError) as err:  # ConfigError: the config or a -u override
         print(f"error: {err}")
         return 2

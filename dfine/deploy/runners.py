@@ -1,8 +1,8 @@
-"""Inference runners: one call signature for PyTorch and onnxruntime.
+"""Inference runners: one call signature for PyTorch, onnxruntime and OpenVINO.
 
     runner(images [N, 3, H, W] float32, orig_sizes [N, 2] int64 (w, h)) -> (labels [N, K], boxes [N, K, 4], scores [N, K])
 
-Both run the deployed model plus the post-processor in deploy mode (``dfine.deploy.DetectorGraph``);
+All run the deployed model plus the post-processor in deploy mode (``dfine.deploy.DetectorGraph``);
 labels are the contiguous training ids. Pre-processing is the caller's (``dfine.deploy.preprocess``).
 """
 
@@ -16,7 +16,7 @@ import torch
 from dfine.deploy.graph import INPUT_NAMES, OUTPUT_NAMES, DeployError, DetectorGraph
 from dfine.model.classes import classes_from_onnx_metadata
 
-__all__ = ["TorchRunner", "OnnxRuntimeRunner"]
+__all__ = ["TorchRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "require_openvino"]
 
 Detections = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -90,3 +90,84 @@ class OnnxRuntimeRunner:
             raise DeployError(f"onnxruntime could not run the graph on images {list(images.shape)}{hint} ({first})"
                               ) from None
         return tuple(torch.from_numpy(t).to(images.device) for t in (labels, boxes, scores))
+
+
+def require_openvino():
+    """The ``openvino`` module, or a DeployError saying how to install it."""
+    try:
+        import openvino
+    except ImportError as err:
+        raise DeployError(f"openvino is not installed (pip install openvino): {err}") from err
+    return openvino
+
+
+class OpenVinoRunner:
+    """An exported ONNX file or an OpenVINO IR (``.xml`` beside its ``.bin``), compiled for OpenVINO's CPU plugin.
+
+    float32 inference (``INFERENCE_PRECISION_HINT=f32``: on CPUs with bf16 units OpenVINO would otherwise pick
+    bf16 and drift from PyTorch), latency mode (one stream), ``threads`` inference threads (None: OpenVINO's
+    default, every core)."""
+
+    def __init__(self, path, threads: Optional[int] = None, device: str = "cpu"):
+        ov = require_openvino()
+        self.check_device(device)
+        core = ov.Core()
+        path = os.fspath(path)
+        self.name = repr(path)
+        if not os.path.isfile(path):
+            raise DeployError(f"model file {path!r} (ONNX or OpenVINO .xml) does not exist")
+        try:
+            model = core.read_model(path)
+        except Exception as err:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+            raise DeployError(f"openvino cannot read {path!r}: {_first_line(err)}") from None
+        names = tuple(i.get_any_name() for i in model.inputs)
+        outputs = tuple(o.get_any_name() for o in model.outputs)
+        if names != INPUT_NAMES or outputs != OUTPUT_NAMES:
+            raise DeployError(f"{self.name} is not a D-FINE export: inputs {names}, outputs {outputs} "
+                              f"(expected {INPUT_NAMES} -> {OUTPUT_NAMES}; write one with `python -m dfine export`)")
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as err:
+            raise DeployError(f"openvino cannot compile {self.name} for the CPU: {_first_line(err)}") from None
+        self.model = model
+        self.request = self.compiled.create_infer_request()
+        self.outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+        self.device = device
+        self.cache_entry = None  # the cache directory the IR was read from (dfine.deploy.openvino_ir)
+
+    @staticmethod
+    def check_device(device) -> None:
+        if torch.device(device).type != "cpu":
+            raise DeployError(f"--backend openvino runs on the CPU; got --device {device}")
+
+    @property
+    def input_size(self) -> Tuple[Optional[int], Optional[int]]:
+        """(H, W) of the graph's ``images`` input; None for a dynamic axis."""
+        shape = self.model.input("images").get_partial_shape()
+        return tuple(d.get_length() if d.is_static else None for d in (shape[2], shape[3]))
+
+    def __call__(self, images: torch.Tensor, orig_sizes: torch.Tensor) -> Detections:
+        feeds = {
+            "images": images.detach().to("cpu", torch.float32).contiguous().numpy(),
+            "orig_target_sizes": torch.as_tensor(orig_sizes).detach().to("cpu", torch.int64).contiguous().numpy(),
+        }
+        try:
+            results = self.request.infer(feeds)  # copies the outputs (share_outputs=False)
+        except Exception as err:  # OpenVINO's RuntimeError with a C++ trace
+            first = _first_line(err)
+            hint = ""
+            if "topk" in first.lower() and "exceeds" in first.lower():
+                hint = " - the images are too small: they give fewer positions than the model's num_queries"
+            raise DeployError(f"openvino could not run the graph on images {list(images.shape)}{hint} ({first})"
+                              ) from None
+        return tuple(torch.from_numpy(results[o]).to(images.device) for o in self.outputs)
+
+
+def _first_line(err: Exception) -> str:
+    """The informative line of an OpenVINO error: its messages start with lines of C++ source locations."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return ((useful or lines or [type(err).__name__])[-1])[:300]
