@@ -27,9 +27,9 @@ def setup_threads():
     torch.set_num_threads(THREADS)
 
 
-def parse_args(argv=None, description=None):
-    """The kernel benchmarks' command line: ``--malloc`` (CPU, below) and the ``--device cuda`` options
-    (``_cuda_bench.add_device_arguments``)."""
+def parse_args(argv=None, description=None, extra=None):
+    """The kernel benchmarks' command line: ``--malloc`` (CPU, below), the ``--device cuda`` options
+    (``_cuda_bench.add_device_arguments``) and what ``extra(parser)`` adds."""
     import argparse
 
     from _cuda_bench import add_device_arguments
@@ -38,6 +38,8 @@ def parse_args(argv=None, description=None):
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="under the system allocator: keep freed memory (as train.py does) or not")
     add_device_arguments(parser)
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
 
 

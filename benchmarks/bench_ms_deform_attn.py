@@ -190,14 +190,18 @@ def main_cuda(args, device):
     print(f"ms_deform_attn on {describe_device(device)}; levels {LEVELS}, points {POINTS}, M=8, D=32")
     print("train: B=4, Q=500; infer: B=1, Q=300. Time = median of CUDA-event times; memory = peak allocated "
           "during the call (outputs and gradients included).\n")
-    cuda_table([(s, m) for s in SHAPES for m in MODES], make_call, device, args.dtypes, args.variants, args.runs)
+    cuda_table([(s, m) for s in args.shapes for m in MODES], make_call, device, args.dtypes, args.variants, args.runs)
 
 
 def main(argv=None):
     from _cuda_bench import device_from_args
     from _fdr_bench_utils import apply_allocator, parse_args
 
-    args = parse_args(argv, description=__doc__.split("\n")[0])
+    def shapes_option(parser):
+        parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                            help="with --device cuda: the shapes (rows)")
+
+    args = parse_args(argv, description=__doc__.split("\n")[0], extra=shapes_option)
     device = device_from_args(args)
     if device.type == "cuda":
         return main_cuda(args, device)
