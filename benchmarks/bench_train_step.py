@@ -138,6 +138,9 @@ VARIANTS = {
 }
 
 
+VARIANT_KEYS = {"reference": "reference ops", "fused": "fused ops (auto)", "transformers": "transformers"}
+
+
 def time_step(step, runs=5, warmup=1):
     """Median wall seconds of a step; every step ends by reading the loss, which waits for the GPU."""
     for _ in range(warmup):
@@ -246,8 +249,14 @@ def main(argv=None):
     parser.add_argument("--amp", nargs="+", choices=["off", "bfloat16", "float16"],
                         help="with --device cuda: autocast settings, one column group each (default: off bfloat16)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN and Triton tune there)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANT_KEYS), default=list(VARIANT_KEYS),
+                        help="which steps to time (default: all)")
     args = parser.parse_args(argv)
     device = device_or_exit(args.device)
+    chosen = {VARIANT_KEYS[k] for k in args.variants}
+    for name in list(VARIANTS):
+        if name not in chosen:
+            del VARIANTS[name]
     global CHANNELS_LAST
     CHANNELS_LAST = resolve_channels_last(args.channels_last, device)
     if device.type == "cuda":

@@ -193,7 +193,7 @@ def steps(py: str, out_dir: Path, jobs: int) -> List[Step]:
         ], summarize_kernel_bench),
         Step("D-FINE-S training step, 4x3x640x640", 50, [
             [py, "benchmarks/bench_train_step.py", "--device", "cuda", "--sizes", "s", "--runs", "5",
-             "--warmup", "2", "--amp", "off", "bfloat16"],
+             "--warmup", "2", "--amp", "off", "bfloat16", "--variants", "reference", "fused"],
         ], summarize_train_step),
         Step(f"{TRAIN_STEPS}-step fused training, D-FINE-N synthetic, bf16 AMP", 60, [
             [py, "-m", "dfine.data.synthetic", "--out", str(data), "--num-train", str(TRAIN_STEPS * TRAIN_BATCH),

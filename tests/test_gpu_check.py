@@ -115,15 +115,31 @@ def test_steps_cover_the_check(gpu_check, tmp_path):
     assert any(f"--num-train {gpu_check.TRAIN_STEPS * gpu_check.TRAIN_BATCH}" in c for c in joined)
 
 
-def test_the_gpu_commands_parse(gpu_check, tmp_path):
-    """Every command's options exist (argparse of the scripts run with --help would cost a process each: the
-    benchmark and compare parsers are checked by parsing the same arguments here)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from _fdr_bench_utils import parse_args
+def test_the_gpu_commands_parse(gpu_check, tmp_path, monkeypatch, capsys):
+    """Every benchmark/compare command of the check takes its options: run here (no GPU, mocked), each one gets
+    past its argument parser and stops at the device check (an unknown option would stop in argparse first)."""
+    from tests.test_benchmarks import _load
 
-    args = parse_args(["--device", "cuda", "--runs", "10", "--variants", "reference", "cpp", "triton"])
-    assert args.variants == ["reference", "cpp", "triton"] and args.dtypes == ["float32", "bfloat16"]
-    train = next(c for s in gpu_check.steps(sys.executable, tmp_path, 4) for c in s.commands if "train.py" in c)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    commands = [c for s in gpu_check.steps(sys.executable, tmp_path, 4) for c in s.commands]
+    checked = 0
+    for command in commands:
+        if command[1].startswith("benchmarks/"):
+            main = _load(command[1].split("/")[1]).main
+            argv = command[2:]
+        elif command[1:3] == ["-m", "dfine.ops.compare"]:
+            main, argv = compare.main, command[3:]
+        else:
+            continue
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.startswith("error: --device cuda: no CUDA GPU"), (command, err)
+        checked += 1
+    torch.set_num_threads(threads)
+    assert checked == 5
+    train = next(c for c in commands if c[1] == "train.py")
     sys.path.insert(0, str(REPO))
     import train as train_script
 

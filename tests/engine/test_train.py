@@ -296,8 +296,9 @@ def test_amp_trains_with_the_criterion_in_fp32(tiny_data, tmp_path, device, amp_
                       progress=False)
     assert trainer.amp_dtype == dtype and trainer.scaler.is_enabled() is scaled
     linear_dtypes, criterion_calls = set(), []
-    first_linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
-    first_linear.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
     criterion_forward = trainer.criterion.forward
 
     def spy(outputs, targets):  # what the criterion sees: autocast off, fp32 outputs

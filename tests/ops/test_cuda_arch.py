@@ -54,8 +54,12 @@ def test_torch_turns_the_lists_into_the_gencode_targets(monkeypatch):
     assert sorted(cuda_arch.gencode_targets(cpp_extension._get_cuda_arch_flags())) == ["compute_90", "sm_90"]
 
 
+def _nvcc():
+    return shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+
+
 def test_local_nvcc_compiles_the_portable_list():
-    nvcc = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+    nvcc = _nvcc()
     if not nvcc:
         if IN_CI:
             pytest.fail("CI builds the CUDA sources, so nvcc must be found")
@@ -202,3 +206,24 @@ def test_the_built_extension_reports_its_targets():
             assert targets == ["sm_80"]
     else:
         assert targets == []
+
+
+def test_setup_py_without_a_gpu_compiles_the_portable_list():
+    """setup.py itself (its metadata only: nothing is built): no GPU, TORCH_CUDA_ARCH_LIST unset."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nvcc = _nvcc()
+    if not nvcc or torch.version.cuda is None:
+        if IN_CI:
+            pytest.fail("CI builds the CUDA sources, so nvcc and a CUDA torch must be there")
+        pytest.skip("no nvcc or no CUDA torch here")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env.update(DFINE_WITH_CUDA="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("dfine: building CUDA kernels for sm_75,sm_80,sm_86,sm_89,compute_90,sm_90 (no GPU is visible"
+            in done.stdout), done.stdout[-2000:]
