@@ -106,7 +106,11 @@ def test_steps_cover_the_check(gpu_check, tmp_path):
     build = steps[0]
     assert build.env["TORCH_CUDA_ARCH_LIST"] is None  # unset: the build targets the GPU present
     joined = [" ".join(c) for s in steps for c in s.commands]
-    assert any("-m cuda tests/ops tests/model tests/engine" in c for c in joined)
+    assert any("-m cuda tests/ops" in c for c in joined)
+    assert any("-m cuda tests/model tests/engine" in c for c in joined)
+    assert all(s.env["CI"] == "true" and s.env["TRITON_INTERPRET"] == "0" for s in steps
+               if s.commands[0][1:3] == ["-m", "pytest"])
+    assert sum(s.commands[0][1:3] == ["-m", "pytest"] for s in steps) == 2
     assert any("dfine.ops.compare --device cuda" in c for c in joined)
     for script in ("bench_ms_deform_attn", "bench_fdr_decode", "bench_golsd_losses"):
         assert any(f"benchmarks/{script}.py --device cuda" in c for c in joined)
