@@ -151,17 +151,17 @@ def _randomize_norm_stats(model, seed=0):
 
 
 @pytest.mark.parametrize("size", ["s", "x"])
-def test_deploy_equals_eval(size):
+def test_deploy_equals_eval(size, device):
     """Conv+BN and RepVGG fusion leave the outputs unchanged (S: 3 levels; X: decoder input_proj,
     reg_scale 8, frozen backbone norms)."""
     model, _ = _random_model(size, seed=5)
     _randomize_norm_stats(model)
-    model.eval()
-    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    model.eval().to(device)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
-        before = model(x)
+        before = _on_cpu(model(x))
         model.deploy()
-        after = model(x)
+        after = _on_cpu(model(x))
     idx = match_queries(before["pred_boxes"][0], after["pred_boxes"][0])
     torch.testing.assert_close(after["pred_boxes"][0, idx], before["pred_boxes"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(after["pred_logits"][0, idx], before["pred_logits"][0], rtol=0, atol=1e-4)
@@ -220,3 +220,13 @@ def test_attention_weight_softmax_matches_torch(dtype):
     g_got, = torch.autograd.grad(got, x, upstream.to(dtype))
     g_want, = torch.autograd.grad(want, exact, upstream)
     torch.testing.assert_close(g_got.double(), g_want, **tol)
+
+
+def test_deploy_builds_the_fused_convs_on_the_weights_device():
+    """deploy() on a GPU model must not leave new convs on the CPU: the meta device stands in for the GPU here."""
+    from dfine.model.hybrid_encoder import ConvNormLayer, VGGBlock
+
+    for block in (ConvNormLayer(4, 8, 3), VGGBlock(4, 8)):
+        block.to("meta").eval()
+        block.convert_to_deploy()
+        assert {p.device.type for p in block.parameters()} == {"meta"}, type(block).__name__
