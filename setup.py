@@ -6,12 +6,14 @@ Environment:
     DFINE_WITH_CUDA=1   compile the CUDA sources; fail loudly if torch has no CUDA or nvcc is missing
     DFINE_WITH_CUDA=0   never compile them
     (unset)             compile them when torch was built with CUDA and nvcc is found
-    TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default here: "8.0", one arch keeps builds short)
+    TORCH_CUDA_ARCH_LIST  GPU architectures to compile for. Unset: those of the visible GPUs (torch's detection),
+                        or with no GPU visible "7.5;8.0;8.6;8.9;9.0+PTX" (dfine/ops/cuda_arch.py)
     DFINE_MARCH_NATIVE=1  add -march=native to the C++ flags (off by default: the binary stays portable)
     MAX_JOBS            parallel compile jobs for ninja
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -29,6 +31,28 @@ def _cuda_home():
             return candidate
     nvcc = shutil.which("nvcc")
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _cuda_arch_module():
+    """dfine/ops/cuda_arch.py, loaded by path: importing the package would need the extension being built."""
+    spec = importlib.util.spec_from_file_location("dfine_cuda_arch", os.path.join(ROOT, "dfine", "ops", "cuda_arch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cuda_arch_flags(cuda_home: str):
+    """Settle TORCH_CUDA_ARCH_LIST (see the module docstring) and return (nvcc -gencode flags, compiled targets)."""
+    arch = _cuda_arch_module()
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    chosen, why = arch.select_arch_list(os.environ, visible, arch.nvcc_archs(os.path.join(cuda_home, "bin", "nvcc")))
+    if chosen is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = chosen
+    flags = cpp_extension._get_cuda_arch_flags()  # what BuildExtension passes to nvcc
+    targets = arch.gencode_targets(flags)
+    print(f"dfine: building CUDA kernels for {','.join(targets)} ({why})")
+    return flags, targets
 
 
 def want_cuda() -> bool:
@@ -57,14 +81,14 @@ def extensions():
         cuda_home = _cuda_home()
         os.environ.setdefault("CUDA_HOME", cuda_home)
         cpp_extension.CUDA_HOME = cuda_home  # the module guessed it at import time
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0")
-        print(f"dfine: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        _, targets = cuda_arch_flags(cuda_home)
         return [
             cpp_extension.CUDAExtension(
                 "dfine._C",
                 cpp_sources + cuda_sources,
                 include_dirs=include_dirs,
-                define_macros=[("DFINE_WITH_CUDA", "1")],
+                # the targets reach dfine._C.cuda_archs() (letters, digits, _ and , only: no shell quoting)
+                define_macros=[("DFINE_WITH_CUDA", "1"), ("DFINE_CUDA_ARCHS", ",".join(targets))],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
                 extra_link_args=["-fopenmp"],
             )

@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("-d", "--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's seed or 0)")
     p.add_argument("--use-amp", action="store_true", default=None,
-                   help="mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA)")
+                   help="mixed precision: autocast in the config's amp_dtype (default bfloat16 where the device has "
+                        "it natively, else float16 + GradScaler; -u amp_dtype=float16 to choose)")
     p.add_argument("--backend", choices=["auto", "reference", "cpp", "triton"],
                    help="fused-op backend (default: the config's ops_backend)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")

@@ -27,24 +27,38 @@ def setup_threads():
     torch.set_num_threads(THREADS)
 
 
-def setup_allocator(argv=None, description=None) -> str:
-    """Parses the benchmark scripts' command line. ``--malloc retain`` (default): run the way
-    train.py does, with glibc told to keep freed memory (dfine.deploy.cpu.retain_freed_memory);
-    ``--malloc default``: glibc's defaults, under which the fresh gradients of every call (1 MiB
-    per layer for the losses, 34 MiB for ms_deform_attn) are returned to the system and page-faulted
-    in again on the next call. Returns the allocator's name for the table header."""
+def parse_args(argv=None, description=None, extra=None):
+    """The kernel benchmarks' command line: ``--malloc`` (CPU, below), the ``--device cuda`` options
+    (``_cuda_bench.add_device_arguments``) and what ``extra(parser)`` adds."""
     import argparse
 
-    from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
+    from _cuda_bench import add_device_arguments
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="under the system allocator: keep freed memory (as train.py does) or not")
-    args = parser.parse_args(argv)
+    add_device_arguments(parser)
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def apply_allocator(malloc: str) -> str:
+    """``retain`` (default): run the way train.py does, with glibc told to keep freed memory
+    (dfine.deploy.cpu.retain_freed_memory); ``default``: glibc's defaults, under which the fresh gradients of
+    every call (1 MiB per layer for the losses, 34 MiB for ms_deform_attn) are returned to the system and
+    page-faulted in again on the next call. Returns the allocator's name for the table header."""
+    from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
+
     allocator = loaded_allocator()
-    if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
+    if allocator == "system" and malloc == "retain" and retain_freed_memory():
         allocator = "system, retaining freed memory"
     return allocator
+
+
+def setup_allocator(argv=None, description=None) -> str:
+    """Parses the command line (:func:`parse_args`) and applies ``--malloc`` (:func:`apply_allocator`)."""
+    return apply_allocator(parse_args(argv, description).malloc)
 
 
 def times_ms_in_turns(calls: dict, rounds: int = 5, per_round: int = 6) -> dict:

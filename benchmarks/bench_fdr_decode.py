@@ -6,6 +6,7 @@ PyTorch reference, torch.compile(reference) and the C++ kernel.
 
     python benchmarks/bench_fdr_decode.py                      # markdown table
     python benchmarks/bench_fdr_decode.py --malloc default     # glibc's default allocator settings
+    python benchmarks/bench_fdr_decode.py --device cuda        # on the GPU: fp32/bf16, + Triton (_cuda_bench.py)
     python -m pytest benchmarks/bench_fdr_decode.py --benchmark-only
 """
 
@@ -20,7 +21,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from _fdr_bench_utils import (  # noqa: E402
-    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_allocator, setup_threads, times_ms_in_turns,
+    apply_allocator, cpp_available, _check_peak_memory, markdown_table, parse_args, peak_memory_bytes, setup_threads,
+    times_ms_in_turns,
 )
 from dfine.ops import fdr_decode, fdr_decode_reference, weighting_function  # noqa: E402
 
@@ -28,16 +30,20 @@ BATCH, QUERIES, REG_MAX, LAYERS = 4, 300 + 200, 32, 6
 REG_SCALE = 4.0
 
 
-def make_inputs(layers: int, seed: int = 0):
+def make_inputs(layers: int, seed: int = 0, device="cpu", dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    project = weighting_function(REG_MAX, 0.5, REG_SCALE)
-    corners = [(torch.randn(BATCH, QUERIES, 4 * (REG_MAX + 1), generator=gen) * 3).requires_grad_(True)
+
+    def put(t):
+        return t.to(device=device, dtype=dtype)
+
+    project = put(weighting_function(REG_MAX, 0.5, REG_SCALE))
+    corners = [put(torch.randn(BATCH, QUERIES, 4 * (REG_MAX + 1), generator=gen) * 3).requires_grad_(True)
                for _ in range(layers)]
     centre = torch.rand(BATCH, QUERIES, 2, generator=gen) * 0.8 + 0.1
     size = torch.rand(BATCH, QUERIES, 2, generator=gen) * 0.4 + 0.02
-    ref = torch.cat([centre, size], -1)
-    grad_boxes = torch.randn(BATCH, QUERIES, 4, generator=gen)
-    grad_stats = torch.randn(BATCH, QUERIES, 4, 5, generator=gen)
+    ref = put(torch.cat([centre, size], -1))
+    grad_boxes = put(torch.randn(BATCH, QUERIES, 4, generator=gen))
+    grad_stats = put(torch.randn(BATCH, QUERIES, 4, 5, generator=gen))
     return corners, project, ref, grad_boxes, grad_stats
 
 
@@ -51,7 +57,8 @@ def decode_fn(variant: str):
         if "fn" not in _compiled:
             _compiled["fn"] = torch.compile(lambda c, p, r: fdr_decode_reference(c, p, r, REG_SCALE, 4))
         return _compiled["fn"]
-    return lambda c, p, r: fdr_decode(c, p, r, REG_SCALE, 4, backend="cpp")
+    backend = "triton" if variant == "triton" else "cpp"
+    return lambda c, p, r: fdr_decode(c, p, r, REG_SCALE, 4, backend=backend)
 
 
 def forward_only(variant, inputs):
@@ -106,8 +113,34 @@ def test_fdr_decode_forward_one_layer(benchmark, variant):
     benchmark(run)
 
 
-def main():
-    allocator = setup_allocator()
+def main_cuda(args, device):
+    """The --device cuda table: every variant in every dtype (benchmarks/_cuda_bench.py)."""
+    from _cuda_bench import cuda_table, describe_device
+
+    names = {"reference": "reference", "compile(reference)": "compiled", "cpp": "cpp", "triton": "triton"}
+    shapes = {f"1 layer ({BATCH * QUERIES} boxes)": 1, f"{LAYERS} layers ({LAYERS * BATCH * QUERIES} boxes)": LAYERS}
+    modes = {"fwd": forward_only, "fwd+bwd": forward_backward}
+    cache = {}
+
+    def make_call(shape, mode, variant, dtype):
+        key = (shape, dtype)
+        if key not in cache:
+            cache.clear()
+            cache[key] = make_inputs(shapes[shape], device=device, dtype=dtype)
+        return modes[mode](names[variant], cache[key])
+
+    print(f"fdr_decode on {describe_device(device)}, K+1 = {REG_MAX + 1} bins, lqe_topk = 4\n")
+    cuda_table([(s, m) for s in shapes for m in modes], make_call, device, args.dtypes, args.variants, args.runs)
+
+
+def main(argv=None):
+    from _cuda_bench import device_from_args
+
+    args = parse_args(argv, description=__doc__.split("\n")[0])
+    device = device_from_args(args)
+    if device.type == "cuda":
+        return main_cuda(args, device)
+    allocator = apply_allocator(args.malloc)
     setup_threads()
     _check_peak_memory()
     variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]

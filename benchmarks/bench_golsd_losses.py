@@ -10,6 +10,7 @@ a variant needs beyond inputs, outputs and gradients (the measure of the kernel 
 
     python benchmarks/bench_golsd_losses.py                    # markdown table
     python benchmarks/bench_golsd_losses.py --malloc default   # glibc's default allocator settings
+    python benchmarks/bench_golsd_losses.py --device cuda      # on the GPU: fp32/bf16, + Triton (_cuda_bench.py)
     python -m pytest benchmarks/bench_golsd_losses.py --benchmark-only
 """
 
@@ -24,7 +25,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from _fdr_bench_utils import (  # noqa: E402
-    cpp_available, _check_peak_memory, markdown_table, peak_memory_bytes, setup_allocator, setup_threads, times_ms_in_turns,
+    apply_allocator, cpp_available, _check_peak_memory, markdown_table, parse_args, peak_memory_bytes, setup_threads,
+    times_ms_in_turns,
 )
 from dfine.ops import ddf_loss, ddf_loss_reference, fgl_loss, fgl_loss_reference  # noqa: E402
 
@@ -36,24 +38,24 @@ ROUNDS = 12
 ROWS = BATCH * QUERIES * 4
 
 
-def make_inputs(layers: int, seed: int = 0, dtype=torch.float32):
+def make_inputs(layers: int, seed: int = 0, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     bins = REG_MAX + 1
-    preds = [(torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+    preds = [(torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(device, dtype).requires_grad_(True)
              for _ in range(layers)]
-    teacher = (torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(dtype)
-    target = (torch.rand(ROWS, generator=gen, dtype=torch.float64) * (REG_MAX - 0.1)).to(dtype)
+    teacher = (torch.randn(ROWS, bins, generator=gen, dtype=torch.float64) * 3).to(device, dtype)
+    target = (torch.rand(ROWS, generator=gen, dtype=torch.float64) * (REG_MAX - 0.1)).to(device, dtype)
     weight_right = target - target.floor()
     weight_left = 1 - weight_right
-    weight = torch.rand(ROWS, generator=gen, dtype=torch.float64).to(dtype)
+    weight = torch.rand(ROWS, generator=gen, dtype=torch.float64).to(device, dtype)
     return dict(preds=preds, teacher=teacher, target=target, wl=weight_left, wr=weight_right, weight=weight)
 
 
 def _fgl(variant):
     if variant == "reference":
         return lambda p, x: fgl_loss_reference(p, x["target"], x["wl"], x["wr"], x["weight"], reduction="sum")
-    if variant == "cpp":
-        return lambda p, x: fgl_loss(p, x["target"], x["wl"], x["wr"], x["weight"], reduction="sum", backend="cpp")
+    if variant in ("cpp", "triton"):
+        return lambda p, x: fgl_loss(p, x["target"], x["wl"], x["wr"], x["weight"], reduction="sum", backend=variant)
     fn = torch.compile(lambda p, t, wl, wr, w: fgl_loss_reference(p, t, wl, wr, w, reduction="sum"))
     return lambda p, x: fn(p, x["target"], x["wl"], x["wr"], x["weight"])
 
@@ -61,8 +63,8 @@ def _fgl(variant):
 def _ddf(variant):
     if variant == "reference":
         return lambda p, x: ddf_loss_reference(p, x["teacher"], x["weight"], 5.0, reduction="sum")
-    if variant == "cpp":
-        return lambda p, x: ddf_loss(p, x["teacher"], x["weight"], 5.0, reduction="sum", backend="cpp")
+    if variant in ("cpp", "triton"):
+        return lambda p, x: ddf_loss(p, x["teacher"], x["weight"], 5.0, reduction="sum", backend=variant)
     fn = torch.compile(lambda p, t, w: ddf_loss_reference(p, t, w, 5.0, reduction="sum"))
     return lambda p, x: fn(p, x["teacher"], x["weight"])
 
@@ -127,8 +129,37 @@ def accuracy_rows():
     return rows
 
 
-def main():
-    allocator = setup_allocator()
+def main_cuda(args, device):
+    """The --device cuda table: every variant in every dtype (benchmarks/_cuda_bench.py)."""
+    from _cuda_bench import cuda_table, describe_device
+
+    names = {"reference": "reference", "compile(reference)": "compiled", "cpp": "cpp", "triton": "triton"}
+    layers = {"1 layer": 1, f"{LAYERS} layers": LAYERS}
+    modes = {"fwd": forward_only, "fwd+bwd": forward_backward}
+    cache = {}
+
+    def make_call(shape, mode, variant, dtype):
+        loss, count = shape.split(", ")
+        key = (count, dtype)
+        if key not in cache:
+            cache.clear()
+            cache[key] = make_inputs(layers[count], dtype=dtype, device=device)
+        return modes[mode](loss, names[variant], cache[key])
+
+    print(f"GO-LSD losses on {describe_device(device)}, {ROWS} rows of {REG_MAX + 1} bins per layer, "
+          "reduction='sum'\n")
+    rows = [(f"{loss}, {count}", m) for loss in LOSSES for count in layers for m in modes]
+    cuda_table(rows, make_call, device, args.dtypes, args.variants, args.runs)
+
+
+def main(argv=None):
+    from _cuda_bench import device_from_args
+
+    args = parse_args(argv, description=__doc__.split("\n")[0])
+    device = device_from_args(args)
+    if device.type == "cuda":
+        return main_cuda(args, device)
+    allocator = apply_allocator(args.malloc)
     setup_threads()
     _check_peak_memory()
     variants = [v for v in VARIANTS if v != "cpp" or cpp_available()]

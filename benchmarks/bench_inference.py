@@ -16,6 +16,8 @@ Every variant runs the same thing - `model.deploy()` + the post-processor in dep
                             latency hint), as `python -m dfine predict --backend openvino` runs them
 
     python benchmarks/bench_inference.py [--sizes s n] [--runs 10] [--shapes 640x640 480x800] [--batches 1 4]
+    python benchmarks/bench_inference.py --device cuda     # GPU: eager reference / fused / torch.compile fused,
+                                                           # fp32 and bf16 autocast (onnxruntime: CPU rows only)
     python -m pytest benchmarks/bench_inference.py --benchmark-only      # pytest-benchmark (N, 640, batch 1)
 """
 
@@ -133,13 +135,61 @@ class Variants:
         yield "openvino, static graph", OpenVinoRunner(static, threads=THREADS)
 
 
+def main_cuda(args, device):
+    """The PyTorch variants on the GPU, fp32 and bf16 autocast, CUDA-event medians."""
+    from dfine.ops.timing import median_ms
+
+    modes = {"fp32": None, "bf16 autocast": torch.bfloat16}
+    print(f"deployed inference on {torch.cuda.get_device_name(device)}, torch {torch.__version__}; median of "
+          f"{args.runs} CUDA-event times after 3 warm-up calls (the first ones compile)")
+    header = ["size", "input (N x H x W)", "variant"] + [f"{m} ms" for m in modes] + [f"{m} vs eager reference" for m in modes]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
+    for size in args.sizes:
+        torch._dynamo.reset()
+        reference = build_detector(size, "reference").to(device)
+        fused = build_detector(size, "auto").to(device)
+        fused.load_state_dict(reference.state_dict())
+        compiled = torch.compile(reg_scale_as_float(copy.deepcopy(fused)), dynamic=False)
+        runners = {"eager, reference ops": TorchRunner(reference), "eager, fused ops (auto)": TorchRunner(fused),
+                   "torch.compile, fused ops": TorchRunner(compiled)}
+        for shape in args.shapes:
+            h, w = (int(v) for v in shape.lower().split("x"))
+            for batch in args.batches:
+                images, sizes = (t.to(device) for t in inputs(batch, h, w))
+                times = {}
+                for name, runner in runners.items():
+                    for mode, dtype in modes.items():
+                        def call(runner=runner, dtype=dtype):
+                            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                                return runner(images, sizes)
+                        try:
+                            times[name, mode] = median_ms(call, device, args.runs, warmup=3)
+                        except Exception as err:  # e.g. a compile failure: listed, not fatal
+                            print(f"{name}, {mode}: {type(err).__name__}: {str(err).strip().splitlines()[0][:160]}")
+                for name in runners:
+                    cells = [size.upper(), f"{batch}x{h}x{w}", name]
+                    cells += [f"{times[name, m]:.2f}" if (name, m) in times else "n/a" for m in modes]
+                    cells += [f"{times['eager, reference ops', m] / times[name, m]:.2f}x"
+                              if (name, m) in times and ("eager, reference ops", m) in times else "n/a" for m in modes]
+                    print("| " + " | ".join(cells) + " |", flush=True)
+        del reference, fused, compiled, runners
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["s", "n"])
     parser.add_argument("--shapes", nargs="+", default=["640x640", "480x800"], help="HxW")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args(argv)
+    from dfine.ops.timing import device_or_exit
+
+    device = device_or_exit(args.device)
+    if device.type == "cuda":
+        return main_cuda(args, device)
     if not dfine.ops.extension_available():
         sys.exit("bench_inference: the fused ops need dfine._C; build it with `python setup.py build_ext --inplace`")
     import onnxruntime

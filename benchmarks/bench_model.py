@@ -11,6 +11,7 @@ and the fused ops' calls, timed alone with each backend, are what changes. Media
 turns (one call each per round), so that load from other processes hits all alike.
 
     python benchmarks/bench_model.py [--sizes n s] [--runs 10] [--malloc retain|default]   # markdown table
+    python benchmarks/bench_model.py --device cuda [--sizes n s] [--runs 20]   # GPU: fp32 and bf16 autocast columns
     python -m pytest benchmarks/bench_model.py --benchmark-only        # pytest-benchmark
 """
 
@@ -227,6 +228,46 @@ def fused_op_times_ms(model, runs=10):
     return times["reference"], times["cpp"]
 
 
+CUDA_VARIANTS = {
+    "reference ops": lambda s: build_ours(s, "reference"),
+    "fused ops (auto)": lambda s: build_ours(s, "auto"),
+    "fused + deploy()": lambda s: build_ours(s, "auto", deploy=True),
+    "transformers": build_transformers,
+}
+
+
+def main_cuda(args, device):
+    """Eval latency on the GPU: the device-independent variants, fp32 and bf16 autocast; CUDA-event times."""
+    from dfine.ops.timing import median_ms
+
+    x = torch.rand(1, 3, *IMAGE, device=device)
+    modes = {"fp32": None, "bf16 autocast": torch.bfloat16}
+    print(f"eval latency on {torch.cuda.get_device_name(device)}, 1x3x{IMAGE[0]}x{IMAGE[1]}, median of {args.runs} "
+          "CUDA-event times after 3 warm-up calls")
+    header = ["size", "variant"] + [f"{m} ms" for m in modes] + [f"{m} vs reference ops" for m in modes]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
+    for size in args.sizes:
+        ref = {}
+        for name, make in CUDA_VARIANTS.items():
+            model = make(size)
+            if model is None:
+                continue
+            model = model.to(device)
+            times = {}
+            for mode, dtype in modes.items():
+                def call(model=model, dtype=dtype):
+                    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                        return model(x)
+                times[mode] = median_ms(call, device, args.runs, warmup=3)
+                if name == "reference ops":
+                    ref[mode] = times[mode]
+            cells = [size.upper(), name] + [f"{times[m]:.2f}" for m in modes] + [f"{ref[m] / times[m]:.2f}x" for m in modes]
+            print("| " + " | ".join(cells) + " |", flush=True)
+            del model
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
@@ -234,7 +275,14 @@ def main(argv=None):
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="under the system allocator: keep freed memory, as `python -m dfine predict` does "
                              "on the CPU (process-wide, so every variant runs under it), or glibc's defaults")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda / cuda:N: the device-independent variants, fp32 and bf16 autocast")
     args = parser.parse_args(argv)
+    from dfine.ops.timing import device_or_exit
+
+    device = device_or_exit(args.device)
+    if device.type == "cuda":
+        return main_cuda(args, device)
     from dfine.deploy.cpu import loaded_allocator, retain_freed_memory
 
     allocator = loaded_allocator()

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_ms_deform_attn.py            # markdown table (~15 s; ~1 min more the
                                                          # first time, while torch.compile builds)
+    python benchmarks/bench_ms_deform_attn.py --device cuda [--dtypes float32 bfloat16] [--runs 20]
+                                                         # on the GPU, + Triton (benchmarks/_cuda_bench.py)
     python -m pytest benchmarks/bench_ms_deform_attn.py --benchmark-only
 
 Shapes (fp32, torch.set_num_threads(2)):
@@ -80,7 +82,11 @@ _SHAPES_TENSOR = torch.tensor(LEVELS, dtype=torch.int64)
 
 
 def cpp_fn(value, loc, attn):
-    return ms_deform_attn(value, _SHAPES_TENSOR, loc, attn, POINTS, backend="cpp")
+    return ms_deform_attn(value, _SHAPES_TENSOR.to(value.device), loc, attn, POINTS, backend="cpp")
+
+
+def triton_fn(value, loc, attn):
+    return ms_deform_attn(value, _SHAPES_TENSOR.to(value.device), loc, attn, POINTS, backend="triton")
 
 
 _compiled = {}
@@ -165,10 +171,41 @@ def measure(shape_name, mode):
     return {backend: (seconds[backend], peak_extra_bytes(call)) for backend, call in calls.items()}
 
 
-def main(argv=None):
-    from _fdr_bench_utils import setup_allocator
+def main_cuda(args, device):
+    """The --device cuda table: every variant in every dtype (benchmarks/_cuda_bench.py)."""
+    from _cuda_bench import cuda_table, describe_device
 
-    allocator = setup_allocator(argv, description=__doc__.split("\n")[0])
+    fns = {"reference": reference_fn, "compile(reference)": compiled_reference_fn, "cpp": cpp_fn,
+           "triton": triton_fn}
+    cache = {}
+
+    def make_call(shape_name, mode, variant, dtype):
+        key = (shape_name, dtype)
+        if key not in cache:
+            cache.clear()  # one shape's inputs on the GPU at a time
+            cache[key] = [t.to(device=device, dtype=dtype) for t in make_inputs(**SHAPES[shape_name])]
+        inputs, fn, run = cache[key], fns[variant], MODES[mode]
+        return lambda: run(fn, [t.detach() for t in inputs])
+
+    print(f"ms_deform_attn on {describe_device(device)}; levels {LEVELS}, points {POINTS}, M=8, D=32")
+    print("train: B=4, Q=500; infer: B=1, Q=300. Time = median of CUDA-event times; memory = peak allocated "
+          "during the call (outputs and gradients included).\n")
+    cuda_table([(s, m) for s in args.shapes for m in MODES], make_call, device, args.dtypes, args.variants, args.runs)
+
+
+def main(argv=None):
+    from _cuda_bench import device_from_args
+    from _fdr_bench_utils import apply_allocator, parse_args
+
+    def shapes_option(parser):
+        parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                            help="with --device cuda: the shapes (rows)")
+
+    args = parse_args(argv, description=__doc__.split("\n")[0], extra=shapes_option)
+    device = device_from_args(args)
+    if device.type == "cuda":
+        return main_cuda(args, device)
+    allocator = apply_allocator(args.malloc)
     torch.set_num_threads(THREADS)
     if not extension_available():
         raise SystemExit("dfine._C is not built: python setup.py build_ext --inplace")

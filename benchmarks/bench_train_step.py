@@ -13,7 +13,13 @@ start the benchmark as scripts/main.sh starts training:
     LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/...
 
     python benchmarks/bench_train_step.py [--sizes n s] [--runs 5] [--profile]   # markdown tables
+    python benchmarks/bench_train_step.py --device cuda --sizes s [--amp off bfloat16 float16]
     python -m pytest benchmarks/bench_train_step.py --benchmark-only             # pytest-benchmark
+
+On a GPU (`--device cuda`) each step runs as the Trainer runs it there: NCHW (channels_last auto = off on CUDA),
+the model under autocast in each `--amp` dtype (default: off = fp32, and bfloat16), the criterion in fp32, a
+GradScaler for float16; one column group per AMP setting with the step's wall time (the step ends by reading the
+loss, which synchronises) and the peak GPU memory (torch.cuda.max_memory_allocated) of one step.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dfine  # noqa: E402
 from bench_model import build_transformers, config_path  # noqa: E402
-from dfine.deploy.cpu import loaded_allocator, retain_freed_memory, to_memory_format  # noqa: E402
+from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format  # noqa: E402
+from dfine.engine.amp import amp_policy, float_outputs  # noqa: E402
 from dfine.engine.optim import build_optimizer  # noqa: E402
+from dfine.ops.timing import device_or_exit  # noqa: E402
 
 torch.set_num_threads(2)
 BATCH, IMAGE, BOXES_PER_IMAGE = 4, (640, 640), 8
@@ -53,49 +61,66 @@ def make_batch(num_classes, seed=0):
     return images, targets
 
 
-class OursStep:
-    """The step train.py's Trainer runs (without AMP/EMA): forward, criterion, backward, clip, AdamW."""
+def _on(targets, device):
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-    def __init__(self, size, backend, channels_last=True):
+
+class OursStep:
+    """The step train.py's Trainer runs (without EMA): forward (under autocast with ``amp``), criterion in fp32,
+    backward (scaled for float16), clip, AdamW."""
+
+    def __init__(self, size, backend, channels_last=True, device="cpu", amp="off"):
         torch.manual_seed(0)
+        self.device = torch.device(device)
         self.cfg = dfine.load_config(config_path(size))
-        model = dfine.build_model(self.cfg, backend=backend).train()
+        model = dfine.build_model(self.cfg, backend=backend).train().to(self.device)
         self.model = to_memory_format(model, channels_last)
-        self.criterion = dfine.build_criterion(self.cfg, backend=backend).train()
+        self.criterion = dfine.build_criterion(self.cfg, backend=backend).train().to(self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.clip = float(self.cfg.get("clip_max_norm", 0.1))
-        images, self.targets = make_batch(self.cfg["num_classes"])
-        self.images = to_memory_format(images, channels_last)
+        self.amp = amp_policy(amp != "off", None if amp == "off" else amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.scaler)
+        images, targets = make_batch(self.cfg["num_classes"])
+        self.images = to_memory_format(images.to(self.device), channels_last)
+        self.targets = _on(targets, self.device)
 
     def __call__(self):
-        outputs = self.model(self.images, targets=self.targets)
-        loss = sum(self.criterion(outputs, self.targets).values())
+        with self.amp.autocast(self.device.type):
+            outputs = self.model(self.images, targets=self.targets)
+        with torch.autocast(self.device.type, enabled=False):
+            loss = sum(self.criterion(float_outputs(outputs), self.targets).values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return float(loss.detach())
 
 
 class TransformersStep:
     """DFineForObjectDetection computes its own loss from `labels`; same optimizer settings as ours."""
 
-    def __init__(self, size):
+    def __init__(self, size, device="cpu", amp="off"):
         model = build_transformers(size)
         if model is None:
             raise ImportError("transformers is not installed (optional benchmark extra)")
         cfg = dfine.load_config(config_path(size))
-        self.model = model.train()
+        self.device = torch.device(device)
+        # its loss is computed inside the model, so under autocast with it (no GradScaler: bf16 or off only)
+        self.amp = amp_policy(amp != "off", None if amp == "off" else amp, self.device, scaler_enabled=False)
+        self.model = model.train().to(self.device)
         opt = cfg.get("optimizer") or {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(opt.get("lr", 1e-4)),
                                            weight_decay=float(opt.get("weight_decay", 1e-4)))
         self.clip = float(cfg.get("clip_max_norm", 0.1))
         images, targets = make_batch(cfg["num_classes"])
-        self.images = images
-        self.labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        self.images = images.to(self.device)
+        self.labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in _on(targets, self.device)]
 
     def __call__(self):
-        loss = self.model(pixel_values=self.images, labels=self.labels).loss
+        with self.amp.autocast(self.device.type):
+            loss = self.model(pixel_values=self.images, labels=self.labels).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -107,13 +132,17 @@ CHANNELS_LAST = True  # --channels-last
 
 
 VARIANTS = {
-    "reference ops": lambda s: OursStep(s, "reference", CHANNELS_LAST),
-    "fused ops (auto)": lambda s: OursStep(s, "auto", CHANNELS_LAST),
+    "reference ops": lambda s, device="cpu", amp="off": OursStep(s, "reference", CHANNELS_LAST, device, amp),
+    "fused ops (auto)": lambda s, device="cpu", amp="off": OursStep(s, "auto", CHANNELS_LAST, device, amp),
     "transformers": TransformersStep,
 }
 
 
+VARIANT_KEYS = {"reference": "reference ops", "fused": "fused ops (auto)", "transformers": "transformers"}
+
+
 def time_step(step, runs=5, warmup=1):
+    """Median wall seconds of a step; every step ends by reading the loss, which waits for the GPU."""
     for _ in range(warmup):
         step()
     times = []
@@ -122,6 +151,51 @@ def time_step(step, runs=5, warmup=1):
         step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def peak_step_gib(step, device) -> float:
+    """Peak GPU memory of one step (weights, optimizer state and activations), GiB."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def main_cuda(args, device):
+    """One column group per AMP setting: seconds, ratio to the reference ops, peak GiB."""
+    amps = args.amp or ["off", "bfloat16"]
+    name = torch.cuda.get_device_name(device)
+    print(f"one training step on {name}, batch {BATCH} x 3 x {IMAGE[0]} x {IMAGE[1]}, median of {args.runs} after "
+          f"{args.warmup} warm-up steps; channels_last {CHANNELS_LAST}; AMP off = fp32 (TF32 as torch defaults)")
+    header = ["size", "variant"]
+    for amp in amps:
+        label = "fp32" if amp == "off" else amp
+        header += [f"{label} s", f"{label} vs reference ops", f"{label} peak GiB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
+    for size in args.sizes:
+        seconds = {}
+        for variant, make in VARIANTS.items():
+            cells = [size.upper(), variant]
+            for amp in amps:
+                try:
+                    step = make(size, device=device, amp=amp)
+                    sec = time_step(step, runs=args.runs, warmup=args.warmup)
+                    peak = peak_step_gib(step, device)
+                except ImportError:
+                    cells = None
+                    break
+                except Exception as err:  # e.g. float16 without GradScaler for transformers: listed, not fatal
+                    cells += [f"n/a ({type(err).__name__})"] * 3
+                    continue
+                finally:
+                    step = None
+                    torch.cuda.empty_cache()
+                seconds[(variant, amp)] = sec
+                ref = seconds.get(("reference ops", amp))
+                cells += [f"{sec:.3f}", f"{ref / sec:.2f}x" if ref else "-", f"{peak:.2f}"]
+            if cells is not None:
+                print("| " + " | ".join(cells) + " |", flush=True)
 
 
 @pytest.mark.parametrize("size", ["n", "s"])
@@ -167,12 +241,29 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["n", "s"])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a profile table of the fused step")
-    parser.add_argument("--channels-last", choices=["on", "off"], default="on", help="our model's layout")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="our model's layout (auto, as the Trainer: on for the CPU, off for CUDA)")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="under the system allocator: keep freed memory (as train.py does) or not")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--amp", nargs="+", choices=["off", "bfloat16", "float16"],
+                        help="with --device cuda: autocast settings, one column group each (default: off bfloat16)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (cuDNN and Triton tune there)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANT_KEYS), default=list(VARIANT_KEYS),
+                        help="which steps to time (default: all)")
     args = parser.parse_args(argv)
+    device = device_or_exit(args.device)
+    chosen = {VARIANT_KEYS[k] for k in args.variants}
+    for name in list(VARIANTS):
+        if name not in chosen:
+            del VARIANTS[name]
     global CHANNELS_LAST
-    CHANNELS_LAST = args.channels_last == "on"
+    CHANNELS_LAST = resolve_channels_last(args.channels_last, device)
+    if device.type == "cuda":
+        return main_cuda(args, device)
+    if args.amp not in (None, ["off"]):
+        print("error: --amp needs --device cuda (the CPU table is fp32)", file=sys.stderr)
+        raise SystemExit(2)
     allocator = loaded_allocator()
     if allocator == "system" and args.malloc == "retain" and retain_freed_memory():
         allocator = "system, retaining freed memory"

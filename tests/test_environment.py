@@ -21,3 +21,17 @@ def test_ci_built_the_cuda_sources():
         return
     assert _backend.extension_has_cuda(), "CI must compile the CUDA sources (DFINE_WITH_CUDA=1)"
     assert torch.version.cuda is not None
+
+
+def test_ci_on_a_gpu_machine_sees_the_gpu():
+    """The CUDA cases exist only when torch sees a GPU: on a machine whose driver lists one, CI must see it too,
+    so that a broken CUDA set-up fails instead of silently testing the CPU alone."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if not IN_CI or smi is None:
+        return
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    if listed.returncode == 0 and "GPU " in listed.stdout:
+        assert torch.cuda.is_available(), f"nvidia-smi lists {listed.stdout.strip()!r} but torch sees no GPU"

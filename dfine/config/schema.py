@@ -289,9 +289,12 @@ SCHEMA = Section({
     "sync_bn": Key(False, _BOOL),
     "find_unused_parameters": Key(False, _BOOL),
     "use_amp": Key(False, _BOOL),
+    "amp_dtype": Key(None, _STR, nullable=True, choices=(None, "bfloat16", "float16"),
+                     doc="autocast dtype of use_amp; null: bfloat16 where the device has it natively (CPU, GPUs "
+                         "of compute capability 8.0+), else float16"),
     "scaler": Section({
         "type": _fixed("GradScaler"),
-        "enabled": Key(True, _BOOL, doc="loss scaling of fp16 AMP (CUDA; bf16 on the CPU needs none)"),
+        "enabled": Key(True, _BOOL, doc="loss scaling of float16 AMP (bfloat16 needs none)"),
     }),
     "use_ema": Key(False, _BOOL),
     "ema": Section({

@@ -9,7 +9,6 @@ uninterrupted run's.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -28,6 +27,7 @@ from dfine.data.coco_analysis import METRICS, summary_text, write_analysis
 from dfine.data.epoch import mix_seed
 from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine import distributed as du
+from dfine.engine.amp import amp_policy, float_outputs
 from dfine.engine.data_config import loader_settings
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
@@ -113,7 +113,7 @@ class Trainer:
     """Build from a loaded config; `fit()` trains, `evaluate()` computes COCO AP.
 
     Config keys used (published names; every key and its default is declared in `dfine.config.schema`):
-    epochs, clip_max_norm, use_amp, scaler.enabled, use_ema, ema.{decay,warmups,start}, optimizer,
+    epochs, clip_max_norm, use_amp, amp_dtype, scaler.enabled, use_ema, ema.{decay,warmups,start}, optimizer,
     lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
@@ -159,12 +159,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg)
         self.warmup = build_warmup(self.lr_scheduler, cfg)
-        # fp16 needs loss scaling (CUDA); bf16 autocast on CPU does not
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        # the config's `scaler` (GradScaler, enabled) applies to fp16 AMP, i.e. on CUDA
-        scaler_cfg = config_section(cfg, "scaler")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.device.type == "cuda"
-                                           and scaler_cfg["enabled"])
+        # autocast dtype: config amp_dtype, else bf16 where native; loss scaling only for fp16 (dfine.engine.amp)
+        self.amp = amp_policy(self.use_amp, config_value(cfg, "amp_dtype"), self.device,
+                              config_section(cfg, "scaler")["enabled"])
+        self.amp_dtype = self.amp.dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.scaler)
         ema_cfg = config_section(cfg, "ema")
         self.ema = (ModelEMA(self.model, float(ema_cfg["decay"]), int(ema_cfg["warmups"]), int(ema_cfg["start"]))
                     if config_value(cfg, "use_ema") else None)
@@ -278,9 +277,7 @@ class Trainer:
     # one epoch
 
     def _autocast(self):
-        if not self.use_amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.amp.autocast(self.device.type)
 
     def train_one_epoch(self, epoch: int) -> dict:
         loader = self.train_loader()
@@ -309,7 +306,7 @@ class Trainer:
             with self._autocast():
                 outputs = self.net(images, targets=targets)
             with torch.autocast(self.device.type, enabled=False):  # the criterion runs in fp32
-                outputs = _float_outputs(outputs)
+                outputs = float_outputs(outputs)
                 losses = self.criterion(outputs, targets)
             loss = sum(losses.values())
             finite = torch.isfinite(loss.detach()).to(torch.float32)
@@ -404,7 +401,7 @@ class Trainer:
             images = to_memory_format(images.to(self.device), self.channels_last)
             with self._autocast():
                 outputs = module(images)
-            outputs = _float_outputs(outputs)
+            outputs = float_outputs(outputs)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(self.device)
             results = self.postprocessor(outputs, sizes)
             if not all(bool(torch.isfinite(r["scores"]).all() and torch.isfinite(r["boxes"]).all()) for r in results):
@@ -528,7 +525,8 @@ class Trainer:
             if removed:
                 self.log_text(f"removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}")
         self.log_text(f"training epochs {self.start_epoch}..{self.epochs - 1} on {self.device} "
-                      f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}")
+                      f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}, "
+                      f"AMP {self.amp.name}{' + GradScaler' if self.amp.scaler else ''}")
         if self.device.type == "cpu":
             self.log_text(f"CPU: {torch.get_num_threads()} threads, channels_last {self.channels_last}, "
                           f"allocator {self.allocator}")
@@ -612,13 +610,3 @@ def _per_class_record(analysis) -> dict:
         rows.append(row)
     return {"score_threshold": analysis.score_threshold, "iou_threshold": analysis.iou_threshold, "classes": rows}
 
-
-def _float_outputs(outputs):
-    """Autocast outputs back to fp32 (the criterion and post-processor run in fp32)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: _float_outputs(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_float_outputs(v) for v in outputs)
-    return outputs

@@ -28,7 +28,8 @@ class ConvNormLayer(nn.Module):
         if hasattr(self, "conv_bn_fused"):
             return
         c = self.conv
-        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups, bias=True)
+        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups, bias=True,
+                          device=c.weight.device, dtype=c.weight.dtype)  # on the model's device (a GPU model too)
         w, b = fuse_conv_bn(c, self.norm)
         fused.weight.data.copy_(w)
         fused.bias.data.copy_(b)
@@ -56,7 +57,7 @@ class VGGBlock(nn.Module):
             return
         w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
         w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
-        conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, 1, bias=True)
+        conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, 1, bias=True, device=w3.device, dtype=w3.dtype)
         conv.weight.data.copy_(w3 + F.pad(w1, [1, 1, 1, 1]))
         conv.bias.data.copy_(b3 + b1)
         self.conv = conv

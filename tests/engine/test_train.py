@@ -184,8 +184,8 @@ def test_killed_while_saving_never_corrupts(tmp_path):
 # the trainer on tiny data
 
 
-def test_fit_writes_checkpoints_logs_and_evaluates(tiny_data, tmp_path):
-    trainer = Trainer(tiny_config(tiny_data), output_dir=tmp_path, progress=False)
+def test_fit_writes_checkpoints_logs_and_evaluates(tiny_data, tmp_path, device):
+    trainer = Trainer(tiny_config(tiny_data), output_dir=tmp_path, device=device, progress=False)
     history = trainer.fit()
     assert [r["epoch"] for r in history] == [0, 1]
     for name in ("last.pth", "best.pth", "best_stg1.pth", "log.txt", "log.jsonl"):
@@ -212,7 +212,7 @@ def test_fit_writes_checkpoints_logs_and_evaluates(tiny_data, tmp_path):
     # the released-checkpoint loader reads our checkpoints (EMA weights preferred)
     fresh = dfine.build_model(tiny_config(tiny_data), backend="reference")
     load_checkpoint(fresh, tmp_path / "last.pth")
-    torch.testing.assert_close(fresh.state_dict(), trainer.ema.module.state_dict())
+    torch.testing.assert_close(fresh.state_dict(), {k: v.cpu() for k, v in trainer.ema.module.state_dict().items()})
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):
@@ -288,11 +288,40 @@ def test_non_finite_losses_are_skipped_then_stop_training(tiny_data, tmp_path, m
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_bf16_autocast_on_cpu_trains(tiny_data, tmp_path):
-    trainer = Trainer(tiny_config(tiny_data, epochs=1), output_dir=tmp_path, use_amp=True, progress=False)
-    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+def _amp_cases():
+    """(device, amp_dtype, expected autocast dtype, GradScaler on): the default on every device present, and fp16
+    with its GradScaler on CUDA (an H100/A100 defaults to bf16; a T4/V100 to fp16)."""
+    cases = [pytest.param("cpu", None, torch.bfloat16, False, id="cpu-default")]
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        cases += [pytest.param("cuda", None, torch.bfloat16 if bf16 else torch.float16, not bf16, id="cuda-default",
+                               marks=pytest.mark.cuda),
+                  pytest.param("cuda", "float16", torch.float16, True, id="cuda-float16", marks=pytest.mark.cuda)]
+    return cases
+
+
+@pytest.mark.parametrize("device, amp_dtype, dtype, scaled", _amp_cases())
+def test_amp_trains_with_the_criterion_in_fp32(tiny_data, tmp_path, device, amp_dtype, dtype, scaled):
+    extra = {"amp_dtype": amp_dtype} if amp_dtype else {}
+    trainer = Trainer(tiny_config(tiny_data, epochs=1, **extra), output_dir=tmp_path, device=device, use_amp=True,
+                      progress=False)
+    assert trainer.amp_dtype == dtype and trainer.scaler.is_enabled() is scaled
+    linear_dtypes, criterion_calls = set(), []
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
+    criterion_forward = trainer.criterion.forward
+
+    def spy(outputs, targets):  # what the criterion sees: autocast off, fp32 outputs
+        criterion_calls.append((torch.is_autocast_enabled(device), outputs["pred_logits"].dtype,
+                                outputs["pred_boxes"].dtype))
+        return criterion_forward(outputs, targets)
+
+    trainer.criterion.forward = spy
     history = trainer.fit()
     assert history[0]["train"]["steps"] == 3 and math.isfinite(history[0]["train"]["loss"])
+    assert dtype in linear_dtypes  # the model ran under autocast
+    assert criterion_calls and set(criterion_calls) == {(False, torch.float32, torch.float32)}
 
 
 def test_num_classes_smaller_than_the_dataset_is_a_clear_error(tiny_data, tmp_path):

@@ -18,14 +18,14 @@ def golden():
     return outputs, state
 
 
-def _model(state, backend="reference", overrides=None):
+def _model(state, backend="reference", overrides=None, device="cpu"):
     model, cfg = build("n", overrides, backend=backend)
     model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
+    return model.eval().to(device), cfg
 
 
 def _close(a, b, tol, what):
-    err = (a - b).abs().max().item()
+    err = (a.cpu() - b.cpu()).abs().max().item()
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
     return err
 
@@ -45,6 +45,7 @@ def _record_intermediates(model):
 
 
 def _compare_final(out, golden_out):
+    out = {k: out[k].cpu() for k in ("pred_boxes", "pred_logits")}
     idx = match_queries(golden_out["pred_boxes"][0], out["pred_boxes"][0])
     box_err = _close(out["pred_boxes"][0, idx], golden_out["pred_boxes"][0], BOX_TOL, "pred_boxes")
     logit_err = _close(out["pred_logits"][0, idx], golden_out["pred_logits"][0], LOGIT_TOL, "pred_logits")
@@ -52,7 +53,7 @@ def _compare_final(out, golden_out):
 
 
 def _compare_post(post_result, golden_out):
-    labels, boxes, scores = post_result["labels"], post_result["boxes"], post_result["scores"]
+    labels, boxes, scores = (post_result[k].cpu() for k in ("labels", "boxes", "scores"))
     # the lowest golden entries may be replaced by near-ties: compare the top 250 one-to-one
     g_boxes, g_labels, g_scores = (golden_out[k][0][:250] for k in ("post_boxes", "post_labels", "post_scores"))
     dist = torch.cdist(g_boxes, boxes, p=1) + 1e6 * (g_labels[:, None] != labels[None]).float()
@@ -63,12 +64,12 @@ def _compare_post(post_result, golden_out):
     _close(scores[idx], g_scores, 2.5e-5, "post scores")
 
 
-def test_golden_eval_front_to_back(golden):
+def test_golden_eval_front_to_back(golden, device):
     golden_out, state = golden
-    model, cfg = _model(state)
+    model, cfg = _model(state, device=device)
     got, hooks = _record_intermediates(model)
     with torch.no_grad():
-        out = model(golden_out["input"])
+        out = model(golden_out["input"].to(device))
     for h in hooks:
         h.remove()
     ref = golden_out["intermediates"]
@@ -80,7 +81,7 @@ def test_golden_eval_front_to_back(golden):
     _close(got["decoder.enc_output"], ref["decoder.enc_output"], 1e-4, "enc_output")
     _close(got["decoder.enc_score_head"], ref["decoder.enc_score_head"], LOGIT_TOL, "enc_score_head")
     # per-query intermediates are compared after matching queries by the final boxes
-    idx = match_queries(golden_out["pred_boxes"][0], out["pred_boxes"][0])
+    idx = match_queries(golden_out["pred_boxes"][0], out["pred_boxes"][0].cpu()).to(device)
     _close(got["decoder.enc_bbox_head"][0, idx], ref["decoder.enc_bbox_head"][0], 1e-4, "enc_bbox_head")
     for i, (a, b) in enumerate(zip(got["decoder.query_pos_head"], ref["decoder.query_pos_head"])):
         _close(a[0, idx], b[0], 1e-4, f"query_pos_head call {i}")
@@ -94,19 +95,19 @@ def test_golden_eval_front_to_back(golden):
     _compare_final(out, golden_out)
     post = dfine.build_postprocessor(cfg)
     post.remap_mscoco_category = False  # golden post_labels are class indices
-    result = post(out, torch.tensor([[640, 640]]))
+    result = post(out, torch.tensor([[640, 640]], device=device))
     _compare_post(result[0], golden_out)
 
 
-def test_golden_after_deploy(golden):
+def test_golden_after_deploy(golden, device):
     golden_out, state = golden
-    model, cfg = _model(state)
+    model, cfg = _model(state, device=device)
     model.deploy()
     with torch.no_grad():
-        out = model(golden_out["input"])
+        out = model(golden_out["input"].to(device))
     _compare_final(out, golden_out)
     post = dfine.build_postprocessor(cfg).deploy()
-    labels, boxes, scores = post(out, torch.tensor([[640, 640]]))
+    labels, boxes, scores = post(out, torch.tensor([[640, 640]], device=device))
     _compare_post({"labels": labels[0], "boxes": boxes[0], "scores": scores[0]}, golden_out)
 
 
@@ -128,25 +129,27 @@ def test_golden_after_deploy_with_onednn_linear(golden):
     _compare_post({"labels": labels[0], "boxes": boxes[0], "scores": scores[0]}, golden_out)
 
 
-def test_golden_train_mode_outputs():
+def test_golden_train_mode_outputs(device):
     losses = torch.load(shared_file("reference", "golden", "dfine_n_losses.pt"), weights_only=False)
     state = torch.load(shared_file("reference", "golden", "dfine_n_state_dict.pt"), weights_only=False)
-    model, _ = _model(state)
+    model, _ = _model(state, device=device)
     model.decoder.num_denoising = 0  # deterministic, as the golden run; keeps the checkpoint layout
     model.train()
-    out = model(losses["input"], losses["targets"])
+    targets = [{k: v.to(device) for k, v in t.items()} for t in losses["targets"]]
+    out = model(losses["input"].to(device), targets)
+    out = {k: out[k].detach().cpu() for k in ("pred_boxes", "pred_logits")}
     for b in range(losses["input"].shape[0]):
         idx = match_queries(losses["train_pred_boxes"][b], out["pred_boxes"][b].detach())
         _close(out["pred_boxes"][b, idx].detach(), losses["train_pred_boxes"][b], BOX_TOL, "train pred_boxes")
         _close(out["pred_logits"][b, idx].detach(), losses["train_pred_logits"][b], LOGIT_TOL, "train pred_logits")
 
 
-def test_cpp_backend_equals_reference(golden):
-    require_backend("cpp")
+def test_cpp_backend_equals_reference(golden, device):
+    require_backend("cpp", device)
     _, state = golden
-    ref_model, _ = _model(state, backend="reference")
-    cpp_model, _ = _model(state, backend="cpp")
-    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    ref_model, _ = _model(state, backend="reference", device=device)
+    cpp_model, _ = _model(state, backend="cpp", device=device)
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         a, b = ref_model(x), cpp_model(x)
     idx = match_queries(a["pred_boxes"][0], b["pred_boxes"][0])
@@ -154,12 +157,12 @@ def test_cpp_backend_equals_reference(golden):
     _close(b["pred_logits"][0, idx], a["pred_logits"][0], 1e-4, "cpp logits")
 
 
-def test_triton_backend_equals_reference(golden):
-    require_backend("triton")
+def test_triton_backend_equals_reference(golden, device):
+    require_backend("triton", device)
     _, state = golden
-    ref_model, _ = _model(state, backend="reference")
-    tri_model, _ = _model(state, backend="triton")
-    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    ref_model, _ = _model(state, backend="reference", device=device)
+    tri_model, _ = _model(state, backend="triton", device=device)
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         a, b = ref_model(x), tri_model(x)
     idx = match_queries(a["pred_boxes"][0], b["pred_boxes"][0])

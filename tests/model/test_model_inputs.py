@@ -17,14 +17,18 @@ def _random_model(size="n", overrides=None, seed=0):
     return model, cfg
 
 
+def _on_cpu(out):
+    return {k: out[k].cpu() for k in ("pred_logits", "pred_boxes")}
+
+
 @pytest.fixture(scope="module")
-def model_n():
+def model_n(device):
     model, _ = _random_model("n")
-    return model.eval()
+    return model.eval().to(device)
 
 
-def test_non_square_input_and_cache(model_n):
-    x = torch.rand(1, 3, 320, 480)
+def test_non_square_input_and_cache(model_n, device):
+    x = torch.rand(1, 3, 320, 480).to(device)
     with torch.no_grad():
         out = model_n(x)
     assert out["pred_logits"].shape == (1, 300, 80)
@@ -38,19 +42,19 @@ def test_non_square_input_and_cache(model_n):
     assert anchors.shape == (1, 20 * 30 + 10 * 15, 4)
     # first anchor of level 0: centre (0.5/30, 0.5/20) in logit space
     expected = torch.logit(torch.tensor([0.5 / 30, 0.5 / 20, 0.05, 0.05]))
-    torch.testing.assert_close(anchors[0, 0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(anchors[0, 0].cpu(), expected, rtol=0, atol=1e-6)
     with torch.no_grad():
         again = model_n(x)
     assert torch.equal(again["pred_logits"], out["pred_logits"])
 
 
-def test_sizes_not_multiple_of_32_and_too_small(model_n):
+def test_sizes_not_multiple_of_32_and_too_small(model_n, device):
     with torch.no_grad():
-        out = model_n(torch.rand(1, 3, 200, 328))
+        out = model_n(torch.rand(1, 3, 200, 328).to(device))
     assert out["pred_boxes"].shape == (1, 300, 4) and torch.isfinite(out["pred_logits"]).all()
     with pytest.raises(ValueError, match="too small"):
         with torch.no_grad():
-            model_n(torch.rand(1, 3, 64, 96))
+            model_n(torch.rand(1, 3, 64, 96).to(device))
 
 
 def test_position_embedding_is_row_column():
@@ -63,12 +67,12 @@ def test_position_embedding_is_row_column():
     assert abs(pe[0, 14, 4].item() - torch.sin(torch.tensor(4.0)).item()) < 1e-6
 
 
-def test_batched_equals_per_image(model_n):
-    x = torch.rand(2, 3, 320, 480, generator=torch.Generator().manual_seed(1))
+def test_batched_equals_per_image(model_n, device):
+    x = torch.rand(2, 3, 320, 480, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
-        both = model_n(x)
+        both = _on_cpu(model_n(x))
         for b in range(2):
-            single = model_n(x[b : b + 1])
+            single = _on_cpu(model_n(x[b : b + 1]))
             # near-tied encoder scores may list the same predictions in another order
             idx = match_queries(single["pred_boxes"][0], both["pred_boxes"][b])
             assert (idx != torch.arange(300)).sum() < 30
@@ -76,14 +80,15 @@ def test_batched_equals_per_image(model_n):
             torch.testing.assert_close(both["pred_logits"][b, idx], single["pred_logits"][0], rtol=0, atol=1e-4)
 
 
-def test_training_outputs_with_denoising():
+def test_training_outputs_with_denoising(device):
     model, _ = _random_model("n", seed=3)
-    model.train()
-    x = torch.rand(2, 3, 320, 320)
+    model.train().to(device)
+    x = torch.rand(2, 3, 320, 320).to(device)
     targets = [
         {"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
         {"labels": torch.tensor([7]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])},
     ]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     out = model(x, targets)
     Q, C, L = 300, 80, 3
     assert out["pred_logits"].shape == (2, Q, C) and out["pred_boxes"].shape == (2, Q, 4)
@@ -106,7 +111,7 @@ def test_training_outputs_with_denoising():
     assert out["dn_outputs"][0]["pred_boxes"].shape == (2, num_dn, 4)
     assert out["dn_pre_outputs"]["pred_logits"].shape == (2, num_dn, C)
     # positives of image 1 are the first slot of every group
-    assert torch.equal(meta["dn_positive_idx"][1], torch.arange(groups) * 2 * max_gt)
+    assert torch.equal(meta["dn_positive_idx"][1].cpu(), torch.arange(groups) * 2 * max_gt)
 
     total = out["pred_logits"].sum() + out["pred_boxes"].sum() + out["pred_corners"].sum()
     total = total + sum(a["pred_corners"].sum() for a in out["dn_outputs"]) + out["enc_aux_outputs"][0]["pred_boxes"].sum()
@@ -146,17 +151,17 @@ def _randomize_norm_stats(model, seed=0):
 
 
 @pytest.mark.parametrize("size", ["s", "x"])
-def test_deploy_equals_eval(size):
+def test_deploy_equals_eval(size, device):
     """Conv+BN and RepVGG fusion leave the outputs unchanged (S: 3 levels; X: decoder input_proj,
     reg_scale 8, frozen backbone norms)."""
     model, _ = _random_model(size, seed=5)
     _randomize_norm_stats(model)
-    model.eval()
-    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    model.eval().to(device)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
-        before = model(x)
+        before = _on_cpu(model(x))
         model.deploy()
-        after = model(x)
+        after = _on_cpu(model(x))
     idx = match_queries(before["pred_boxes"][0], after["pred_boxes"][0])
     torch.testing.assert_close(after["pred_boxes"][0, idx], before["pred_boxes"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(after["pred_logits"][0, idx], before["pred_logits"][0], rtol=0, atol=1e-4)
@@ -215,3 +220,13 @@ def test_attention_weight_softmax_matches_torch(dtype):
     g_got, = torch.autograd.grad(got, x, upstream.to(dtype))
     g_want, = torch.autograd.grad(want, exact, upstream)
     torch.testing.assert_close(g_got.double(), g_want, **tol)
+
+
+def test_deploy_builds_the_fused_convs_on_the_weights_device():
+    """deploy() on a GPU model must not leave new convs on the CPU: the meta device stands in for the GPU here."""
+    from dfine.model.hybrid_encoder import ConvNormLayer, VGGBlock
+
+    for block in (ConvNormLayer(4, 8, 3), VGGBlock(4, 8)):
+        block.to("meta").eval()
+        block.convert_to_deploy()
+        assert {p.device.type for p in block.parameters()} == {"meta"}, type(block).__name__

@@ -49,7 +49,7 @@ import pytest
 import torch
 
 from dfine.ops import _backend
-from tests.conftest import IN_CI, require_backend
+from tests.conftest import devices, require_backend
 
 FUSED_BACKENDS = ("cpp", "triton")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,10 +60,6 @@ SPECIAL_CASES = ("empty", "non_contiguous", "gradcheck")  # name prefixes of the
 _WARMED_UP = set()  # (test class, backend, device) that made a valid call before the bad ones
 
 
-def devices() -> Tuple[str, ...]:
-    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
-
 def interpreted(backend: str, device: str) -> bool:
     """Whether Triton kernels run under its (slow) interpreter: always for CPU tensors; for CUDA
     tensors too when TRITON_INTERPRET=1 (tests/conftest.py sets it unless it is set already)."""
@@ -72,17 +68,11 @@ def interpreted(backend: str, device: str) -> bool:
 
 def require(backend: str, device: str) -> None:
     """Skip locally, fail in CI, when ``backend`` cannot run tensors of ``device`` here."""
-    if device == "cpu" or backend == "reference":
-        require_backend(backend)
-        return
-    if backend == "cpp":
-        ok, why = _backend.extension_has_cuda(), "dfine._C was built without its CUDA kernels"
-    else:
-        ok, why = _backend.triton_available(), "triton is not installed"
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"backend {backend!r} must run {device} tensors in CI: {why}")
-        pytest.skip(why)
+    require_backend(backend, device)
+
+
+def _marks(device: str):
+    return [pytest.mark.cuda] if device == "cuda" else []
 
 
 @dataclass(frozen=True)
@@ -213,7 +203,7 @@ class OpTester:
                         continue
                     for dtype in dtypes:
                         if self.supports(backend, device, dtype):
-                            params.append(pytest.param(backend, device, name, dtype,
+                            params.append(pytest.param(backend, device, name, dtype, marks=_marks(device),
                                                        id=f"{backend}-{device}-{name}-{_dtype_name(dtype)}"))
         return params
 
@@ -232,11 +222,11 @@ class OpTester:
         elif test == "test_bad_argument":
             metafunc.parametrize(
                 ("backend", "device", "bad"),
-                [pytest.param(b, d, bad, id=f"{b}-{d}-{bad.id}") for b in ("reference",) + FUSED_BACKENDS
-                 for d in devices() for bad in self.bad_arguments],
+                [pytest.param(b, d, bad, id=f"{b}-{d}-{bad.id}", marks=_marks(d))
+                 for b in ("reference",) + FUSED_BACKENDS for d in devices() for bad in self.bad_arguments],
             )
         elif test == "test_bad_backend_name":
-            metafunc.parametrize("device", devices())
+            metafunc.parametrize("device", [pytest.param(d, id=d, marks=_marks(d)) for d in devices()])
 
     # ---- running ---------------------------------------------------------------------------
 

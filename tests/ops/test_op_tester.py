@@ -156,3 +156,48 @@ def test_strided_copy_keeps_values_and_is_not_contiguous():
     x = torch.arange(6.0).reshape(2, 3)
     y = strided_copy(x)
     assert torch.equal(x, y) and not y.is_contiguous()
+
+
+def test_a_visible_gpu_adds_marked_cuda_cases(monkeypatch):
+    """With a GPU (mocked here) every case also runs on cuda, marked `cuda` (pytest -m cuda selects them); without
+    one the cuda cases do not exist (nothing to skip)."""
+    from tests import conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert conftest.devices() == ("cpu",)
+    assert [p.id for p in _Toy()._case_params(lambda name: name == "random")] == [
+        "cpp-cpu-random-float32", "triton-cpu-random-float32"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert conftest.devices() == ("cpu", "cuda")
+    params = _Toy()._case_params(lambda name: name == "random")
+    assert [p.id for p in params] == ["cpp-cpu-random-float32", "cpp-cuda-random-float32",
+                                      "triton-cpu-random-float32", "triton-cuda-random-float32"]
+    assert [bool(p.marks) for p in params] == [False, True, False, True]
+    assert all(m.name == "cuda" for p in params for m in p.marks)
+    assert [(p.values[0], [m.name for m in p.marks]) for p in conftest.device_params()] == [
+        ("cpu", []), ("cuda", ["cuda"])]
+
+
+def test_cuda_cases_fail_in_ci_when_the_backend_cannot_run(monkeypatch):
+    """On a GPU machine in CI a CUDA case whose backend cannot run fails; it is never skipped."""
+    from dfine.ops import _backend
+    from tests import conftest
+
+    monkeypatch.setattr(_backend, "extension_has_cuda", lambda: False)
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="backend 'cpp' must run cuda tensors in CI"):
+        conftest.require_backend("cpp", "cuda")
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="without its CUDA kernels"):
+        conftest.require_backend("cpp", "cuda")
+
+
+def test_dfine_test_cuda_without_a_gpu_stops_the_session(monkeypatch):
+    from tests import conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DFINE_TEST_CUDA", "1")
+    with pytest.raises(pytest.exit.Exception, match="DFINE_TEST_CUDA=1 but torch.cuda.is_available"):
+        conftest.pytest_sessionstart(None)
+    monkeypatch.delenv("DFINE_TEST_CUDA")
+    conftest.pytest_sessionstart(None)  # without it: no GPU is fine
