@@ -41,8 +41,8 @@ def _cuda_arch_module():
     return module
 
 
-def cuda_arch_flags(cuda_home: str):
-    """Settle TORCH_CUDA_ARCH_LIST (see the module docstring) and return (nvcc -gencode flags, compiled targets)."""
+def cuda_arch_targets(cuda_home: str):
+    """Settle TORCH_CUDA_ARCH_LIST (see the module docstring); the targets nvcc will compile ("sm_80", ...)."""
     arch = _cuda_arch_module()
     visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
@@ -52,7 +52,7 @@ def cuda_arch_flags(cuda_home: str):
     flags = cpp_extension._get_cuda_arch_flags()  # what BuildExtension passes to nvcc
     targets = arch.gencode_targets(flags)
     print(f"dfine: building CUDA kernels for {','.join(targets)} ({why})")
-    return flags, targets
+    return targets
 
 
 def want_cuda() -> bool:
@@ -81,7 +81,7 @@ def extensions():
         cuda_home = _cuda_home()
         os.environ.setdefault("CUDA_HOME", cuda_home)
         cpp_extension.CUDA_HOME = cuda_home  # the module guessed it at import time
-        _, targets = cuda_arch_flags(cuda_home)
+        targets = cuda_arch_targets(cuda_home)
         return [
             cpp_extension.CUDAExtension(
                 "dfine._C",
