@@ -139,12 +139,12 @@ class TestFglLoss(OpTester):
 
     @case(dtypes=(torch.float16, torch.bfloat16))
     def case_half_logits_float32_targets(self, dtype, device):
-        """16-bit logits with float32 targets (what fdr_targets returns): computed in float32, as the
-        reference promotes. In bf16, 15.98 and 23.99 would round up to the next integer bin."""
+        """16-bit logits and weights with float32 targets (what fdr_targets returns): computed in
+        float32, as the reference promotes. In bf16, 15.98 and 23.99 would round up to the next bin."""
         pred, target, wl, wr, iou = _inputs(n=12, dtype=torch.float32, seed=7)
         target[4:8] = torch.tensor([15.98, 23.99, 7.5, 0.99])
         wr = target - target.floor()
-        return _call(pred.to(dtype), target, 1 - wr, wr, iou, device)
+        return _call(pred.to(dtype), target, 1 - wr, wr, iou.to(dtype), device)
 
     def case_saturated_logits(self, dtype, device):
         """+-1e4 logits: one-hot-like softmax (ties among the +1e4 bins)."""

@@ -46,7 +46,7 @@ class _EmulatedCuda(torch.autograd.Function):
         return grad_value, None, grad_loc, grad_attn, None, None
 
 
-def tester(vec=0, group=0, deterministic=False, seed=-1):
+def emulated_tester(vec=0, group=0, deterministic=False, seed=-1):
     """TestMsDeformAttn's comparisons, with the emulated CUDA op as the fused op."""
     config = dict(vec=vec, group=group, deterministic=deterministic, seed=seed)
     t = msda.TestMsDeformAttn()
@@ -82,7 +82,7 @@ PARAMS = [pytest.param(name, vec, group, det, id=f"{name}-v{vec}-g{group}-{'det'
 
 @pytest.mark.parametrize("case_name, vec, group, deterministic", PARAMS)
 def test_emulated_cuda_kernels_match_the_reference(case_name, vec, group, deterministic):
-    t = tester(vec, group, deterministic)
+    t = emulated_tester(vec, group, deterministic)
     t.check_against_reference(t.make_call(case_name, torch.float32, "cpu"), "cpp")
 
 
@@ -92,13 +92,13 @@ def test_emulated_cuda_kernels_match_the_reference(case_name, vec, group, determ
 def test_emulated_cuda_kernels_in_every_dtype(dtype, vec, deterministic):
     """float64 (double atomics), fp16/bf16 (16-bit loads, float32 arithmetic and accumulation; 8 per
     vector by default for D = 8)."""
-    t = tester(vec, 0, deterministic)
+    t = emulated_tester(vec, 0, deterministic)
     name = "half" if dtype in HALF else "off_pixel_fp64"
     t.check_against_reference(t.make_call(name, dtype, "cpu"), "cpp")
 
 
 def test_emulated_gradcheck():
-    t = tester(1, 4)
+    t = emulated_tester(1, 4)
     call = t.make_call("gradcheck", torch.float64, "cpu")
     fn = t.fused_fn("cpp")
     names = call.grad
@@ -108,7 +108,7 @@ def test_emulated_gradcheck():
 
 def test_emulated_empty_inputs():
     for name in ("empty", "empty_queries"):
-        t = tester()
+        t = emulated_tester()
         call = t.make_call(name, torch.float32, "cpu")
         out, grads = t.check_against_reference(call, "cpp")
         assert out[0].numel() == 0 and all(torch.all(g == 0) for g in grads.values())
