@@ -6,6 +6,9 @@ bins padded to a power of two (33 -> 64; padded bins hold -inf logits, i.e. prob
 Forward: softmax per edge, expectation with W, top-k probabilities (k passes of max + first index
 of the max, lower bin first on ties), distance2bbox. Backward recomputes the softmax and uses the
 top-k bins saved by the forward pass.
+
+Dtypes: float16, bfloat16, float32 and float64 tensors. Every load is converted to the accumulation
+dtype ``ACC`` (float32, float64 for float64 inputs), every store rounds once to the output's dtype.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ def _block_bins(bins: int) -> int:
     return max(16, triton.next_power_of_2(bins))
 
 
+def _accumulation_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
-def _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB: tl.constexpr):
-    """Probabilities [BLOCK_R, BLOCK_BINS] of one edge and its expected distance [BLOCK_R]."""
+def _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB: tl.constexpr, ACC: tl.constexpr):
+    """Probabilities [BLOCK_R, BLOCK_BINS] of one edge and its expected distance [BLOCK_R], in ACC."""
     bin_mask = bins < NB
     ptrs = z_ptr + rows[:, None] * (4 * NB) + edge * NB + bins[None, :]
-    z = tl.load(ptrs, mask=row_mask[:, None] & bin_mask[None, :], other=0.0)
+    z = tl.load(ptrs, mask=row_mask[:, None] & bin_mask[None, :], other=0.0).to(ACC)
     z = tl.where(bin_mask[None, :], z, float("-inf"))
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])
@@ -40,17 +47,18 @@ def _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB: tl.constexpr):
 @triton.jit
 def _fdr_decode_forward_kernel(z_ptr, w_ptr, ref_ptr, box_ptr, stats_ptr, index_ptr, R, rs,
                                NB: tl.constexpr, BLOCK_BINS: tl.constexpr, K: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    w = tl.load(w_ptr + bins, mask=bins < NB, other=0.0)
-    d_left = tl.zeros([BLOCK], dtype=w.dtype)
-    d_top = tl.zeros([BLOCK], dtype=w.dtype)
-    d_right = tl.zeros([BLOCK], dtype=w.dtype)
-    d_bottom = tl.zeros([BLOCK], dtype=w.dtype)
+    w = tl.load(w_ptr + bins, mask=bins < NB, other=0.0).to(ACC)
+    out_ty = box_ptr.dtype.element_ty
+    d_left = tl.zeros([BLOCK], dtype=ACC)
+    d_top = tl.zeros([BLOCK], dtype=ACC)
+    d_right = tl.zeros([BLOCK], dtype=ACC)
+    d_bottom = tl.zeros([BLOCK], dtype=ACC)
     for edge in tl.static_range(4):
-        p, d = _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB)
+        p, d = _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB, ACC)
         if edge == 0:
             d_left = d
         elif edge == 1:
@@ -60,19 +68,19 @@ def _fdr_decode_forward_kernel(z_ptr, w_ptr, ref_ptr, box_ptr, stats_ptr, index_
         else:
             d_bottom = d
         work = tl.where(bins[None, :] < NB, p, -1.0)
-        total = tl.zeros([BLOCK], dtype=w.dtype)
+        total = tl.zeros([BLOCK], dtype=ACC)
         for i in tl.static_range(K):
             top = tl.max(work, axis=1)
             first = tl.min(tl.where(work == top[:, None], bins[None, :], BLOCK_BINS), axis=1)
-            tl.store(stats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + i, top, mask=row_mask)
+            tl.store(stats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + i, top.to(out_ty), mask=row_mask)
             tl.store(index_ptr + rows * (4 * K) + edge * K + i, first.to(tl.uint8), mask=row_mask)
             work = tl.where(bins[None, :] == first[:, None], -2.0, work)
             total += top
-        tl.store(stats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + K, total / K, mask=row_mask)
-    cx = tl.load(ref_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
-    cy = tl.load(ref_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
-    bw = tl.load(ref_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
-    bh = tl.load(ref_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+        tl.store(stats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + K, (total / K).to(out_ty), mask=row_mask)
+    cx = tl.load(ref_ptr + rows * 4 + 0, mask=row_mask, other=0.0).to(ACC)
+    cy = tl.load(ref_ptr + rows * 4 + 1, mask=row_mask, other=0.0).to(ACC)
+    bw = tl.load(ref_ptr + rows * 4 + 2, mask=row_mask, other=0.0).to(ACC)
+    bh = tl.load(ref_ptr + rows * 4 + 3, mask=row_mask, other=0.0).to(ACC)
     half = 0.5 * rs
     unit_w = bw / rs
     unit_h = bh / rs
@@ -80,45 +88,47 @@ def _fdr_decode_forward_kernel(z_ptr, w_ptr, ref_ptr, box_ptr, stats_ptr, index_
     y1 = cy - (half + d_top) * unit_h
     x2 = cx + (half + d_right) * unit_w
     y2 = cy + (half + d_bottom) * unit_h
-    tl.store(box_ptr + rows * 4 + 0, (x1 + x2) / 2, mask=row_mask)
-    tl.store(box_ptr + rows * 4 + 1, (y1 + y2) / 2, mask=row_mask)
-    tl.store(box_ptr + rows * 4 + 2, x2 - x1, mask=row_mask)
-    tl.store(box_ptr + rows * 4 + 3, y2 - y1, mask=row_mask)
+    tl.store(box_ptr + rows * 4 + 0, ((x1 + x2) / 2).to(out_ty), mask=row_mask)
+    tl.store(box_ptr + rows * 4 + 1, ((y1 + y2) / 2).to(out_ty), mask=row_mask)
+    tl.store(box_ptr + rows * 4 + 2, (x2 - x1).to(out_ty), mask=row_mask)
+    tl.store(box_ptr + rows * 4 + 3, (y2 - y1).to(out_ty), mask=row_mask)
 
 
 @triton.jit
 def _edge_backward(gz_ptr, gstats_ptr, index_ptr, p, w, grad_d, rows, row_mask, bins, edge,
-                   NB: tl.constexpr, K: tl.constexpr):
+                   NB: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
     grad_p = grad_d[:, None] * w[None, :]
-    grad_mean = tl.load(gstats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + K, mask=row_mask, other=0.0) / K
+    grad_mean = tl.load(gstats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + K, mask=row_mask,
+                        other=0.0).to(ACC) / K
     for i in tl.static_range(K):
-        g = tl.load(gstats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + i, mask=row_mask, other=0.0)
+        g = tl.load(gstats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + i, mask=row_mask, other=0.0).to(ACC)
         idx = tl.load(index_ptr + rows * (4 * K) + edge * K + i, mask=row_mask, other=0).to(tl.int32)
         grad_p += tl.where(bins[None, :] == idx[:, None], (g + grad_mean)[:, None], 0.0)
     dot = tl.sum(p * grad_p, axis=1)
     gz = p * (grad_p - dot[:, None])
     ptrs = gz_ptr + rows[:, None] * (4 * NB) + edge * NB + bins[None, :]
-    tl.store(ptrs, gz, mask=row_mask[:, None] & (bins[None, :] < NB))
+    tl.store(ptrs, gz.to(gz_ptr.dtype.element_ty), mask=row_mask[:, None] & (bins[None, :] < NB))
 
 
 @triton.jit
 def _fdr_decode_backward_kernel(gbox_ptr, gstats_ptr, z_ptr, w_ptr, ref_ptr, index_ptr, gz_ptr, gref_ptr, R, rs,
                                 NB: tl.constexpr, BLOCK_BINS: tl.constexpr, K: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    w = tl.load(w_ptr + bins, mask=bins < NB, other=0.0)
-    p_left, d_left = _edge_softmax(z_ptr, w, rows, row_mask, bins, 0, NB)
-    p_top, d_top = _edge_softmax(z_ptr, w, rows, row_mask, bins, 1, NB)
-    p_right, d_right = _edge_softmax(z_ptr, w, rows, row_mask, bins, 2, NB)
-    p_bottom, d_bottom = _edge_softmax(z_ptr, w, rows, row_mask, bins, 3, NB)
-    bw = tl.load(ref_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
-    bh = tl.load(ref_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
-    g_cx = tl.load(gbox_ptr + rows * 4 + 0, mask=row_mask, other=0.0)
-    g_cy = tl.load(gbox_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
-    g_w = tl.load(gbox_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
-    g_h = tl.load(gbox_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+    w = tl.load(w_ptr + bins, mask=bins < NB, other=0.0).to(ACC)
+    out_ty = gref_ptr.dtype.element_ty
+    p_left, d_left = _edge_softmax(z_ptr, w, rows, row_mask, bins, 0, NB, ACC)
+    p_top, d_top = _edge_softmax(z_ptr, w, rows, row_mask, bins, 1, NB, ACC)
+    p_right, d_right = _edge_softmax(z_ptr, w, rows, row_mask, bins, 2, NB, ACC)
+    p_bottom, d_bottom = _edge_softmax(z_ptr, w, rows, row_mask, bins, 3, NB, ACC)
+    bw = tl.load(ref_ptr + rows * 4 + 2, mask=row_mask, other=0.0).to(ACC)
+    bh = tl.load(ref_ptr + rows * 4 + 3, mask=row_mask, other=0.0).to(ACC)
+    g_cx = tl.load(gbox_ptr + rows * 4 + 0, mask=row_mask, other=0.0).to(ACC)
+    g_cy = tl.load(gbox_ptr + rows * 4 + 1, mask=row_mask, other=0.0).to(ACC)
+    g_w = tl.load(gbox_ptr + rows * 4 + 2, mask=row_mask, other=0.0).to(ACC)
+    g_h = tl.load(gbox_ptr + rows * 4 + 3, mask=row_mask, other=0.0).to(ACC)
     half = 0.5 * rs
     unit_w = bw / rs
     unit_h = bh / rs
@@ -126,14 +136,16 @@ def _fdr_decode_backward_kernel(gbox_ptr, gstats_ptr, z_ptr, w_ptr, ref_ptr, ind
     gx2 = 0.5 * g_cx + g_w
     gy1 = 0.5 * g_cy - g_h
     gy2 = 0.5 * g_cy + g_h
-    tl.store(gref_ptr + rows * 4 + 0, gx1 + gx2, mask=row_mask)
-    tl.store(gref_ptr + rows * 4 + 1, gy1 + gy2, mask=row_mask)
-    tl.store(gref_ptr + rows * 4 + 2, (gx2 * (half + d_right) - gx1 * (half + d_left)) / rs, mask=row_mask)
-    tl.store(gref_ptr + rows * 4 + 3, (gy2 * (half + d_bottom) - gy1 * (half + d_top)) / rs, mask=row_mask)
-    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_left, w, -gx1 * unit_w, rows, row_mask, bins, 0, NB, K)
-    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_top, w, -gy1 * unit_h, rows, row_mask, bins, 1, NB, K)
-    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_right, w, gx2 * unit_w, rows, row_mask, bins, 2, NB, K)
-    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_bottom, w, gy2 * unit_h, rows, row_mask, bins, 3, NB, K)
+    tl.store(gref_ptr + rows * 4 + 0, (gx1 + gx2).to(out_ty), mask=row_mask)
+    tl.store(gref_ptr + rows * 4 + 1, (gy1 + gy2).to(out_ty), mask=row_mask)
+    tl.store(gref_ptr + rows * 4 + 2, ((gx2 * (half + d_right) - gx1 * (half + d_left)) / rs).to(out_ty),
+             mask=row_mask)
+    tl.store(gref_ptr + rows * 4 + 3, ((gy2 * (half + d_bottom) - gy1 * (half + d_top)) / rs).to(out_ty),
+             mask=row_mask)
+    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_left, w, -gx1 * unit_w, rows, row_mask, bins, 0, NB, K, ACC)
+    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_top, w, -gy1 * unit_h, rows, row_mask, bins, 1, NB, K, ACC)
+    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_right, w, gx2 * unit_w, rows, row_mask, bins, 2, NB, K, ACC)
+    _edge_backward(gz_ptr, gstats_ptr, index_ptr, p_bottom, w, gy2 * unit_h, rows, row_mask, bins, 3, NB, K, ACC)
 
 
 def fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale: float, lqe_topk: int):
@@ -149,7 +161,8 @@ def fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale: float
     if rows > 0:
         grid = (triton.cdiv(rows, BLOCK_R),)
         _fdr_decode_forward_kernel[grid](z, w, ref, boxes, stats, index, rows, abs(float(reg_scale)), NB=bins,
-                                         BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R)
+                                         BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R,
+                                         ACC=_accumulation_dtype(z.dtype))
     return boxes, stats, index
 
 
@@ -166,7 +179,7 @@ def fdr_decode_backward_triton(grad_boxes, grad_stats, pred_corners, project, re
         _fdr_decode_backward_kernel[grid](
             grad_boxes.to(z.dtype).contiguous(), grad_stats.to(z.dtype).contiguous(), z, w, ref,
             topk_index.contiguous(), grad_z, grad_ref, rows, abs(float(reg_scale)), NB=bins,
-            BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R,
+            BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype),
         )
     return grad_z, grad_ref
 

@@ -4,6 +4,10 @@ torch.library ops with their autograd (``dfine.ops.fgl_loss`` / ``ddf_loss`` wit
 One program handles ``BLOCK_R`` rows as a ``[BLOCK_R, BLOCK_BINS]`` tile, the K+1 bins padded to a
 power of two (33 -> 64; padded bins hold -inf logits). Forward kernels write the weighted loss of
 every row; backward kernels recompute the softmax and write the gradient of the student logits.
+
+Dtypes: float16, bfloat16, float32 and float64 tensors (all arguments of one call in one dtype).
+Every load is converted to the accumulation dtype ``ACC`` (float32, float64 for float64 inputs),
+every store rounds once to the output's dtype.
 """
 
 from __future__ import annotations
@@ -21,12 +25,22 @@ def _block_bins(bins: int) -> int:
     return max(16, triton.next_power_of_2(bins))
 
 
+def _accumulation_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
-def _load_logits(ptr, rows, row_mask, bins, NB: tl.constexpr, scale):
-    """[BLOCK_R, BLOCK_BINS] logits divided by ``scale``; padded bins are -inf, padded rows 0."""
+def _load_rows(ptr, rows, row_mask, ACC: tl.constexpr):
+    """One value per row [BLOCK_R] in ACC (0 on padded rows)."""
+    return tl.load(ptr + rows, mask=row_mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_logits(ptr, rows, row_mask, bins, NB: tl.constexpr, scale, ACC: tl.constexpr):
+    """[BLOCK_R, BLOCK_BINS] logits in ACC divided by ``scale``; padded bins are -inf, padded rows 0."""
     bin_mask = bins < NB
     x = tl.load(ptr + rows[:, None] * NB + bins[None, :], mask=row_mask[:, None] & bin_mask[None, :], other=0.0)
-    x = x / scale
+    x = x.to(ACC) / scale
     return tl.where(bin_mask[None, :], x, float("-inf"))
 
 
@@ -40,53 +54,54 @@ def _fgl_left_bin(target, NB: tl.constexpr):
 
 @triton.jit
 def _fgl_forward_kernel(z_ptr, t_ptr, wl_ptr, wr_ptr, w_ptr, out_ptr, R, HAS_WEIGHT: tl.constexpr,
-                        NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr):
+                        NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    z = _load_logits(z_ptr, rows, row_mask, bins, NB, 1.0)
+    z = _load_logits(z_ptr, rows, row_mask, bins, NB, 1.0, ACC)
     z_max = tl.max(z, axis=1)
     shifted = z - z_max[:, None]
     log_sum = tl.log(tl.sum(tl.exp(shifted), axis=1))
-    target = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
-    wl = tl.load(wl_ptr + rows, mask=row_mask, other=0.0)
-    wr = tl.load(wr_ptr + rows, mask=row_mask, other=0.0)
+    target = _load_rows(t_ptr, rows, row_mask, ACC)
+    wl = _load_rows(wl_ptr, rows, row_mask, ACC)
+    wr = _load_rows(wr_ptr, rows, row_mask, ACC)
     left = _fgl_left_bin(target, NB)
     z_left = tl.sum(tl.where(bins[None, :] == left[:, None], shifted, 0.0), axis=1)
     z_right = tl.sum(tl.where(bins[None, :] == left[:, None] + 1, shifted, 0.0), axis=1)
     loss = (log_sum - z_left) * wl + (log_sum - z_right) * wr
     if HAS_WEIGHT:
-        loss = loss * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
-    tl.store(out_ptr + rows, loss, mask=row_mask)
+        loss = loss * _load_rows(w_ptr, rows, row_mask, ACC)
+    tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _fgl_backward_kernel(g_ptr, z_ptr, t_ptr, wl_ptr, wr_ptr, w_ptr, gz_ptr, R, HAS_WEIGHT: tl.constexpr,
-                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr):
+                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    z = _load_logits(z_ptr, rows, row_mask, bins, NB, 1.0)
+    z = _load_logits(z_ptr, rows, row_mask, bins, NB, 1.0, ACC)
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    g = _load_rows(g_ptr, rows, row_mask, ACC)
     if HAS_WEIGHT:
-        g = g * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
-    target = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
-    wl = tl.load(wl_ptr + rows, mask=row_mask, other=0.0)
-    wr = tl.load(wr_ptr + rows, mask=row_mask, other=0.0)
+        g = g * _load_rows(w_ptr, rows, row_mask, ACC)
+    target = _load_rows(t_ptr, rows, row_mask, ACC)
+    wl = _load_rows(wl_ptr, rows, row_mask, ACC)
+    wr = _load_rows(wr_ptr, rows, row_mask, ACC)
     left = _fgl_left_bin(target, NB)
     onehot = tl.where(bins[None, :] == left[:, None], wl[:, None], 0.0)
     onehot += tl.where(bins[None, :] == left[:, None] + 1, wr[:, None], 0.0)
     gz = g[:, None] * ((wl + wr)[:, None] * p - onehot)
-    tl.store(gz_ptr + rows[:, None] * NB + bins[None, :], gz, mask=row_mask[:, None] & (bins[None, :] < NB))
+    tl.store(gz_ptr + rows[:, None] * NB + bins[None, :], gz.to(gz_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (bins[None, :] < NB))
 
 
 @triton.jit
-def _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB: tl.constexpr):
+def _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB: tl.constexpr, ACC: tl.constexpr):
     """log p - log q (exactly 0 where pred == teacher), p, q for a tile of rows."""
-    a = _load_logits(zs_ptr, rows, row_mask, bins, NB, temperature)
-    b = _load_logits(zt_ptr, rows, row_mask, bins, NB, temperature)
+    a = _load_logits(zs_ptr, rows, row_mask, bins, NB, temperature, ACC)
+    b = _load_logits(zt_ptr, rows, row_mask, bins, NB, temperature, ACC)
     a_shift = a - tl.max(a, axis=1)[:, None]
     b_shift = b - tl.max(b, axis=1)[:, None]
     ea = tl.exp(a_shift)
@@ -104,31 +119,32 @@ def _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB: 
 
 @triton.jit
 def _ddf_forward_kernel(zs_ptr, zt_ptr, w_ptr, out_ptr, R, temperature, HAS_WEIGHT: tl.constexpr,
-                        NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr):
+                        NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    log_ratio, p, q = _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB)
+    log_ratio, p, q = _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB, ACC)
     terms = p * tl.where(p > 0, log_ratio, 0.0)  # xlogy: p = 0 contributes 0 (also on padded bins)
     loss = temperature * temperature * tl.sum(terms, axis=1)
     if HAS_WEIGHT:
-        loss = tl.load(w_ptr + rows, mask=row_mask, other=0.0) * loss
-    tl.store(out_ptr + rows, loss, mask=row_mask)
+        loss = _load_rows(w_ptr, rows, row_mask, ACC) * loss
+    tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _ddf_backward_kernel(g_ptr, zs_ptr, zt_ptr, w_ptr, gz_ptr, R, temperature, HAS_WEIGHT: tl.constexpr,
-                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr):
+                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     bins = tl.arange(0, BLOCK_BINS)
-    log_ratio, p, q = _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    log_ratio, p, q = _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB, ACC)
+    g = _load_rows(g_ptr, rows, row_mask, ACC)
     if HAS_WEIGHT:
-        g = g * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+        g = g * _load_rows(w_ptr, rows, row_mask, ACC)
     sum_p = tl.sum(p, axis=1)
     gz = (g * temperature)[:, None] * (q * sum_p[:, None] - p)
-    tl.store(gz_ptr + rows[:, None] * NB + bins[None, :], gz, mask=row_mask[:, None] & (bins[None, :] < NB))
+    tl.store(gz_ptr + rows[:, None] * NB + bins[None, :], gz.to(gz_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (bins[None, :] < NB))
 
 
 def _launch_args(pred):
@@ -144,7 +160,7 @@ def fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight):
         w = weight.contiguous() if weight is not None else z  # dummy pointer when absent
         _fgl_forward_kernel[grid](z, target.contiguous(), weight_left.contiguous(), weight_right.contiguous(), w,
                                   out, rows, HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins,
-                                  BLOCK=BLOCK_R)
+                                  BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype))
     return out
 
 
@@ -156,7 +172,7 @@ def fgl_loss_backward_triton(grad_rows, pred, target, weight_left, weight_right,
         w = weight.contiguous() if weight is not None else z
         _fgl_backward_kernel[grid](grad_rows.contiguous(), z, target.contiguous(), weight_left.contiguous(),
                                    weight_right.contiguous(), w, grad_z, rows, HAS_WEIGHT=weight is not None,
-                                   NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R)
+                                   NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype))
     return grad_z
 
 
@@ -167,7 +183,7 @@ def ddf_loss_forward_triton(pred, teacher, weight, temperature: float):
     if rows > 0:
         w = weight.contiguous() if weight is not None else zs
         _ddf_forward_kernel[grid](zs, zt, w, out, rows, float(temperature), HAS_WEIGHT=weight is not None, NB=bins,
-                                  BLOCK_BINS=block_bins, BLOCK=BLOCK_R)
+                                  BLOCK_BINS=block_bins, BLOCK=BLOCK_R, ACC=_accumulation_dtype(zs.dtype))
     return out
 
 
@@ -178,7 +194,8 @@ def ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature: floa
     if rows > 0:
         w = weight.contiguous() if weight is not None else zs
         _ddf_backward_kernel[grid](grad_rows.contiguous(), zs, zt, w, grad_z, rows, float(temperature),
-                                   HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R)
+                                   HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R,
+                                   ACC=_accumulation_dtype(zs.dtype))
     return grad_z
 
 

@@ -25,6 +25,15 @@ inputs) buffer, cast to value's dtype at the end. On a GPU the order of those at
 not fixed, so ``grad_value`` is not bit-for-bit deterministic between runs (differences at the
 rounding level of the accumulation dtype).
 
+Deterministic backward (under ``torch.use_deterministic_algorithms(True)``, which ``train.py
+--deterministic`` sets): the same kernel, with ``DETERMINISTIC`` set, writes for every corner of
+every point its coefficient ``attn * bilinear weight`` and its value row ``(b * S + s) * M + m``
+(the key) instead of the atomic adds. The keys are sorted (stable: entries of one row keep their
+(b, q, m, p, corner) order) and a gather kernel, one program per value row, sums ``coefficient *
+grad_out`` over the row's entries in that order and writes ``grad_value`` once, in value's dtype.
+The order depends only on the inputs, so the result is the same bits from run to run, for any
+launch configuration. The same scheme as the CUDA kernel (csrc/ms_deform_attn/cuda/coalesced.h).
+
 Non-finite locations: ``±inf`` locations contribute zero here (they are clamped like any far-away
 point) while ``F.grid_sample`` returns NaN for them; NaN locations give unspecified results.
 
@@ -150,6 +159,44 @@ def _ms_deform_attn_fwd_kernel(
 
 
 @triton.jit
+def _store_entry(coef_ptr, key_ptr, entry, coef, pos, inside, b, m, S, M, no_key, q_mask):
+    """Deterministic pass 1: the coefficient of one corner of a block of points and its value row
+    (b * S + pos) * M + m, or no_key (sorts last, never gathered) for corners outside the map."""
+    tl.store(coef_ptr + entry, coef, mask=q_mask)
+    key = tl.where(inside, (b * S + pos) * M + m, no_key)
+    tl.store(key_ptr + entry, key.to(tl.int64), mask=q_mask)
+
+
+@triton.jit
+def _ms_deform_attn_gather_kernel(
+    grad_out_ptr,  # [B, Q, M*D] contiguous
+    coef_ptr,  # [B*Q*M*P*4] ACC
+    order_ptr,  # [B*Q*M*P*4] int64: the entries sorted by key (stable)
+    starts_ptr,  # [B*S*M + 1] int64: first sorted entry of every value row
+    grad_value_ptr,  # [B, S, M, D] contiguous, value's dtype
+    D,
+    P,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Deterministic pass 2: one program per value row (b, s, m) sums coefficient * grad_out row over
+    the row's entries, in the sorted order, and stores the row once."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    first = tl.load(starts_ptr + row)
+    last = tl.load(starts_ptr + row + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for e in range(first, last):
+        entry = tl.load(order_ptr + e)
+        coef = tl.load(coef_ptr + entry)
+        bqm = entry // (4 * P)
+        go = tl.load(grad_out_ptr + bqm * D + d, mask=d_mask, other=0.0).to(ACC)
+        acc += coef * go
+    tl.store(grad_value_ptr + row * D + d, acc.to(grad_value_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
 def _ms_deform_attn_bwd_kernel(
     grad_out_ptr,  # [B, Q, M*D] contiguous
     value_ptr,  # [B, S, M, D] contiguous
@@ -158,9 +205,12 @@ def _ms_deform_attn_bwd_kernel(
     point_level_ptr,  # [P] int32
     loc_ptr,  # [B, Q, M, P, 2] contiguous
     attn_ptr,  # [B, Q, M, P] contiguous
-    grad_value_ptr,  # [B, S, M, D] contiguous, ACC dtype, zero-initialised (atomic adds)
+    grad_value_ptr,  # [B, S, M, D] contiguous, ACC dtype, zero-initialised (atomic adds; unused if DETERMINISTIC)
     grad_loc_ptr,  # [B, Q, M, P, 2] contiguous
     grad_attn_ptr,  # [B, Q, M, P] contiguous
+    coef_ptr,  # DETERMINISTIC: [B, Q, M, P, 4] ACC, attn * corner weight
+    key_ptr,  # DETERMINISTIC: [B, Q, M, P, 4] int64, value row of the corner, or no_key outside the map
+    no_key,  # B * S * M
     S,
     Q,
     M,
@@ -169,6 +219,7 @@ def _ms_deform_attn_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     # 1-D grid (CUDA caps grid axes 1 and 2 at 65535): query blocks of one (b, m) are adjacent,
     # so neighbouring programs read the same value slice.
@@ -221,7 +272,11 @@ def _ms_deform_attn_bwd_kernel(
         sampled = (hy * hx)[:, None] * v
         dx = -hy[:, None] * v
         dy = -hx[:, None] * v
-        tl.atomic_add(grad_value_base + off, (hy * hx)[:, None] * grad_sampled, mask=ok)
+        if DETERMINISTIC:
+            _store_entry(coef_ptr, key_ptr, pt_off * 4, attn * hy * hx, pos00, in_y0 & in_x0, b, m, S, M, no_key,
+                         q_mask)
+        else:
+            tl.atomic_add(grad_value_base + off, (hy * hx)[:, None] * grad_sampled, mask=ok)
         # Corner (x1, y0): weight lx*hy, d/dx = hy, d/dy = -lx.
         off = ((pos00 + 1) * M * D)[:, None]
         ok = (in_y0 & in_x1)[:, None] & d_mask[None, :]
@@ -229,7 +284,11 @@ def _ms_deform_attn_bwd_kernel(
         sampled += (hy * lx)[:, None] * v
         dx += hy[:, None] * v
         dy -= lx[:, None] * v
-        tl.atomic_add(grad_value_base + off, (hy * lx)[:, None] * grad_sampled, mask=ok)
+        if DETERMINISTIC:
+            _store_entry(coef_ptr, key_ptr, pt_off * 4 + 1, attn * hy * lx, pos00 + 1, in_y0 & in_x1, b, m, S, M,
+                         no_key, q_mask)
+        else:
+            tl.atomic_add(grad_value_base + off, (hy * lx)[:, None] * grad_sampled, mask=ok)
         # Corner (x0, y1): weight hx*ly, d/dx = -ly, d/dy = hx.
         off = ((pos00 + row) * M * D)[:, None]
         ok = (in_y1 & in_x0)[:, None] & d_mask[None, :]
@@ -237,7 +296,11 @@ def _ms_deform_attn_bwd_kernel(
         sampled += (ly * hx)[:, None] * v
         dx -= ly[:, None] * v
         dy += hx[:, None] * v
-        tl.atomic_add(grad_value_base + off, (ly * hx)[:, None] * grad_sampled, mask=ok)
+        if DETERMINISTIC:
+            _store_entry(coef_ptr, key_ptr, pt_off * 4 + 2, attn * ly * hx, pos00 + row, in_y1 & in_x0, b, m, S, M,
+                         no_key, q_mask)
+        else:
+            tl.atomic_add(grad_value_base + off, (ly * hx)[:, None] * grad_sampled, mask=ok)
         # Corner (x1, y1): weight lx*ly, d/dx = ly, d/dy = lx.
         off = ((pos00 + row + 1) * M * D)[:, None]
         ok = (in_y1 & in_x1)[:, None] & d_mask[None, :]
@@ -245,7 +308,11 @@ def _ms_deform_attn_bwd_kernel(
         sampled += (ly * lx)[:, None] * v
         dx += ly[:, None] * v
         dy += lx[:, None] * v
-        tl.atomic_add(grad_value_base + off, (ly * lx)[:, None] * grad_sampled, mask=ok)
+        if DETERMINISTIC:
+            _store_entry(coef_ptr, key_ptr, pt_off * 4 + 3, attn * ly * lx, pos00 + row + 1, in_y1 & in_x1, b, m, S,
+                         M, no_key, q_mask)
+        else:
+            tl.atomic_add(grad_value_base + off, (ly * lx)[:, None] * grad_sampled, mask=ok)
 
         grad_attn = tl.sum(grad_out * sampled, axis=1)
         # x = loc_x * W - 0.5, so d/d(loc_x) = W * d/dx (and H for y).
@@ -320,7 +387,8 @@ def ms_deform_attn_backward_triton(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ms_deform_attn_forward_triton` w.r.t. value, sampling_locations and
     attention_weights, given ``grad_output [B, Q, M*D]``. ``grad_value`` is accumulated with atomics
-    (order not deterministic on GPU)."""
+    (order not deterministic on GPU), or, under ``torch.use_deterministic_algorithms(True)``, by the
+    two-pass gather (the same bits from run to run)."""
     B, S, M, D = value.shape
     Q, P = sampling_locations.shape[1], sampling_locations.shape[3]
     if B * Q * M * D == 0:
@@ -335,17 +403,34 @@ def ms_deform_attn_backward_triton(
     attention_weights = attention_weights.contiguous()
     shapes, level_start, point_level = _level_tables(spatial_shapes, num_points_list, value.device)
     acc_torch, acc = _accumulation_dtype(value.dtype)
-    grad_value = torch.zeros(value.shape, dtype=acc_torch, device=value.device)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
     block_q, block_d, grid = _launch_config(Q, D, B, M)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        entries = B * Q * M * P * 4
+        coef = torch.empty(entries, dtype=acc_torch, device=value.device)
+        key = torch.empty(entries, dtype=torch.int64, device=value.device)
+        grad_value_acc = coef  # not written (no atomics in pass 1)
+    else:
+        grad_value_acc = torch.zeros(value.shape, dtype=acc_torch, device=value.device)
+        coef, key = grad_value_acc, shapes  # not written (typed like the deterministic buffers)
+    value_rows = B * S * M
     _ms_deform_attn_bwd_kernel[grid](
         grad_output, value, shapes, level_start, point_level, sampling_locations, attention_weights,
-        grad_value, grad_loc, grad_attn,
+        grad_value_acc, grad_loc, grad_attn, coef, key, value_rows,
         S, Q, M, D, P,
-        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
+        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d, DETERMINISTIC=deterministic,
     )
-    return grad_value.to(value.dtype), grad_loc, grad_attn
+    if not deterministic:
+        return grad_value_acc.to(value.dtype), grad_loc, grad_attn
+    sorted_keys, order = torch.sort(key, stable=True)
+    starts = torch.searchsorted(sorted_keys, torch.arange(value_rows + 1, device=value.device))
+    grad_value = torch.empty_like(value)  # contiguous; every element is written
+    _ms_deform_attn_gather_kernel[(value_rows,)](
+        grad_output, coef, order, starts, grad_value, D, P, ACC=acc, BLOCK_D=block_d,
+    )
+    return grad_value, grad_loc, grad_attn
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,10 +499,11 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp
 
 
 def compile_kernels_for_cuda(dtypes=(torch.float32, torch.float64), capability: int = 80, block_d: int = 32):
-    """Compile the forward and backward kernels to PTX and cubin for ``sm_<capability>`` without a
-    GPU, proving they lower for CUDA. Must run with ``TRITON_INTERPRET`` unset (the interpreter
-    replaces ``@triton.jit`` functions); uses the compile API of Triton 3.x. Returns
-    ``{(dtype name, kernel name): PTX size in bytes}``."""
+    """Compile the forward kernel, both backward kernels (atomic and deterministic pass 1) and the
+    gather kernel to PTX and cubin for ``sm_<capability>`` without a GPU, proving they lower for
+    CUDA. Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit``
+    functions); uses the compile API of Triton 3.x. Returns ``{(dtype name, kernel name): PTX size
+    in bytes}``, the deterministic backward named ``_ms_deform_attn_bwd_kernel[deterministic]``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -430,16 +516,27 @@ def compile_kernels_for_cuda(dtypes=(torch.float32, torch.float64), capability: 
     for dtype in dtypes:
         name = _DTYPE_NAMES[dtype]
         acc_torch, acc = _accumulation_dtype(dtype)
+        acc_name = _DTYPE_NAMES[acc_torch]
         consts = {"ACC": acc, "BLOCK_Q": max(1, _MAX_TILE // block_d), "BLOCK_D": block_d}
         const_sig = {k: "constexpr" for k in consts}
         fwd_sig = {"value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}", "attn_ptr": f"*{name}",
                    "out_ptr": f"*{name}", **sizes, **const_sig}
         bwd_sig = {"grad_out_ptr": f"*{name}", "value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}",
-                   "attn_ptr": f"*{name}", "grad_value_ptr": f"*{_DTYPE_NAMES[acc_torch]}",
-                   "grad_loc_ptr": f"*{name}", "grad_attn_ptr": f"*{name}", **sizes, **const_sig}
-        for kernel, signature in ((_ms_deform_attn_fwd_kernel, fwd_sig), (_ms_deform_attn_bwd_kernel, bwd_sig)):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target)
+                   "attn_ptr": f"*{name}", "grad_value_ptr": f"*{acc_name}",
+                   "grad_loc_ptr": f"*{name}", "grad_attn_ptr": f"*{name}", "coef_ptr": f"*{acc_name}",
+                   "key_ptr": "*i64", "no_key": "i32", **sizes, **const_sig, "DETERMINISTIC": "constexpr"}
+        gather_sig = {"grad_out_ptr": f"*{name}", "coef_ptr": f"*{acc_name}", "order_ptr": "*i64",
+                      "starts_ptr": "*i64", "grad_value_ptr": f"*{name}", "D": "i32", "P": "i32",
+                      "ACC": "constexpr", "BLOCK_D": "constexpr"}
+        jobs = (
+            (_ms_deform_attn_fwd_kernel, "", fwd_sig, consts),
+            (_ms_deform_attn_bwd_kernel, "", bwd_sig, {**consts, "DETERMINISTIC": False}),
+            (_ms_deform_attn_bwd_kernel, "[deterministic]", bwd_sig, {**consts, "DETERMINISTIC": True}),
+            (_ms_deform_attn_gather_kernel, "", gather_sig, {"ACC": acc, "BLOCK_D": block_d}),
+        )
+        for kernel, variant, signature, constexprs in jobs:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
             if "cubin" not in compiled.asm:
-                raise RuntimeError(f"{kernel.__name__} ({name}) produced no cubin")
-            result[(name, kernel.__name__)] = len(compiled.asm["ptx"])
+                raise RuntimeError(f"{kernel.__name__}{variant} ({name}) produced no cubin")
+            result[(name, kernel.__name__ + variant)] = len(compiled.asm["ptx"])
     return result

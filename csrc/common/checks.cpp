@@ -15,9 +15,10 @@ void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const
   check_like(t, like, op, name, like_name);
 }
 
-void check_float32_or_64(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
+void check_floating_point(const at::Tensor& t, const char* op, const char* name) {
+  const at::ScalarType d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16, op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", d);
 }
 
 }  // namespace dfine

@@ -13,7 +13,7 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 void check_rows(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* op, const char* name,
                 const char* like_name);
 
-// The kernels compute in float32 or float64.
-void check_float32_or_64(const at::Tensor& t, const char* op, const char* name);
+// float16, bfloat16, float32 or float64 (16-bit tensors are computed in float32).
+void check_floating_point(const at::Tensor& t, const char* op, const char* name);
 
 }  // namespace dfine

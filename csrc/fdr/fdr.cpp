@@ -14,7 +14,7 @@ namespace fdr {
 
 void check_decode_args(const at::Tensor& pred, const at::Tensor& project, const at::Tensor& ref, int64_t topk,
                        const char* op) {
-  check_float32_or_64(pred, op, "pred_corners");
+  check_floating_point(pred, op, "pred_corners");
   TORCH_CHECK(pred.dim() == 2, op, ": pred_corners must have shape [R, 4*(K+1)], got ", pred.sizes());
   TORCH_CHECK(project.dim() == 1 && project.size(0) >= 2 && project.size(0) <= kMaxBins, op,
               ": project must have shape [K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", project.sizes());
@@ -46,7 +46,7 @@ void check_decode_grads(const at::Tensor& grad_boxes, const at::Tensor& grad_sta
 }
 
 static void check_loss_pred(const at::Tensor& pred, const char* op) {
-  check_float32_or_64(pred, op, "pred_corners");
+  check_floating_point(pred, op, "pred_corners");
   TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 2 && pred.size(1) <= kMaxBins, op,
               ": pred_corners must have shape [N, K+1] with 2 <= K+1 <= ", kMaxBins, ", got ", pred.sizes());
 }

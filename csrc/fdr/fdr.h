@@ -8,7 +8,7 @@
 namespace dfine {
 namespace fdr {
 
-// Each check also checks that pred_corners is float32/float64 (the kernels' dtypes).
+// Each check also checks that pred_corners is float16/bfloat16/float32/float64 (the kernels' dtypes).
 void check_decode_args(const at::Tensor& pred, const at::Tensor& project, const at::Tensor& ref, int64_t topk,
                        const char* op);
 void check_decode_grads(const at::Tensor& grad_boxes, const at::Tensor& grad_stats, const at::Tensor& topk_index,

@@ -239,7 +239,9 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
     Returns:
         ``boxes`` ``[..., 4]`` (cx, cy, w, h) and ``lqe_stats`` ``[..., 4, lqe_topk + 1]`` (top-k
         probabilities per edge, descending, then their mean). Gradients flow to ``pred_corners``
-        through both outputs and to ``ref_boxes``. fp16/bf16 run the fused kernels in float32.
+        through both outputs and to ``ref_boxes``. The fused kernels take fp16/bf16 tensors as they are
+        (``project`` in their dtype, as the reference uses it): they compute in float32 and write
+        outputs and gradients in the input dtype.
     """
     if isinstance(pred_corners, torch.Tensor) and torch.is_autocast_enabled(pred_corners.device.type):
         # mixed precision: the softmax-expectation runs in float32 (autocast's policy for softmax),
@@ -258,19 +260,15 @@ def fdr_decode(pred_corners: torch.Tensor, project: torch.Tensor, ref_boxes: tor
     if which == "reference":
         return fdr_decode_reference(pred_corners, project, ref_boxes, reg_scale, lqe_topk)
     lead = pred_corners.shape[:-1]
-    dtype = pred_corners.dtype
-    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    corners2 = pred_corners.reshape(-1, pred_corners.shape[-1]).to(compute)
-    ref2 = ref_boxes.reshape(-1, 4).to(compute)
-    proj = project.to(compute)
+    corners2 = pred_corners.reshape(-1, pred_corners.shape[-1])
+    ref2 = ref_boxes.reshape(-1, 4)
+    proj = project.to(pred_corners.dtype)
     rs = _reg_scale_float(reg_scale)
     if which == "cpp":
         boxes, stats, _ = torch.ops.dfine.fdr_decode_forward(corners2, proj, ref2, rs, lqe_topk)
     else:
         boxes, stats, _ = torch.ops.dfine.fdr_decode_triton(corners2, proj, ref2, rs, lqe_topk)
-    boxes = boxes.reshape(*lead, 4).to(dtype)
-    stats = stats.reshape(*lead, 4, lqe_topk + 1).to(dtype)
-    return boxes, stats
+    return boxes.reshape(*lead, 4), stats.reshape(*lead, 4, lqe_topk + 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,10 +88,10 @@ def _check_pred(op, pred_corners):
                          f"got {tuple(pred_corners.shape)}")
 
 
-def _row_args(op, pred_corners, named, dtype=None):
+def _row_args(op, pred_corners, named):
     """The per-row arguments ``named`` (``(name, tensor, optional), ...``) checked in one pass: each a
     floating-point tensor with N = ``pred_corners.shape[0]`` elements on pred_corners' device (None
-    if optional). Returned flat ([N]) and in ``dtype`` if given, else as they are."""
+    if optional). Returned as they are."""
     n = pred_corners.shape[0]
     device = pred_corners.device
     out = []
@@ -109,9 +109,6 @@ def _row_args(op, pred_corners, named, dtype=None):
                              f"{tuple(pred_corners.shape)}), got shape {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but pred_corners is on {device}")
-        if dtype is not None:
-            t = t if t.dim() == 1 else t.reshape(-1)
-            t = t if t_dtype == dtype else t.to(dtype)
         out.append(t)
     return out
 
@@ -121,8 +118,20 @@ def _check_reduction(op, reduction):
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _compute_dtype(dtype):
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def _compute_dtype(pred_corners, others):
+    """The dtype the fused kernels get: PyTorch's promotion of pred_corners and the other tensors,
+    as in the reference (float32 targets of fp16/bf16 logits stay float32: rounding a target bin to
+    16 bits could move its left bin). All-fp16 or all-bf16 inputs go to the kernels as they are;
+    they load 16-bit values and compute in float32."""
+    dtype = pred_corners.dtype
+    for t in others:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _flat_as(tensors, dtype):
+    return [None if t is None else _as(t if t.dim() == 1 else t.reshape(-1), dtype) for t in tensors]
 
 
 def _as(t, dtype):
@@ -197,10 +206,10 @@ def fgl_loss(pred_corners: torch.Tensor, target_bins: torch.Tensor, weight_left:
     if which == "reference":
         _row_args(op, pred_corners, rows)
         return fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight, reduction)
-    dtype = _compute_dtype(pred_corners.dtype)
+    row_tensors = _row_args(op, pred_corners, rows)
+    dtype = _compute_dtype(pred_corners, row_tensors)
     compiling = torch.compiler.is_compiling()
-    args = (_as(pred_corners, dtype), *_row_args(op, pred_corners, rows, dtype),
-            _keep_gradient(pred_corners, compiling))
+    args = (_as(pred_corners, dtype), *_flat_as(row_tensors, dtype), _keep_gradient(pred_corners, compiling))
     if _reduce_in_op(which, reduction, dtype, pred_corners, compiling):
         return torch.ops.dfine.fgl_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.fgl_loss_forward if which == "cpp" else torch.ops.dfine.fgl_loss_triton
@@ -250,11 +259,11 @@ def ddf_loss(pred_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: 
     if which == "reference":
         _row_args(op, pred_corners, (("weight", weight, True),))
         return ddf_loss_reference(pred_corners, teacher_corners, weight, temperature, reduction)
-    dtype = _compute_dtype(pred_corners.dtype)
+    row_tensors = _row_args(op, pred_corners, (("weight", weight, True),))
+    dtype = _compute_dtype(pred_corners, [teacher_corners, *row_tensors])
     compiling = torch.compiler.is_compiling()
-    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype),
-            *_row_args(op, pred_corners, (("weight", weight, True),), dtype), float(temperature),
-            _keep_gradient(pred_corners, compiling))
+    args = (_as(pred_corners, dtype), _as(teacher_corners.detach(), dtype), *_flat_as(row_tensors, dtype),
+            float(temperature), _keep_gradient(pred_corners, compiling))
     if _reduce_in_op(which, reduction, dtype, pred_corners, compiling):
         return torch.ops.dfine.ddf_loss_total(*args, reduction == "mean")[0]
     op = torch.ops.dfine.ddf_loss_forward if which == "cpp" else torch.ops.dfine.ddf_loss_triton

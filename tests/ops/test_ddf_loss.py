@@ -58,6 +58,9 @@ class TestDdfLoss(OpTester):
     tolerances = {
         torch.float32: {"forward": Tol(1e-5, 2e-6), "backward": Tol(1e-5, 2e-6)},
         torch.float64: {"forward": Tol(1e-12, 1e-13), "backward": Tol(1e-12, 1e-13)},
+        # 16-bit inputs: float32 arithmetic, one rounding per output (vs float64 on the same values)
+        torch.float16: {"forward": Tol(2e-3, 1e-3, scaled=True), "backward": Tol(2e-3, 1e-3, scaled=True)},
+        torch.bfloat16: {"forward": Tol(1e-2, 8e-3, scaled=True), "backward": Tol(1e-2, 8e-3, scaled=True)},
     }
     # the first backward scales the gradient kept by the forward pass, a repeated one recomputes it:
     # the two differ by rounding in float64, which gradcheck's reentrancy check would flag
@@ -92,6 +95,15 @@ class TestDdfLoss(OpTester):
 
     def case_single(self, dtype, device):
         return _call(*_inputs(n=1, dtype=dtype, seed=1), device)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half(self, dtype, device):
+        """Every input fp16/bf16: the kernels load 16-bit values and compute in float32."""
+        return _call(*_inputs(n=37, dtype=dtype, seed=5), device)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half_sum(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype, seed=6), device, reduction="sum")
 
     @case(dtypes=(torch.float32, torch.float64))
     def case_teacher_equal_to_student(self, dtype, device):

@@ -207,6 +207,9 @@ class TestFdrDecode(OpTester):
     tolerances = {
         torch.float32: {"forward": Tol(1e-5, 2e-6), "backward": Tol(1e-5, 2e-6)},
         torch.float64: {"forward": Tol(1e-12, 1e-13), "backward": Tol(1e-12, 1e-13)},
+        # 16-bit inputs: float32 arithmetic, one rounding per output (vs float64 on the same values)
+        torch.float16: {"forward": Tol(2e-3, 1e-3, scaled=True), "backward": Tol(2e-3, 1e-3, scaled=True)},
+        torch.bfloat16: {"forward": Tol(1e-2, 8e-3, scaled=True), "backward": Tol(1e-2, 8e-3, scaled=True)},
     }
     gradcheck_kwargs = dict(eps=1e-6, atol=1e-7)
 
@@ -231,6 +234,17 @@ class TestFdrDecode(OpTester):
 
     def case_single(self, dtype, device):
         return _call(*_inputs(lead=(1,), dtype=dtype, seed=2), device)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half(self, dtype, device):
+        """fp16/bf16 logits, W and boxes: the kernels load 16-bit values and compute in float32. The
+        logits of every edge are distinct multiples of 1/4 (exact in both dtypes), so no top-k tie
+        makes the fused and the reference gradients pick different bins."""
+        gen = torch.Generator().manual_seed(8)
+        _, project, ref = _inputs(lead=(2, 5), dtype=dtype, seed=8)
+        ranks = torch.argsort(torch.rand(2, 5, 4, BINS, generator=gen), dim=-1)
+        corners = ((ranks - BINS // 2) * 0.25).reshape(2, 5, 4 * BINS).to(dtype)
+        return _call(corners, project, ref, device)
 
     def case_other_bin_count(self, dtype, device):
         """reg_max = 8 (9 bins) and the most top-k bins, 8: another padding of the bins."""

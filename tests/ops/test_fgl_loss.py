@@ -88,6 +88,9 @@ class TestFglLoss(OpTester):
     tolerances = {
         torch.float32: {"forward": Tol(2e-6, 2e-6), "backward": Tol(2e-6, 2e-6)},
         torch.float64: {"forward": Tol(1e-13, 1e-13), "backward": Tol(1e-13, 1e-13)},
+        # 16-bit inputs: float32 arithmetic, one rounding per output (vs float64 on the same values)
+        torch.float16: {"forward": Tol(2e-3, 1e-3, scaled=True), "backward": Tol(2e-3, 1e-3, scaled=True)},
+        torch.bfloat16: {"forward": Tol(1e-2, 8e-3, scaled=True), "backward": Tol(1e-2, 8e-3, scaled=True)},
     }
     # the first backward scales the gradient kept by the forward pass, a repeated one recomputes it:
     # the two differ by rounding (~1e-18 in float64), which gradcheck's reentrancy check would flag
@@ -124,6 +127,24 @@ class TestFglLoss(OpTester):
 
     def case_single(self, dtype, device):
         return _call(*_inputs(n=1, dtype=dtype, seed=1), device)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half(self, dtype, device):
+        """Every input fp16/bf16: the kernels load 16-bit values and compute in float32."""
+        return _call(*_inputs(n=37, dtype=dtype, seed=5), device)
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half_sum(self, dtype, device):
+        return _call(*_inputs(n=37, dtype=dtype, seed=6), device, reduction="sum")
+
+    @case(dtypes=(torch.float16, torch.bfloat16))
+    def case_half_logits_float32_targets(self, dtype, device):
+        """16-bit logits and weights with float32 targets (what fdr_targets returns): computed in
+        float32, as the reference promotes. In bf16, 15.98 and 23.99 would round up to the next bin."""
+        pred, target, wl, wr, iou = _inputs(n=12, dtype=torch.float32, seed=7)
+        target[4:8] = torch.tensor([15.98, 23.99, 7.5, 0.99])
+        wr = target - target.floor()
+        return _call(pred.to(dtype), target, 1 - wr, wr, iou.to(dtype), device)
 
     def case_saturated_logits(self, dtype, device):
         """+-1e4 logits: one-hot-like softmax (ties among the +1e4 bins)."""

@@ -110,10 +110,6 @@ class TestMsDeformAttn(OpTester):
     # outputs are compared by test_backward only
     interpreter_forward_cases = ("random", "single", "half")
 
-    def supports(self, backend, device, dtype):
-        # the C++ CPU kernel is float32/float64 only (CUDA and Triton also take fp16/bf16)
-        return not (backend == "cpp" and device == "cpu" and dtype in (torch.float16, torch.bfloat16))
-
     def bad_argument_inputs(self, device):
         return as_inputs(make_inputs(1, 3, 2, 4, [(3, 3), (2, 2)], [2, 1], seed=0), device)
 
@@ -478,11 +474,10 @@ def _good_inputs():
         (lambda v, s, l, a, n: (v, s, l.double(), a, n), r"sampling_locations has dtype Double"),
         (lambda v, s, l, a, n: (v, s, l, a.double(), n), r"attention_weights has dtype Double"),
         (lambda v, s, l, a, n: (v.long(), s, l.long(), a.long(), n), r"value must be a floating-point tensor"),
-        (lambda v, s, l, a, n: (v.half(), s, l.half(), a.half(), n), r"CPU kernel supports float32 and float64"),
         (lambda v, s, l, a, n: (v, s[:1], l, a, n), r"num_points_list has 2 entries but spatial_shapes"),
     ],
     ids=["rank", "loc_rank", "attn_shape", "num_points_sum", "shapes_sum", "shapes_int32", "loc_dtype",
-         "attn_dtype", "int_tensors", "half_on_cpu", "levels"],
+         "attn_dtype", "int_tensors", "levels"],
 )
 def test_cpp_op_checks_its_inputs(mutate, pattern):
     """The C++ op validates on its own too (it is callable as torch.ops.dfine.* without the wrapper)."""
@@ -490,6 +485,23 @@ def test_cpp_op_checks_its_inputs(mutate, pattern):
     args = mutate(*_good_inputs())
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.dfine.ms_deform_attn_forward(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_cpu_op_takes_16_bit_tensors_as_float32(dtype):
+    """The C++ CPU op computes fp16/bf16 calls in float32 (on float32 copies) and rounds the results
+    once: exactly the float32 results rounded to the input dtype."""
+    require_backend("cpp")
+    v, s, l, a, n = make_off_pixel_inputs(1, 4, 2, 8, [(4, 5), (2, 3)], [3, 3], seed=3)
+    v, l, a = (t.to(dtype) for t in (v, l, a))
+    out = torch.ops.dfine.ms_deform_attn_forward(v, s, l, a, n)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.ops.dfine.ms_deform_attn_forward(v.float(), s, l.float(), a.float(), n).to(dtype))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    grads = torch.ops.dfine.ms_deform_attn_backward(grad_out, v, s, l, a, n)
+    want = torch.ops.dfine.ms_deform_attn_backward(grad_out.float(), v.float(), s, l.float(), a.float(), n)
+    for g, w in zip(grads, want):
+        assert g.dtype == dtype and torch.equal(g, w.to(dtype))
 
 
 def test_cpp_backward_op_checks_grad_output():

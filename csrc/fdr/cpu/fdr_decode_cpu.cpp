@@ -1,6 +1,8 @@
 // C++ CPU kernels of the FDR decode. float32 in the AVX2 copy: the 8 edge rows of 2 boxes per group
 // (lanes.h), run through fdr_math.h's templates on vectors; float64, and float32 in the baseline
-// copy: box by box through the same templates on scalars (as the CUDA kernels). Only loading, layout and looping here.
+// copy: box by box through the same templates on scalars (as the CUDA kernels). float16/bfloat16:
+// box by box through the CUDA kernels' row bodies (cuda/fdr_rows.h: float32 arithmetic, one
+// rounding per output), so the tests run the GPU code. Only loading, layout and looping here.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +11,7 @@
 #include <type_traits>
 
 #include "fdr/cpu/lanes.h"
+#include "fdr/cuda/fdr_rows.h"
 #include "fdr/fdr.h"
 #include "fdr/fdr_math.h"
 
@@ -131,6 +134,27 @@ void decode_box_rows(const DecodeArgs<T>& a, int64_t rows) {
   });
 }
 
+// float16 / bfloat16 boxes, one at a time through the CUDA kernels' row bodies.
+template <bool kForward, typename S>
+void decode_boxes_16bit(const DecodeRows<S>& a, int64_t rows) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if constexpr (kForward) {
+        decode_row_forward(a, r);
+      } else {
+        decode_row_backward(a, r);
+      }
+    }
+  });
+}
+
+// The project vector in float32 for 16-bit boxes.
+at::Tensor project_in_float(const at::Tensor& W) { return W.to(at::kFloat).contiguous(); }
+
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 template <typename T, bool kForward>
 void decode_boxes(const DecodeArgs<T>& a, int64_t rows) {
   if constexpr (std::is_same_v<T, float>) {
@@ -150,6 +174,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cpu(const at::
   at::Tensor boxes = at::empty({rows, 4}, z.options());
   at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
   at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
+  if (is_16bit(z)) {
+    const at::Tensor W_acc = project_in_float(W);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward", [&] {
+      DecodeRows<scalar_t> a{};
+      a.z = z.const_data_ptr<scalar_t>();
+      a.ref = ref.const_data_ptr<scalar_t>();
+      a.W = W_acc.const_data_ptr<float>();
+      a.rs = static_cast<float>(std::abs(reg_scale));
+      a.n = static_cast<int>(W.size(0));
+      a.k = k;
+      a.boxes = boxes.mutable_data_ptr<scalar_t>();
+      a.stats = stats.mutable_data_ptr<scalar_t>();
+      a.topk_index = topk_index.mutable_data_ptr<uint8_t>();
+      decode_boxes_16bit<true>(a, rows);
+    });
+    return {boxes, stats, topk_index};
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward", [&] {
     DecodeArgs<scalar_t> a{};
     a.z = z.data_ptr<scalar_t>();
@@ -179,6 +220,25 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cpu(const at::Tensor& gra
   const at::Tensor gs = grad_stats.to(z.scalar_type()).contiguous();
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_ref = at::empty_like(ref);
+  if (is_16bit(z)) {
+    const at::Tensor W_acc = project_in_float(W);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward", [&] {
+      DecodeRows<scalar_t> a{};
+      a.z = z.const_data_ptr<scalar_t>();
+      a.ref = ref.const_data_ptr<scalar_t>();
+      a.W = W_acc.const_data_ptr<float>();
+      a.rs = static_cast<float>(std::abs(reg_scale));
+      a.n = static_cast<int>(W.size(0));
+      a.k = static_cast<int>(lqe_topk);
+      a.saved_index = index.const_data_ptr<uint8_t>();
+      a.grad_boxes = gb.const_data_ptr<scalar_t>();
+      a.grad_stats = gs.const_data_ptr<scalar_t>();
+      a.grad_z = grad_z.mutable_data_ptr<scalar_t>();
+      a.grad_ref = grad_ref.mutable_data_ptr<scalar_t>();
+      decode_boxes_16bit<false>(a, z.size(0));
+    });
+    return {grad_z, grad_ref};
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward", [&] {
     DecodeArgs<scalar_t> a{};
     a.z = z.data_ptr<scalar_t>();

@@ -1,7 +1,9 @@
 // C++ CPU kernels of the GO-LSD losses (fgl_loss, ddf_loss). float32 rows run 8 at a time through
 // fdr_math.h's templates on vectors (lanes.h) in the AVX2 copy; float64 rows, and float32 rows in
-// the baseline copy, one at a time through the same templates on scalars (as the CUDA kernels). Only loading, layout and looping
-// here: the formulas are fdr_math.h's.
+// the baseline copy, one at a time through the same templates on scalars (as the CUDA kernels).
+// float16/bfloat16 rows: one at a time through the CUDA kernels' row bodies (cuda/fdr_rows.h,
+// float32 arithmetic), so the tests run the GPU code. Only loading, layout and looping here: the
+// formulas are fdr_math.h's.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,6 +12,7 @@
 
 #include "common/checks.h"
 #include "fdr/cpu/lanes.h"
+#include "fdr/cuda/fdr_rows.h"
 #include "fdr/fdr.h"
 #include "fdr/fdr_math.h"
 
@@ -112,6 +115,18 @@ void for_each_loss_row(int64_t rows, const Group& group, const Row& row) {
   });
 }
 
+// float16 / bfloat16 rows, one at a time through the CUDA kernels' row bodies.
+template <typename Body>
+void for_each_16bit_row(int64_t rows, const Body& body) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) body(r);
+  });
+}
+
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 // loss[r] = weight[r] * loss_r (if want_loss); grad (if defined) = upstream[r] * weight[r] * d(loss_r)/dz.
 at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& wl, const at::Tensor& wr,
                         const at::Tensor& weight, const at::Tensor& upstream, bool want_loss, at::Tensor grad) {
@@ -119,6 +134,16 @@ at::Tensor fgl_rows_cpu(const at::Tensor& pred, const at::Tensor& target, const 
   const int64_t rows = z.size(0);
   const int n = static_cast<int>(z.size(1));
   at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
+  if (is_16bit(z)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cpu", [&] {
+      const FglRows<scalar_t> a{z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+                                rgt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+                                optional_ptr<scalar_t>(upstream), want_loss ? out.data_ptr<scalar_t>() : nullptr,
+                                grad.defined() ? grad.data_ptr<scalar_t>() : nullptr, n};
+      for_each_16bit_row(rows, [&](int64_t r) { fgl_row_at(a, r); });
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cpu", [&] {
     const FglArgs<scalar_t> a{z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
                               rgt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
@@ -142,6 +167,16 @@ at::Tensor ddf_rows_cpu(const at::Tensor& pred, const at::Tensor& teacher, const
   const int64_t rows = zs.size(0);
   const int n = static_cast<int>(zs.size(1));
   at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
+  if (is_16bit(zs)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cpu", [&] {
+      const DdfRows<scalar_t> a{zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+                                optional_ptr<scalar_t>(upstream), static_cast<float>(temperature),
+                                want_loss ? out.data_ptr<scalar_t>() : nullptr,
+                                grad.defined() ? grad.data_ptr<scalar_t>() : nullptr, n};
+      for_each_16bit_row(rows, [&](int64_t r) { ddf_row_at(a, r); });
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cpu", [&] {
     const DdfArgs<scalar_t> a{zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
                               optional_ptr<scalar_t>(upstream), static_cast<scalar_t>(temperature),

@@ -1,5 +1,7 @@
-// CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row (box or edge); the
-// per-row math is the same fdr_math.h templates the CPU kernels run (here on float / double).
+// CUDA kernels of the FDR decode and the GO-LSD losses: one thread per row (box or edge), in
+// float16, bfloat16, float32 and float64 (16-bit rows are computed in float32 and rounded once).
+// The row bodies (fdr_rows.h) run fdr_math.h's templates; the CPU kernels run the same bodies for
+// 16-bit rows, so the CPU tests cover this arithmetic.
 // Schemas and argument checks: ../fdr.cpp.
 // c10 headers only: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers for nothing.
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +16,7 @@
 
 #include "common/checks.h"
 #include "fdr/fdr.h"
-#include "fdr/fdr_math.h"
+#include "fdr/cuda/fdr_rows.h"
 
 namespace dfine {
 namespace fdr {
@@ -31,51 +33,43 @@ void check_cuda(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, ": pred_corners must be a CUDA tensor");
 }
 
-template <typename T>
-__global__ void fdr_decode_forward_kernel(const T* z, const T* W, const T* ref, T rs, int64_t rows, int n, int k,
-                                          T* boxes, T* stats, uint8_t* topk_index) {
+// One thread per row (box or edge), grid-stride; the row bodies are in fdr_rows.h.
+template <typename S>
+__global__ void fdr_decode_forward_kernel(DecodeRows<S> a, int64_t rows) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    fdr_decode_row_forward<T>(z + r * 4 * n, W, n, ref + r * 4, rs, k, boxes + r * 4, stats + r * 4 * (k + 1),
-                              topk_index + r * 4 * k);
+    decode_row_forward(a, r);
   }
 }
 
-template <typename T>
-__global__ void fdr_decode_backward_kernel(const T* z, const T* W, const T* ref, const uint8_t* topk_index,
-                                           const T* grad_boxes, const T* grad_stats, T rs, int64_t rows, int n,
-                                           int k, T* grad_z, T* grad_ref) {
+template <typename S>
+__global__ void fdr_decode_backward_kernel(DecodeRows<S> a, int64_t rows) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    fdr_decode_row_backward<T>(z + r * 4 * n, W, n, ref + r * 4, rs, k, topk_index + r * 4 * k, grad_boxes + r * 4,
-                               grad_stats + r * 4 * (k + 1), grad_z + r * 4 * n, grad_ref + r * 4);
+    decode_row_backward(a, r);
   }
 }
 
-// One FGL / DDF row per thread: loss (unless out is null) and, when grad_z is not null,
-// upstream[r] * weight[r] * d(loss)/dz.
-template <typename T>
-__global__ void fgl_rows_kernel(const T* z, const T* target, const T* wl, const T* wr, const T* weight,
-                                const T* upstream, int64_t rows, int n, T* out, T* grad_z) {
+template <typename S>
+__global__ void fgl_rows_kernel(FglRows<S> a, int64_t rows) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T w = weight ? weight[r] : T(1);
-    const T g = upstream ? upstream[r] * w : w;
-    const T loss = fgl_row<T>(z + r * n, n, target[r], wl[r], wr[r], g, grad_z ? grad_z + r * n : nullptr);
-    if (out) out[r] = weight ? loss * w : loss;
+    fgl_row_at(a, r);
   }
 }
 
-template <typename T>
-__global__ void ddf_rows_kernel(const T* zs, const T* zt, const T* weight, const T* upstream, T temperature,
-                                int64_t rows, int n, T* out, T* grad_z) {
+template <typename S>
+__global__ void ddf_rows_kernel(DdfRows<S> a, int64_t rows) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const T w = weight ? weight[r] : T(1);
-    const T g = upstream ? upstream[r] * w : w;
-    const T loss = ddf_row<T>(zs + r * n, zt + r * n, n, temperature, g, grad_z ? grad_z + r * n : nullptr);
-    if (out) out[r] = weight ? w * loss : loss;
+    ddf_row_at(a, r);
   }
+}
+
+// The project vector W in the accumulation dtype (K+1 values; a no-op for float32/float64).
+at::Tensor project_in_acc_dtype(const at::Tensor& W) {
+  const at::ScalarType acc = W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return W.to(acc).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cuda(const at::Tensor& pred_corners,
@@ -92,12 +86,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdr_decode_forward_cuda(const at:
   at::Tensor stats = at::empty({rows, 4, k + 1}, z.options());
   at::Tensor topk_index = at::empty({rows, 4, k}, z.options().dtype(at::kByte));
   if (rows == 0) return {boxes, stats, topk_index};
+  const at::Tensor W_acc = project_in_acc_dtype(W);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_forward_cuda", [&] {
-    fdr_decode_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
-        static_cast<scalar_t>(std::abs(reg_scale)), rows, n, k, boxes.data_ptr<scalar_t>(),
-        stats.data_ptr<scalar_t>(), topk_index.data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fdr_decode_forward_cuda", [&] {
+    using A = acc_type<scalar_t>;
+    DecodeRows<scalar_t> a{};
+    a.z = z.const_data_ptr<scalar_t>();
+    a.ref = ref.const_data_ptr<scalar_t>();
+    a.W = W_acc.const_data_ptr<A>();
+    a.rs = static_cast<A>(std::abs(reg_scale));
+    a.n = n;
+    a.k = k;
+    a.boxes = boxes.mutable_data_ptr<scalar_t>();
+    a.stats = stats.mutable_data_ptr<scalar_t>();
+    a.topk_index = topk_index.mutable_data_ptr<uint8_t>();
+    fdr_decode_forward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(a, rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {boxes, stats, topk_index};
@@ -120,12 +123,23 @@ std::tuple<at::Tensor, at::Tensor> fdr_decode_backward_cuda(const at::Tensor& gr
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_ref = at::empty_like(ref);
   if (rows == 0) return {grad_z, grad_ref};
+  const at::Tensor W_acc = project_in_acc_dtype(W);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fdr_decode_backward_cuda", [&] {
-    fdr_decode_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), ti.data_ptr<uint8_t>(),
-        gb.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), static_cast<scalar_t>(std::abs(reg_scale)), rows, n, k,
-        grad_z.data_ptr<scalar_t>(), grad_ref.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fdr_decode_backward_cuda", [&] {
+    using A = acc_type<scalar_t>;
+    DecodeRows<scalar_t> a{};
+    a.z = z.const_data_ptr<scalar_t>();
+    a.ref = ref.const_data_ptr<scalar_t>();
+    a.W = W_acc.const_data_ptr<A>();
+    a.rs = static_cast<A>(std::abs(reg_scale));
+    a.n = n;
+    a.k = k;
+    a.saved_index = ti.const_data_ptr<uint8_t>();
+    a.grad_boxes = gb.const_data_ptr<scalar_t>();
+    a.grad_stats = gs.const_data_ptr<scalar_t>();
+    a.grad_z = grad_z.mutable_data_ptr<scalar_t>();
+    a.grad_ref = grad_ref.mutable_data_ptr<scalar_t>();
+    fdr_decode_backward_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(a, rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_z, grad_ref};
@@ -139,11 +153,12 @@ at::Tensor fgl_rows_cuda(const at::Tensor& pred, const at::Tensor& target, const
   at::Tensor out = want_loss ? at::empty({rows}, z.options()) : at::Tensor();
   if (rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fgl_loss_cuda", [&] {
-    fgl_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), rg.data_ptr<scalar_t>(),
-        optional_ptr<scalar_t>(weight), optional_ptr<scalar_t>(upstream), rows, static_cast<int>(z.size(1)),
-        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fgl_loss_cuda", [&] {
+    const FglRows<scalar_t> a{z.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+                              rg.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+                              optional_ptr<scalar_t>(upstream), want_loss ? out.data_ptr<scalar_t>() : nullptr,
+                              grad.defined() ? grad.data_ptr<scalar_t>() : nullptr, static_cast<int>(z.size(1))};
+    fgl_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(a, rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -186,11 +201,12 @@ at::Tensor ddf_rows_cuda(const at::Tensor& pred, const at::Tensor& teacher, cons
   at::Tensor out = want_loss ? at::empty({rows}, zs.options()) : at::Tensor();
   if (rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "ddf_loss_cuda", [&] {
-    ddf_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-        zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
-        optional_ptr<scalar_t>(upstream), static_cast<scalar_t>(temperature), rows, static_cast<int>(zs.size(1)),
-        want_loss ? out.data_ptr<scalar_t>() : nullptr, grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "ddf_loss_cuda", [&] {
+    const DdfRows<scalar_t> a{zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), optional_ptr<scalar_t>(weight),
+                              optional_ptr<scalar_t>(upstream), static_cast<acc_type<scalar_t>>(temperature),
+                              want_loss ? out.data_ptr<scalar_t>() : nullptr,
+                              grad.defined() ? grad.data_ptr<scalar_t>() : nullptr, static_cast<int>(zs.size(1))};
+    ddf_rows_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(a, rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

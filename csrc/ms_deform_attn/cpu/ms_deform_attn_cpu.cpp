@@ -1,4 +1,5 @@
-// CPU kernels of multi-scale deformable attention (float32 and float64); schemas and checks in
+// CPU kernels of multi-scale deformable attention (float32 and float64; float16/bfloat16 tensors are
+// converted to float32, computed, and the results rounded back); schemas and checks in
 // ../ms_deform_attn.cpp.
 //
 // Forward: tasks own (b, m, range of q) and write out[b, q, m*D:(m+1)*D] for their q only.
@@ -37,11 +38,20 @@ namespace {
 // add the same 8 (float) or 4 (double) lanes in the same order, so they round identically.
 // ~1.7x faster on D-FINE shapes.
 
-void check_cpu_dtype(const char* op, const at::Tensor& value) {
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, op,
-              ": the CPU kernel supports float32 and float64 tensors, got value of dtype ", value.scalar_type(),
-              " (use backend='reference' or cast to float32)");
+// float16/bfloat16 calls run the float32 kernel on float32 copies (the arithmetic is float32 on
+// every device; the copies cost far less than the gathers).
+bool is_16bit(const at::Tensor& value) {
+  return value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
 }
+
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                      at::IntArrayRef num_points_list);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights, at::IntArrayRef num_points_list);
 
 // Start offset of every level inside S, and (H, W) as ints.
 struct LevelLayout {
@@ -571,7 +581,11 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   constexpr const char* op = "dfine::ms_deform_attn_forward";
   const Dims dims =
       check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
-  check_cpu_dtype(op, value);
+  if (is_16bit(value)) {
+    return ms_deform_attn_forward_cpu(as_float(value), spatial_shapes, as_float(sampling_locations),
+                                      as_float(attention_weights), num_points_list)
+        .to(value.scalar_type());
+  }
   at::Tensor out = at::zeros({dims.B, dims.Q, dims.M * dims.D}, value.options());
   if (out.numel() == 0) return out;
   const at::Tensor value_c = value.contiguous();
@@ -591,7 +605,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Dims dims =
       check_forward_inputs(op, value, spatial_shapes, sampling_locations, attention_weights, num_points_list, true);
   check_grad_output(op, grad_output, value, dims);
-  check_cpu_dtype(op, value);
+  if (is_16bit(value)) {
+    auto [grad_value, grad_loc, grad_attn] =
+        ms_deform_attn_backward_cpu(as_float(grad_output), as_float(value), spatial_shapes,
+                                    as_float(sampling_locations), as_float(attention_weights), num_points_list);
+    const at::ScalarType dtype = value.scalar_type();
+    return {grad_value.to(dtype), grad_loc.to(dtype), grad_attn.to(dtype)};
+  }
   if (dims.B * dims.Q * dims.M * dims.P == 0 || dims.D == 0) {
     return {at::zeros(value.sizes(), value.options()), at::zeros(sampling_locations.sizes(), value.options()),
             at::zeros(attention_weights.sizes(), value.options())};
