@@ -4,8 +4,8 @@ The comparisons with the reference (random shapes, fp64, fp16/bf16, pixel centre
 outside and huge locations, many queries on one pixel, non-contiguous inputs, empty inputs) are
 cases of ``TestMsDeformAttn`` in test_ms_deform_attn.py, run there on every backend. Here: the
 custom op's registration, the kernels' lowering for CUDA, a launch configuration that the
-small test shapes do not reach, and the deterministic backward. Every test calls require_backend("triton") first so that a
-missing Triton fails in CI instead of skipping.
+small test shapes do not reach, and the deterministic backward. Every test calls
+require_backend("triton") first so that a missing Triton fails in CI instead of skipping.
 """
 
 import os
