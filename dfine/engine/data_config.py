@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dfine.config import config_section, config_value
+import copy
 
-__all__ = ["loader_settings"]
+from dfine.config import ConfigError, config_section, config_value
+from dfine.data.collate import build_split_transforms
+
+__all__ = ["loader_settings", "check_transforms"]
 
 
 def _resize_size(ops):
@@ -59,6 +62,7 @@ def loader_settings(cfg: dict, split: str, world_size: int = 1, seed: int = 0) -
         "stop_epoch": None,
         "base_size_repeat": None,
         "seed": seed,
+        "ops": copy.deepcopy(transforms["ops"]),
     }
     if train:
         collate, policy = section["collate_fn"], transforms["policy"]
@@ -68,5 +72,26 @@ def loader_settings(cfg: dict, split: str, world_size: int = 1, seed: int = 0) -
             policy_epoch=policy["epoch"] if policy["epoch"] is not None else stop,
             base_size=collate["base_size"] if collate["base_size"] is not None else size,
             base_size_repeat=collate["base_size_repeat"],
+            policy_ops=list(policy["ops"]),
         )
     return settings
+
+
+def check_transforms(cfg: dict) -> None:
+    """Build both splits' transform pipelines once, so that what `load_config` cannot see (the order of the ops,
+    a policy op missing from the list, a parameter value an op refuses) is a ConfigError before training starts,
+    naming the config key."""
+    for split in ("train", "val"):
+        if not isinstance(cfg.get(f"{split}_dataloader"), dict):
+            continue
+        section = config_section(cfg, f"{split}_dataloader")
+        transforms = section["dataset"]["transforms"]
+        settings = {"train": split == "train", "augment": section["augment"], "ops": transforms["ops"],
+                    "image_size": _resize_size(transforms["ops"]) or config_value(cfg, "eval_spatial_size") or 640}
+        if split == "train":
+            settings["policy_ops"] = transforms["policy"]["ops"]
+        try:
+            build_split_transforms(settings)
+        except ValueError as err:  # messages start with the place in the section: "ops[2].p: ..."
+            where, _, message = str(err).partition(": ")
+            raise ConfigError(f"config key '{split}_dataloader.dataset.transforms.{where}': {message}") from None
