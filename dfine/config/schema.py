@@ -271,8 +271,11 @@ def _dataloader(train: bool) -> Section:
         "num_workers": Key(0, _INT),
         "drop_last": Key(train, _BOOL),
         "collate_fn": Section(collate),
-        "total_batch_size": Key(None, _INT, nullable=True, doc="over all processes (default 8 per process)"),
-        "batch_size": Key(None, _INT, nullable=True, doc="ours: per process; wins over total_batch_size"),
+        "total_batch_size": Key(None, _INT, nullable=True,
+                                doc="images per optimizer step over all processes and accumulate_steps (default 8 "
+                                    "per process and batch)"),
+        "batch_size": Key(None, _INT, nullable=True,
+                          doc="ours: per process and batch (before accumulation); wins over total_batch_size"),
         "augment": Key(train, _BOOL, doc="ours: apply the train augmentations"),
         "pin_memory": Key(False, _BOOL),
     })
@@ -353,6 +356,8 @@ SCHEMA = Section({
     # ours
     "eval_freq": Key(1, _INT, nullable=True, doc="epochs between evaluations"),
     "max_nonfinite_steps": Key(20, _INT, doc="consecutive non-finite losses before training stops"),
+    "accumulate_steps": Key(1, _INT, doc="batches whose gradients make one optimizer step (gradient accumulation); "
+                                         "total_batch_size counts all of them"),
     "batchnorm_eval": Key(False, _BOOL, doc="BatchNorm in eval mode while training"),
     "seed": Key(0, _INT),
     "device": Key(None, _STR, nullable=True, doc="default: cuda if available, else cpu"),

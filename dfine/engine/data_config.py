@@ -20,11 +20,12 @@ def _resize_size(ops):
 def loader_settings(cfg: dict, split: str, world_size: int = 1, seed: int = 0) -> dict:
     """Settings of `dfine.data.build_dataloader` for ``split`` ("train" or "val") from
     ``cfg[f"{split}_dataloader"]``: dataset paths, per-process batch size (``batch_size``, else
-    ``total_batch_size`` / world size, else 8), image size (the Resize op, else ``eval_spatial_size``,
-    else 640), the augmentation stop epoch (``transforms.policy.epoch``) and the multi-scale one
-    (``collate_fn.stop_epoch``; each defaults to the other), multi-scale base size and repeat, workers,
-    and how category ids map to labels (``dataset.category_map``, else "mscoco" when
-    ``remap_mscoco_category`` is set, else "contiguous"). `load_config` has checked the section."""
+    ``total_batch_size`` / (world size x ``accumulate_steps`` for train), else 8), image size (the Resize op,
+    else ``eval_spatial_size``, else 640), the augmentation stop epoch (``transforms.policy.epoch``) and the
+    multi-scale one (``collate_fn.stop_epoch``; each defaults to the other), multi-scale base size and repeat,
+    workers, how category ids map to labels (``dataset.category_map``, else "mscoco" when
+    ``remap_mscoco_category`` is set, else "contiguous"), the transforms ``ops`` list (None: the published one)
+    and the policy's op types. `load_config` has checked the section."""
     key = f"{split}_dataloader"
     if not isinstance(cfg.get(key), dict):
         raise ValueError(f"config has no {key} section")
@@ -38,14 +39,16 @@ def loader_settings(cfg: dict, split: str, world_size: int = 1, seed: int = 0) -
     size = _resize_size(transforms["ops"]) or config_value(cfg, "eval_spatial_size") or 640
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = int(size[0])
+    accumulate = int(config_value(cfg, "accumulate_steps")) if train else 1
     if section["batch_size"] is not None:
         batch = int(section["batch_size"])
     else:
         total = section["total_batch_size"]
-        total = int(total) if total is not None else 8 * world_size
-        if total % world_size:
-            raise ValueError(f"{key}.total_batch_size={total} is not divisible by the {world_size} processes")
-        batch = total // world_size
+        total = int(total) if total is not None else 8 * world_size * accumulate
+        if total % (world_size * accumulate):
+            raise ValueError(f"{key}.total_batch_size={total} is not divisible by the {world_size} process(es) x "
+                             f"{accumulate} accumulation step(s)")
+        batch = total // (world_size * accumulate)
     settings = {
         "img_folder": dataset["img_folder"],
         "ann_file": dataset["ann_file"],
