@@ -64,7 +64,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    overrides = list(args.update) + ([f"accumulate_steps={args.accumulate_steps}"] if args.accumulate_steps else [])
+    overrides = list(args.update)
+    if args.accumulate_steps is not None:
+        overrides.append(f"accumulate_steps={args.accumulate_steps}")
     try:
         cfg = dfine.load_config(args.config, overrides=overrides)
     except (ConfigError, FileNotFoundError) as err:  # one clean line, no traceback

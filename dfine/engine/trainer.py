@@ -371,8 +371,8 @@ class Trainer:
         them with the last batch only). Returns (loss terms, loss) summed over the batches as floats, and None;
         or the non-finite terms of the first batch whose loss is not finite (on any process), without its
         backward. With one batch per step this is the plain training step."""
-        extra = {}
-        if len(group) > 1 or self.accumulate_steps > 1:
+        accumulating = len(group) > 1 or self.accumulate_steps > 1
+        if accumulating:
             # the step's box count normalises every batch, as the world's does under DDP (criterion.forward)
             count = torch.tensor([float(sum(len(t["labels"]) for _, targets in group for t in targets))],
                                  device=self.device)
@@ -383,8 +383,7 @@ class Trainer:
         sums: Dict[str, float] = {}
         total = 0.0
         for j, (images, targets) in enumerate(group):
-            if len(group) > 1 or self.accumulate_steps > 1:
-                extra = {"step_num_boxes": step_boxes, "share": len(targets) / step_images}
+            extra = {"step_num_boxes": step_boxes, "share": len(targets) / step_images} if accumulating else {}
             images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
             targets = _to_device(targets, self.device)
             last = j == len(group) - 1
