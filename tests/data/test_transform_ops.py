@@ -24,8 +24,10 @@ SHIPPED = sorted((REPO / "configs" / "dfine").glob("*.yml")) + sorted((REPO / "c
 
 
 # ------------------------------------------------------------------------------------------------
-# The train/val pipeline as dfine/data/transforms.py hard-coded it before the ops list drove it (commit a08d443),
-# copied verbatim but for the class name: the reference the config-built pipelines must reproduce.
+# The train/val pipeline as dfine/data/transforms.py hard-coded it before the ops list drove it (commit a08d443):
+# the same ops with the same arguments in the same order and the same final conversion; only the names carry an
+# _old prefix, the epoch is a plain int and the policy-name check is left out. The reference the config-built
+# pipelines must reproduce.
 
 _OLD_POLICY_OPS = ("photometric_distort", "zoom_out", "iou_crop")
 _PER_BOX_KEYS = ("labels", "area", "iscrowd")
