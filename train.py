@@ -7,6 +7,8 @@
     python train.py -c CFG -r best.pth --test-only              # COCO AP, per-class table, PR curves, confusion
     torchrun --nproc_per_node=2 train.py -c CFG                 # DistributedDataParallel (gloo on CPU)
     python train.py -c CFG -u epochs=3 train_dataloader.total_batch_size=4
+    python train.py -c CFG --batch-size 8                       # 8 images per step; lrs x 8/config's, warm-ups x config's/8
+    python train.py -c CFG --accumulate-steps 4                 # the config's batch in 4 smaller ones per step
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
     p.add_argument("-d", "--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's seed or 0)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="images per optimizer step over all processes and accumulation steps, instead of the config's "
+                        "train_dataloader.total_batch_size; learning rates and warm-ups are rescaled (--lr-scaling)")
+    p.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="linear",
+                   help="with --batch-size: lr x new/old batch (linear, default), x sqrt(new/old), or unchanged; "
+                        "step-counted warm-ups x old/new unless none (docs/training.md)")
+    p.add_argument("--accumulate-steps", type=int, metavar="K",
+                   help="batches per optimizer step (gradient accumulation; the config's accumulate_steps): the "
+                        "same images per step in K smaller batches, for small GPUs")
     p.add_argument("--use-amp", action="store_true", default=None,
                    help="mixed precision: autocast in the config's amp_dtype (default bfloat16 where the device has "
                         "it natively, else float16 + GradScaler; -u amp_dtype=float16 to choose)")
@@ -68,14 +79,18 @@ def main(argv=None) -> int:
             print(f"error: --confusion-threshold must be in [0, 1], got {args.confusion_threshold}", file=sys.stderr)
             return 2
         args.update = [*args.update, f"evaluator.confusion_score_threshold={args.confusion_threshold}"]
+    overrides = list(args.update)
+    if args.accumulate_steps is not None:
+        overrides.append(f"accumulate_steps={args.accumulate_steps}")
     try:
-        cfg = dfine.load_config(args.config, overrides=args.update)
+        cfg = dfine.load_config(args.config, overrides=overrides)
     except (ConfigError, FileNotFoundError) as err:  # one clean line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, seed=args.seed, use_amp=args.use_amp,
-                          backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress)
+                          backend=args.backend, deterministic=args.deterministic, progress=not args.no_progress,
+                          batch_size=args.batch_size, lr_scaling=args.lr_scaling)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

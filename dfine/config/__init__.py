@@ -6,7 +6,7 @@ classes they build (`DFINE`, `HGNetv2`, `HybridEncoder`, `DFINETransformer`, `DF
 
 `load_config` then checks the merged config: a key that `dfine.config.schema.SCHEMA` does not declare, a
 value of the wrong type, or a value we cannot honour (e.g. a ``type:`` naming a class we do not
-implement, a ``transforms.ops`` list other than the built-in pipeline) raises `ConfigError`, naming the
+implement, a ``transforms.ops`` entry naming an unknown op or parameter) raises `ConfigError`, naming the
 key, the file (or ``-u`` override) that set it and, for an unknown key, the closest known one.
 
 Code reads values with `config_value(cfg, "Section.key")` and `config_section(cfg, "Section")`, whose
@@ -22,8 +22,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import yaml
 
-from dfine.config.schema import (INHERITED, PUBLISHED_TRAIN_OPS, PUBLISHED_VAL_OPS, RESIZE_SIZE,
-                                 SCHEMA, Key, ListOf, Section)
+from dfine.config.schema import INHERITED, SCHEMA, TRANSFORM_OPS, Key, ListOf, Section
 
 __all__ = ["ConfigError", "load_config", "merge_dict", "validate_config", "config_value", "config_section",
            "SCHEMA"]
@@ -275,48 +274,34 @@ def _same(a, b) -> bool:
 
 
 def _check_ops(check: _Checker, cfg: dict):
-    """transforms.ops must be the built-in pipeline (until it is built from the list): same types, same
-    parameters, any Resize size."""
-    for split, published in (("train", PUBLISHED_TRAIN_OPS), ("val", PUBLISHED_VAL_OPS)):
+    """Every `transforms.ops` entry is a known op type (schema.TRANSFORM_OPS) with known parameters of the right
+    types and its required ones (`policy.ops` may name known op types only: schema). (The order rules - ConvertBoxes
+    last, Mosaic / MixUp before ConvertPILImage - are checked when the pipeline is built: dfine.data.transforms.)"""
+    for split in ("train", "val"):
         transforms = (((cfg.get(f"{split}_dataloader") or {}).get("dataset") or {}).get("transforms") or {})
         ops = transforms.get("ops")
         path = (f"{split}_dataloader", "dataset", "transforms", "ops")
-        if ops is None:
-            continue
-        suffix = (f"; the {split} pipeline is built in (dfine/data/transforms.py), not from this list: "
-                  "only the Resize size may differ")
-        for i, want in enumerate(published):
-            if i >= len(ops):
-                check.fail(path, f"differs from the built-in {split} pipeline: {{type: {want['type']}}} is missing "
-                                 f"at ops[{i}]{suffix}")
-            got = ops[i]
-            if not isinstance(got, dict) or "type" not in got:
-                check.fail(path + (i,), f"expected a mapping with a 'type', got {got!r}")
-            if got["type"] != want["type"]:
-                check.fail(path + (i,), f"differs from the built-in {split} pipeline: type {got['type']!r} where "
-                                        f"it has {want['type']!r}{suffix}")
-            for name in list(want) + [k for k in got if k not in want]:
-                if name == "type":
-                    continue
-                if name not in got:
-                    check.fail(path + (i,), f"differs from the built-in {split} pipeline: {want['type']} without "
-                                            f"{name}: {want[name]!r}{suffix}")
-                if name not in want:
-                    check.fail(path + (i, name), f"differs from the built-in {split} pipeline: {want['type']} has "
-                                                 f"no parameter {name!r} there{suffix}")
-                if want[name] == RESIZE_SIZE:
-                    size = got[name]
-                    good = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
-                        isinstance(size, list) and len(size) == 2
-                        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size))
-                    if not good:
-                        check.fail(path + (i, name), f"expected a size [H, W] or an integer, got {size!r}")
-                elif not _same(got[name], want[name]):
-                    check.fail(path + (i, name), f"differs from the built-in {split} pipeline: {got[name]!r} where "
-                                                 f"it has {want[name]!r}{suffix}")
-        if len(ops) > len(published):
-            check.fail(path + (len(published),), f"differs from the built-in {split} pipeline: it has no "
-                                                 f"{ops[len(published)]!r} after {published[-1]['type']}{suffix}")
+        for i, op in enumerate(ops or []):
+            where = path + (i,)
+            if not isinstance(op, dict) or "type" not in op:
+                check.fail(where, f"expected a mapping with a 'type' (an op such as {{type: Resize, size: [640, 640]}}), "
+                                  f"got {op!r}")
+            op_type = op["type"]
+            if op_type not in TRANSFORM_OPS:
+                hint = _suggest(str(op_type), TRANSFORM_OPS)
+                check.fail(where + ("type",), f"unknown transform op {op_type!r}"
+                           + (f" (did you mean {hint!r}?)" if hint else "") + f"; known: {', '.join(TRANSFORM_OPS)}")
+            spec = TRANSFORM_OPS[op_type]
+            for name in [k for k in op if k != "type"]:
+                if name not in spec.keys:
+                    hint = _suggest(str(name), spec.keys)
+                    listed = ", ".join(spec.keys) or "none"
+                    check.fail(where + (str(name),), f"{op_type} has no parameter {name!r}"
+                               + (f" (did you mean {hint!r}?)" if hint else "") + f"; its parameters: {listed}")
+                op[name] = check.key(op[name], spec.keys[name], where + (name,))
+            for name, kspec in spec.keys.items():
+                if kspec.default is None and not kspec.nullable and name not in op:
+                    check.fail(where, f"{op_type} needs the parameter {name!r}")
 
 
 def validate_config(cfg: dict, sources: Optional[list] = None, overrides=()) -> dict:

@@ -18,8 +18,7 @@ from typing import Any, Optional, Tuple
 
 from dfine.ops import BACKENDS
 
-__all__ = ["Key", "Section", "ListOf", "SCHEMA", "INHERITED", "PUBLISHED_TRAIN_OPS", "PUBLISHED_VAL_OPS",
-           "PUBLISHED_POLICY_OPS", "RESIZE_SIZE"]
+__all__ = ["Key", "Section", "ListOf", "SCHEMA", "INHERITED", "TRANSFORM_OPS", "PUBLISHED_POLICY_OPS"]
 
 
 @dataclass(frozen=True)
@@ -64,29 +63,6 @@ class ListOf:
     default: Any = field(default_factory=list)
     nullable: bool = True
 
-
-# the value of a Resize op's `size` is free (it sets the image size); everything else is fixed
-RESIZE_SIZE = "<size>"
-
-# The augmentation lists the built-in pipelines implement (dfine/data/transforms.py), as the published
-# configs write them. Until the pipeline is built from the list, a list in a config must equal these.
-PUBLISHED_TRAIN_OPS = (
-    {"type": "RandomPhotometricDistort", "p": 0.5},
-    {"type": "RandomZoomOut", "fill": 0},
-    {"type": "RandomIoUCrop", "p": 0.8},
-    {"type": "SanitizeBoundingBoxes", "min_size": 1},
-    {"type": "RandomHorizontalFlip"},
-    {"type": "Resize", "size": RESIZE_SIZE},
-    {"type": "SanitizeBoundingBoxes", "min_size": 1},
-    {"type": "ConvertPILImage", "dtype": "float32", "scale": True},
-    {"type": "ConvertBoxes", "fmt": "cxcywh", "normalize": True},
-)
-PUBLISHED_VAL_OPS = (
-    {"type": "Resize", "size": RESIZE_SIZE},
-    {"type": "ConvertPILImage", "dtype": "float32", "scale": True},
-)
-# ops switched off from `policy.epoch` on
-PUBLISHED_POLICY_OPS = ("RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop")
 
 _INT = (int,)
 _FLOAT = (float,)  # ints accepted too
@@ -203,20 +179,76 @@ DFINE_CRITERION = Section({
 # ------------------------------------------------------------------------------------------------
 # data
 
+_RANGE = dict(types=_LIST, items=_FLOAT, length=2)
+_FILL = (int, float, list, dict)
+# The ops a `transforms.ops` list may hold ({type: NAME, <parameter>: value}), each with its parameters: the
+# keyword arguments of its constructor in dfine.data.transforms.OPS (torchvision v2's where the op is v2's),
+# with their defaults; a Key without default and not nullable is required. tests/data/test_transform_ops.py
+# checks that these agree with the constructors.
+TRANSFORM_OPS = {
+    "RandomPhotometricDistort": Section({
+        "brightness": Key([0.875, 1.125], **_RANGE), "contrast": Key([0.5, 1.5], **_RANGE),
+        "saturation": Key([0.5, 1.5], **_RANGE), "hue": Key([-0.05, 0.05], **_RANGE), "p": Key(0.5, _FLOAT),
+    }, doc="v2.RandomPhotometricDistort"),
+    "RandomZoomOut": Section({
+        "fill": Key(0, _FILL, nullable=True), "side_range": Key([1.0, 4.0], **_RANGE), "p": Key(0.5, _FLOAT),
+    }, doc="v2.RandomZoomOut"),
+    "RandomIoUCrop": Section({
+        "min_scale": Key(0.3, _FLOAT), "max_scale": Key(1.0, _FLOAT), "min_aspect_ratio": Key(0.5, _FLOAT),
+        "max_aspect_ratio": Key(2.0, _FLOAT), "sampler_options": Key(None, _LIST, nullable=True, items=_FLOAT),
+        "trials": Key(40, _INT), "p": Key(1.0, _FLOAT, doc="applied with probability p (published)"),
+    }, doc="v2.RandomIoUCrop with p; skipped on images without boxes"),
+    "SanitizeBoundingBoxes": Section({
+        "min_size": Key(1.0, _FLOAT), "min_area": Key(1.0, _FLOAT),
+    }, doc="v2.SanitizeBoundingBoxes; labels, area and iscrowd are dropped with their boxes"),
+    "RandomHorizontalFlip": Section({"p": Key(0.5, _FLOAT)}, doc="v2.RandomHorizontalFlip"),
+    "Resize": Section({
+        "size": Key(None, _INT + _LIST, items=_INT, doc="[H, W]; an integer means a square"),
+        "interpolation": Key("bilinear", _STR, choices=("nearest", "nearest-exact", "bilinear", "bicubic")),
+        "max_size": Key(None, _INT, nullable=True), "antialias": Key(True, _BOOL),
+    }, doc="v2.Resize; its size is the image size"),
+    "RandomCrop": Section({
+        "size": Key(None, _INT + _LIST, items=_INT), "padding": Key(None, _INT + _LIST, nullable=True, items=_INT),
+        "pad_if_needed": Key(False, _BOOL), "fill": Key(0, _FILL, nullable=True),
+        "padding_mode": Key("constant", _STR, choices=("constant", "edge", "reflect", "symmetric")),
+    }, doc="v2.RandomCrop"),
+    "Normalize": Section({
+        "mean": Key(None, _LIST, items=_FLOAT), "std": Key(None, _LIST, items=_FLOAT), "inplace": Key(False, _BOOL),
+    }, doc="v2.Normalize (after ConvertPILImage; the published models take [0, 1] input without it)"),
+    "EmptyTransform": Section({}, doc="no-op"),
+    "ConvertPILImage": Section({
+        "dtype": Key("float32", _STR, choices=("float32",)), "scale": Key(True, _BOOL, doc="divide by 255"),
+    }, doc="to a float image; implied at the end when absent"),
+    "ConvertBoxes": Section({
+        "fmt": Key("cxcywh", _STR, choices=("cxcywh",)), "normalize": Key(True, _BOOL, choices=(True,)),
+    }, doc="boxes to normalised cxcywh (what the loss reads); the last op; implied at the end when absent"),
+    "Mosaic": Section({
+        "output_size": Key(320, _INT, doc="tile side; the canvas is twice that"),
+        "rotation_range": Key(0.0, _FLOAT, doc="degrees, +-"), "translation_range": Key([0.1, 0.1], **_RANGE),
+        "scaling_range": Key([0.5, 1.5], **_RANGE), "probability": Key(1.0, _FLOAT), "fill_value": Key(0, _INT),
+    }, doc="4 images on one canvas, then a random affine (ours, after DEIM)"),
+    "MixUp": Section({
+        "probability": Key(0.5, _FLOAT), "ratio_range": Key([0.45, 0.55], **_RANGE, doc="weight of this image"),
+    }, doc="blend with another image, union of the boxes (ours, after DEIM)"),
+}
+# ops switched off from `policy.epoch` on, as published
+PUBLISHED_POLICY_OPS = ("RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop")
+
+
 
 def _dataloader(train: bool) -> Section:
     transforms = {
         "type": _fixed("Compose"),
         "ops": Key(None, _LIST, nullable=True,
-                   doc="must equal the built-in pipeline (PUBLISHED_TRAIN_OPS / PUBLISHED_VAL_OPS) but for the "
-                       "Resize size"),
+                   doc="the pipeline, [{type: NAME, <parameter>: value}] (TRANSFORM_OPS); ~: the published one"),
     }
     collate = {"type": _fixed("BatchImageCollateFunction")}
     if train:
         transforms["policy"] = Section({
             "name": _fixed("stop_epoch"),
             "epoch": Key(None, _INT, nullable=True, doc="from this epoch on the policy ops are skipped"),
-            "ops": Key(list(PUBLISHED_POLICY_OPS), _LIST, items=_STR, choices=(list(PUBLISHED_POLICY_OPS),)),
+            "ops": Key(list(PUBLISHED_POLICY_OPS), _LIST, items=_STR, item_choices=tuple(TRANSFORM_OPS),
+                       doc="types of the ops skipped from `epoch` on"),
         })
         collate.update({
             "base_size": Key(None, _INT + _LIST, nullable=True, items=_INT,
@@ -240,8 +272,11 @@ def _dataloader(train: bool) -> Section:
         "num_workers": Key(0, _INT),
         "drop_last": Key(train, _BOOL),
         "collate_fn": Section(collate),
-        "total_batch_size": Key(None, _INT, nullable=True, doc="over all processes (default 8 per process)"),
-        "batch_size": Key(None, _INT, nullable=True, doc="ours: per process; wins over total_batch_size"),
+        "total_batch_size": Key(None, _INT, nullable=True,
+                                doc="images per optimizer step over all processes and accumulate_steps (default 8 "
+                                    "per process and batch)"),
+        "batch_size": Key(None, _INT, nullable=True,
+                          doc="ours: per process and batch (before accumulation); wins over total_batch_size"),
         "augment": Key(train, _BOOL, doc="ours: apply the train augmentations"),
         "pin_memory": Key(False, _BOOL),
     })
@@ -331,6 +366,8 @@ SCHEMA = Section({
     # ours
     "eval_freq": Key(1, _INT, nullable=True, doc="epochs between evaluations"),
     "max_nonfinite_steps": Key(20, _INT, doc="consecutive non-finite losses before training stops"),
+    "accumulate_steps": Key(1, _INT, doc="batches whose gradients make one optimizer step (gradient accumulation); "
+                                         "total_batch_size counts all of them"),
     "batchnorm_eval": Key(False, _BOOL, doc="BatchNorm in eval mode while training"),
     "seed": Key(0, _INT),
     "device": Key(None, _STR, nullable=True, doc="default: cuda if available, else cpu"),

@@ -215,6 +215,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.stats[key] += n
             self.stats["empty_images"] += int(not kept)
         self._size_mismatch_warned = False
+        if hasattr(transforms, "bind_source"):  # Mosaic / MixUp draw other items of this dataset
+            transforms.bind_source(self.load_item, len(self.ids))
         if check_files:  # before the first training step, not in the middle of an epoch
             self.check_image_files()
         if warn and (self.stats["degenerate"] or self.stats["outside"] or self.stats["clipped"]):
@@ -276,10 +278,14 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": torch.tensor([width, height], dtype=torch.int64),
         }
 
-    def __getitem__(self, index: int):
+    def load_item(self, index: int):
+        """Item `index` without transforms: (PIL RGB image, target)."""
         image_id = self.ids[index]
         image = self.load_image(image_id)
-        target = self.load_target(image_id, image.width, image.height)
+        return image, self.load_target(image_id, image.width, image.height)
+
+    def __getitem__(self, index: int):
+        image, target = self.load_item(index)
         if self.transforms is None:
             return image, target
         if self.aug_seed is None:

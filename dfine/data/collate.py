@@ -20,7 +20,7 @@ import torch.utils.data as tud
 
 from dfine.data.coco import CocoDetection
 from dfine.data.epoch import SharedEpoch, mix_seed
-from dfine.data.transforms import DetectionTransforms
+from dfine.data.transforms import POLICY_OPS, DetectionTransforms
 
 PUBLISHED_BASE = 640
 PUBLISHED_SMALL_SCALES = (480, 512, 544, 576, 608)
@@ -95,6 +95,16 @@ def _distributed() -> tuple[bool, int, int]:
     return False, 1, 0
 
 
+def build_split_transforms(cfg: dict) -> DetectionTransforms:
+    """The transforms `build_dataloader` gives its dataset, from the same settings (see there)."""
+    train = bool(cfg.get("train", True))
+    augment = bool(cfg.get("augment", train))
+    return DetectionTransforms(cfg.get("image_size", 640), train=augment,
+                               stop_epoch=cfg.get("policy_epoch", cfg.get("stop_epoch")),
+                               policy_ops=cfg.get("policy_ops", POLICY_OPS),
+                               ops=cfg.get("ops") if augment == train else None)
+
+
 def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, seed: int | None = None):
     """DataLoader for one split from a config section.
 
@@ -103,7 +113,8 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
     shuffle [=train], drop_last [=train], num_workers [0], stop_epoch [None: multi-scale and the policy
     augmentations never stop], policy_epoch [=stop_epoch: when the policy augmentations stop], base_size
     [=image_size: the multi-scale base], base_size_repeat [None = no multi-scale], augment [=train], seed [0],
-    pin_memory [False].
+    pin_memory [False], ops [None: the published train / val list at image_size; see dfine.data.transforms; not
+    used when augment differs from train], policy_ops [the published three: op types skipped from policy_epoch on].
 
     The sampler is always a DistributedSampler (num_replicas 1 when not distributed), so shuffling is
     a function of (seed, epoch) only; call `set_loader_epoch(loader, epoch)` before each epoch.
@@ -113,8 +124,7 @@ def build_dataloader(cfg: dict, dataset=None, distributed: bool | None = None, s
     image_size = cfg.get("image_size", 640)
     stop_epoch = cfg.get("stop_epoch")
     if dataset is None:
-        transforms = DetectionTransforms(image_size, train=bool(cfg.get("augment", train)),
-                                         stop_epoch=cfg.get("policy_epoch", stop_epoch))
+        transforms = build_split_transforms(cfg)
         dataset = CocoDetection(
             cfg["img_folder"],
             cfg["ann_file"],

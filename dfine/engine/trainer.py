@@ -9,6 +9,8 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import json
 import math
@@ -28,7 +30,8 @@ from dfine.data.epoch import mix_seed
 from dfine.deploy.cpu import loaded_allocator, resolve_channels_last, retain_freed_memory, to_memory_format
 from dfine.engine import distributed as du
 from dfine.engine.amp import amp_policy, float_outputs
-from dfine.engine.data_config import loader_settings
+from dfine.engine.batch import describe_step_batch, rescale_for_batch_size, step_batch
+from dfine.engine.data_config import check_transforms, loader_settings
 from dfine.engine.ema import ModelEMA
 from dfine.engine.optim import build_lr_scheduler, build_optimizer, build_warmup
 from dfine.loss import build_criterion
@@ -117,18 +120,25 @@ class Trainer:
     lr_scheduler, lr_warmup_scheduler, train_dataloader / val_dataloader (see
     `loader_settings`), collate_fn.stop_epoch / ema_restart_decay, checkpoint_freq, print_freq,
     output_dir, sync_bn, find_unused_parameters, ops_backend; ours: eval_freq (epochs between
-    evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False), seed,
+    evaluations, default 1), max_nonfinite_steps (default 20), batchnorm_eval (default False),
+    accumulate_steps (default 1: batches per optimizer step, `train_one_epoch`), seed,
     device, channels_last (default auto: on for the CPU) and cpu_retain_freed_memory (default True);
     the last two are explained in `dfine.deploy.cpu`.
     """
 
     def __init__(self, cfg: dict, output_dir=None, device=None, seed: Optional[int] = None, use_amp=None,
-                 backend: Optional[str] = None, deterministic: bool = False, progress: bool = True):
-        self.cfg = cfg
+                 backend: Optional[str] = None, deterministic: bool = False, progress: bool = True,
+                 batch_size: Optional[int] = None, lr_scaling: str = "linear"):
+        cfg = self.cfg = copy.deepcopy(cfg)  # --batch-size rewrites learning rates and warm-ups in it
         self.device = torch.device(device or config_value(cfg, "device")
                                    or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = du.init_distributed(self.device)
         self.rank, self.world = du.rank(), du.world_size()
+        # batch_size: images per optimizer step that replace the config's, with its lrs and warm-ups rescaled
+        self.batch_notes = rescale_for_batch_size(cfg, batch_size, self.world, lr_scaling) if batch_size else []
+        self.step_batch = step_batch(cfg, self.world)  # (total, per process and batch, accumulate_steps)
+        self.accumulate_steps = self.step_batch[2]
+        check_transforms(cfg)  # an op order the data layer refuses fails now, not at the first epoch
         self.seed = int(config_value(cfg, "seed") if seed is None else seed)
         self.output_dir = Path(output_dir or config_value(cfg, "output_dir") or "./output")
         self.use_amp = bool(config_value(cfg, "use_amp") if use_amp is None else use_amp)
@@ -296,27 +306,17 @@ class Trainer:
         if self.progress and du.is_main():
             from tqdm import tqdm
 
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=self._steps_per_epoch(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         start = time.time()
-        for images, targets in loader:
-            images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
-            targets = _to_device(targets, self.device)
+        for group in self._step_groups(loader):
             self.warmup.apply()
             lr = self.optimizer.param_groups[-1]["lr"]  # the lr this step uses (warm-up included)
-            with self._autocast():
-                outputs = self.net(images, targets=targets)
-            with torch.autocast(self.device.type, enabled=False):  # the criterion runs in fp32
-                outputs = float_outputs(outputs)
-                losses = self.criterion(outputs, targets)
-            loss = sum(losses.values())
-            finite = torch.isfinite(loss.detach()).to(torch.float32)
-            if self.distributed:  # every rank skips together, so DDP's collective calls stay paired
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             self.optimizer.zero_grad(set_to_none=True)
-            if finite.item() < 1:
+            losses, loss, bad = self._accumulate_gradients(group)
+            if bad is not None:
+                self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 consecutive_bad += 1
-                bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
                 self.log_text(f"epoch {epoch} step {self.global_step}: non-finite loss, step skipped; terms {bad}")
                 if consecutive_bad >= self.max_nonfinite:
                     raise NonFiniteLossError(
@@ -325,7 +325,6 @@ class Trainer:
                         f"or resume from {self.output_dir / 'last.pth'}"
                     )
                 continue
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             # the total norm, clipped when configured; a non-finite one would poison the weights. (With the fp16
             # GradScaler that is expected while the scale settles: scaler.step skips those steps itself.)
@@ -355,8 +354,8 @@ class Trainer:
                 self.ema.update(self.model)
             steps += 1
             self.global_step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(loss.detach())
+            values = dict(losses)
+            values["loss"] = loss
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             if self.global_step % self.print_freq == 0:
@@ -374,6 +373,64 @@ class Trainer:
         means = du.all_reduce_mean(means, self.device)
         means.update(steps=steps, skipped=skipped, seconds=time.time() - start)
         return means
+
+    def _step_groups(self, loader):
+        """The loader's batches in lists of accumulate_steps, one list per optimizer step. An incomplete last
+        list is dropped when the loader drops its incomplete last batch (drop_last: as one batch of the whole
+        step would be), else it makes a step of its own."""
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.accumulate_steps:
+                yield group
+                group = []
+        if group and not loader.drop_last:
+            yield group
+
+    def _steps_per_epoch(self, loader) -> int:
+        n, k = len(loader), self.accumulate_steps
+        return n // k if loader.drop_last else -(-n // k)
+
+    def _accumulate_gradients(self, group):
+        """Forward and backward of each batch of one optimizer step: gradients summed in .grad (DDP all-reduces
+        them with the last batch only). Returns (loss terms, loss) summed over the batches as floats, and None;
+        or the non-finite terms of the first batch whose loss is not finite (on any process), without its
+        backward. With one batch per step this is the plain training step."""
+        accumulating = len(group) > 1 or self.accumulate_steps > 1
+        if accumulating:
+            # the step's box count normalises every batch, as the world's does under DDP (criterion.forward)
+            count = torch.tensor([float(sum(len(t["labels"]) for _, targets in group for t in targets))],
+                                 device=self.device)
+            if self.distributed:
+                torch.distributed.all_reduce(count)
+            step_boxes = max(float(count.item()) / self.world, 1.0)
+            step_images = sum(len(targets) for _, targets in group)
+        sums: Dict[str, float] = {}
+        total = 0.0
+        for j, (images, targets) in enumerate(group):
+            extra = {"step_num_boxes": step_boxes, "share": len(targets) / step_images} if accumulating else {}
+            images = to_memory_format(images.to(self.device, non_blocking=True), self.channels_last)
+            targets = _to_device(targets, self.device)
+            last = j == len(group) - 1
+            sync = contextlib.nullcontext() if last or not self.distributed else self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    outputs = self.net(images, targets=targets)
+                with torch.autocast(self.device.type, enabled=False):  # the criterion runs in fp32
+                    outputs = float_outputs(outputs)
+                    losses = self.criterion(outputs, targets, **extra)
+                loss = sum(losses.values())
+                finite = torch.isfinite(loss.detach()).to(torch.float32)
+                if self.distributed:  # every rank skips together, so DDP's collective calls stay paired
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if finite.item() < 1:
+                    return None, None, {k: float(v.detach()) for k, v in losses.items()
+                                        if not math.isfinite(float(v.detach()))}
+                self.scaler.scale(loss).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            total += float(loss.detach())
+        return sums, total, None
 
     # -------------------------------------------------------------------------------------------
     # evaluation
@@ -527,6 +584,8 @@ class Trainer:
         self.log_text(f"training epochs {self.start_epoch}..{self.epochs - 1} on {self.device} "
                       f"({self.world} process{'es' if self.world > 1 else ''}), output {self.output_dir}, "
                       f"AMP {self.amp.name}{' + GradScaler' if self.amp.scaler else ''}")
+        for line in [describe_step_batch(self.cfg, self.world)] + self.batch_notes:
+            self.log_text(line)
         if self.device.type == "cpu":
             self.log_text(f"CPU: {torch.get_num_threads()} threads, channels_last {self.channels_last}, "
                           f"allocator {self.allocator}")

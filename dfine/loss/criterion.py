@@ -81,6 +81,7 @@ class DFINECriterion(nn.Module):
         self._fgl_targets_dn = None
         self._num_pos = None
         self._num_neg = None
+        self._share = 1.0
 
     # ----------------------------------------------------------------------------------------
     # Individual losses. Each returns unweighted terms; ``forward`` applies the weights.
@@ -177,6 +178,8 @@ class DFINECriterion(nn.Module):
             pos = kl[matched].mean() if matched.any() else 0
             neg = kl[~matched].mean() if (~matched).any() else 0
             losses["loss_ddf"] = (pos * self._num_pos + neg * self._num_neg) / (self._num_pos + self._num_neg)
+            if self._share != 1.0:  # a mean over this batch's queries: its share of the optimizer step
+                losses["loss_ddf"] = losses["loss_ddf"] * self._share
         return losses
 
     def _get_loss(self, name, outputs, targets, indices, num_boxes):
@@ -232,8 +235,15 @@ class DFINECriterion(nn.Module):
                 indices.append((empty, empty))
         return indices
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]], step_num_boxes: Optional[float] = None,
+                share: float = 1.0) -> Dict[str, torch.Tensor]:
+        """Loss terms of one batch. With gradient accumulation the batch is one of several whose summed gradients
+        make one optimizer step, as processes do under DDP: `step_num_boxes` is then the step's box count (world
+        mean, over all its batches) that normalises the terms summed over boxes (VFL, L1, GIoU, FGL), so the
+        batches' losses add up to the step's; the GO-LSD box count is this batch's, scaled by the same factor; the
+        DDF term, a mean over this batch's queries, is weighted by `share` (its fraction of the step's images)."""
         self._reset_cache()
+        self._share = float(share)
         device = outputs["pred_logits"].device
         main = {k: v for k, v in outputs.items() if "aux" not in k}
         indices = self.matcher(main, targets)["indices"]
@@ -250,6 +260,10 @@ class DFINECriterion(nn.Module):
             indices_go = [(i.to(device), j.to(device)) for i, j in indices_go]
             num_boxes_go = _world_mean_count(sum(len(i) for i, _ in indices_go), device)
         num_boxes = _world_mean_count(sum(len(t["labels"]) for t in targets), device)
+        if step_num_boxes is not None:
+            if num_boxes_go is not None:
+                num_boxes_go = num_boxes_go * step_num_boxes / num_boxes
+            num_boxes = max(float(step_num_boxes), 1.0)
         if num_boxes_go is None:
             num_boxes_go = num_boxes
 

@@ -124,7 +124,7 @@ def test_stop_epoch_switches_the_policy_ops_off():
     for epoch in (3, 4, 10):
         tr.set_epoch(epoch)
         assert not set(POLICY_OPS) & set(tr.active_ops())
-        assert "flip" in tr.active_ops() and "resize" in tr.active_ops()
+        assert "RandomHorizontalFlip" in tr.active_ops() and "Resize" in tr.active_ops()
 
     # behaviour: after the stop epoch every output is the plain or the mirrored resize of the input
     val = DetectionTransforms(64, train=False)

@@ -31,7 +31,7 @@ def tiny_data(tmp_path_factory):
 
 def tiny_overrides(data, **extra):
     """D-FINE-N at 128 px, 20 queries, 4 images per step, no workers."""
-    # the published pipelines with another Resize size (a list must equal the built-in pipeline otherwise)
+    # the published pipelines with another Resize size
     train_ops = ("[{type: RandomPhotometricDistort, p: 0.5}, {type: RandomZoomOut, fill: 0}, "
                  "{type: RandomIoUCrop, p: 0.8}, {type: SanitizeBoundingBoxes, min_size: 1}, "
                  "{type: RandomHorizontalFlip}, {type: Resize, size: [128, 128]}, "
