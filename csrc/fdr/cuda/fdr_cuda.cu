@@ -47,6 +47,8 @@ __global__ void fdr_decode_backward_kernel(const T* z, const T* W, const T* ref,
                                            int k, T* grad_z, T* grad_ref) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // saved bins out of range would be read and written out of bounds (checked on the host for CPU)
+    for (int i = 0; i < 4 * k; ++i) CUDA_KERNEL_ASSERT(topk_index[r * 4 * k + i] < n);
     fdr_decode_row_backward<T>(z + r * 4 * n, W, n, ref + r * 4, rs, k, topk_index + r * 4 * k, grad_boxes + r * 4,
                                grad_stats + r * 4 * (k + 1), grad_z + r * 4 * n, grad_ref + r * 4);
   }

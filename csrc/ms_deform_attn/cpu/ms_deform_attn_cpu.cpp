@@ -246,7 +246,9 @@ DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>&
           bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
       const acc_t a = static_cast<acc_t>(attn_row[p]);
       PointPlan<scalar_t>& pp = plan[j];
-      pp.any_valid = any_valid;
+      // A point outside the map is skipped, unless it makes the row NaN: it then reads zero rows
+      // with NaN weights (ms_deform_attn_math.h).
+      pp.any_valid = any_valid || outside_point_is_nan(c, a);
       for (int k = 0; k < 4; ++k) {
         pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
         pp.weight[k] = static_cast<scalar_t>(a * c.weight[k]);
@@ -503,18 +505,20 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         const scalar_t* go = args.grad_out + row * D;
         scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * layout.first_point[l];
         scalar_t* grad_attn_row = args.grad_attn + row * P + layout.first_point[l];
+        bool have_zero_dot = false;
+        acc_t zero_dot = acc_t(0);  // <go, zero row>: 0, or NaN if go is not finite (computed once per row)
         for (int64_t p = 0; p < n; ++p) {
           const BackwardPointPlan<scalar_t>& pp = current[p];
-          if (!pp.any_valid) {
-            grad_attn_row[p] = scalar_t(0);
-            grad_loc_row[2 * p] = scalar_t(0);
-            grad_loc_row[2 * p + 1] = scalar_t(0);
-            continue;
-          }
-          scalar_t dots[4];
-          backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
           acc_t dots_acc[4];
-          for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+          if (pp.any_valid) {
+            scalar_t dots[4];
+            backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
+            for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
+          } else {  // no value row to read or to update; NaN gradients only if a NaN came in
+            if (!have_zero_dot) zero_dot = zero_row_dot<acc_t>(go, D);
+            have_zero_dot = true;
+            for (int k = 0; k < 4; ++k) dots_acc[k] = zero_dot;
+          }
           const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, H, W, dots_acc, pp.attn);
           grad_attn_row[p] = static_cast<scalar_t>(g.attn);
           grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);

@@ -62,13 +62,17 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
     int64_t level_start = 0;
     int p = 0;
     for (int l = 0; l < ppl.num_levels; ++l) {
+      // spatial_shapes is not read on the host here (no sync): a level outside value is an error
+      // raised at the next synchronisation (device-side assert), never an out-of-bounds read.
+      CUDA_KERNEL_ASSERT(level_fits(spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start, S));
       const int H = static_cast<int>(spatial_shapes[2 * l]);
       const int W = static_cast<int>(spatial_shapes[2 * l + 1]);
       const scalar_t* value_level = value_bm + level_start * M * D;
       for (int j = 0; j < ppl.count[l]; ++j, ++p) {
         BilinearCorners<acc_t> c;
-        bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
-        acc_t sampled = acc_t(0);
+        const bool any_valid = bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]),
+                                                       static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
+        acc_t sampled = any_valid ? acc_t(0) : outside_sample(c);  // NaN for a non-finite location
         DFINE_UNROLL
         for (int k = 0; k < 4; ++k) {
           if (c.valid[k]) {
@@ -103,6 +107,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
     int64_t level_start = 0;
     int first_point = 0;
     for (int l = 0; l < ppl.num_levels; ++l) {
+      CUDA_KERNEL_ASSERT(level_fits(spatial_shapes[2 * l], spatial_shapes[2 * l + 1], level_start, S));
       if (p < first_point + ppl.count[l]) {
         level = l;
         break;
@@ -113,11 +118,14 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
     const int H = static_cast<int>(spatial_shapes[2 * level]);
     const int W = static_cast<int>(spatial_shapes[2 * level + 1]);
     BilinearCorners<acc_t> c;
-    bilinear_corners<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, c);
+    const bool any_valid =
+        bilinear_corners<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, c);
     const acc_t a = static_cast<acc_t>(attn[i]);
     const int64_t base = (b * S * M + m) * D + level_start * M * D;
     const scalar_t* go = grad_out + bqm * D;
-    acc_t dots[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    // a point outside the map reads no row: its dot products are <go, 0> (NaN if go is not finite)
+    const acc_t zero_dot = any_valid ? acc_t(0) : zero_row_dot<acc_t>(go, D);
+    acc_t dots[4] = {zero_dot, zero_dot, zero_dot, zero_dot};
     DFINE_UNROLL
     for (int k = 0; k < 4; ++k) {
       if (!c.valid[k]) continue;
