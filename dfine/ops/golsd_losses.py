@@ -44,8 +44,10 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def fgl_left_bin(target_bins: torch.Tensor, bins: int) -> torch.Tensor:
     """The left bin of every target: ``target.long()`` (truncation, as published), kept inside
-    ``[0, bins - 2]`` so that the right bin exists (valid targets lie in [0, K - 0.1] already)."""
-    return target_bins.long().clamp(0, bins - 2)
+    ``[0, bins - 2]`` so that the right bin exists (valid targets lie in [0, K - 0.1] already).
+    Clamped before the conversion too, so that targets beyond int64 (1e30, inf) take the last bin
+    on every platform (a NaN target takes bin 0, as in the fused kernels)."""
+    return target_bins.clamp(0, bins - 2).long().clamp(0, bins - 2)
 
 
 def fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight=None, reduction="sum"):

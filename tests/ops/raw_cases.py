@@ -161,10 +161,11 @@ def build_loss(spec):
     if spec["op"].startswith("fgl"):
         target = rows("target", 0.0, max(cols - 1.1, 0.0))
         if spec.get("target_values") == "hostile" and target is not None and target.numel():
-            target[0] = float("nan")
-            target[-1] = 1e30 if target.dtype.is_floating_point else 10**9
+            floating = target.dtype.is_floating_point
+            target[0] = float("nan") if floating else -(2**62)
+            target[-1] = 1e30 if floating else 2**62
             if target.numel() > 2:
-                target[1] = -1e30
+                target[1] = -1e30 if floating else -1
         wl = rows("weight_left", 0.0, 1.0)
         wr = rows("weight_right", 0.0, 1.0)
         args = (pred, target, wl, wr, weight)

@@ -278,15 +278,12 @@ def loss_specs(draw):
     return spec
 
 
-@settings(max_examples=3, derandomize=True, deadline=None, database=None,
+@settings(max_examples=4, derandomize=True, deadline=None, database=None,
           phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
 @given(specs=st.lists(st.one_of(msda_specs(), fdr_specs(), loss_specs()), min_size=60, max_size=60))
 def test_hostile_calls_raise_or_match_the_reference(specs, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("raw")
-    results = run_in_child(specs, tmp_path)
-    check_all(specs, results)
-    raised = sum(r["status"] == "raised" for r in results)
-    assert 0 < raised < len(specs), "the cases must mix rejected and accepted calls"
+    check_all(specs, run_in_child(specs, tmp_path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +303,7 @@ EXPLICIT = [
     # saved top-k bin 255 of rows of 33 bins: heap corruption (glibc abort) before
     ({"op": "fdr_backward", "R": 4, "bins": 33, "topk": 4, "index_high": 256, "seed": 3}, "topk_index"),
     ({"op": "fdr_backward", "R": 64, "bins": 33, "topk": 4, "index_high": 256, "seed": 4}, "topk_index"),
-    ({"op": "fdr_backward", "R": 3, "bins": 9, "topk": 2, "index_high": 10, "seed": 5, "dtype": "float64"},
+    ({"op": "fdr_backward", "R": 3, "bins": 9, "topk": 2, "index_high": 256, "seed": 5, "dtype": "float64"},
      "topk_index"),
     ({"op": "fdr_backward", "R": 2, "bins": 9, "topk": 2, "fault": "grad_int"}, "grad_boxes"),
     ({"op": "fgl_forward", "N": 4, "cols": 33, "lengths": {"target": 3}}, "target_bins"),
