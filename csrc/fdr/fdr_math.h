@@ -383,17 +383,21 @@ DFINE_HD void ddf_row_terms(const V* zs, const V* zt, int n, S temperature, V g,
                             V& kl_shifted, V& sum_p) {
   V ea[kMaxBins], eb[kMaxBins];
   const S inv_t = S(1) / temperature;
-  // The shifted logits zs_j - max_s are recomputed where needed rather than stored: a difference,
-  // then a product, which no contraction can merge (and exactly 0 at the maximum).
+  // The shifted logits: a difference, then a product, which no contraction can merge (exactly 0
+  // at the maximum). The differences are kept for the second pass (fewer operations than
+  // recomputing them: ~2% slower than the fused form on the CPU, recomputing ~6%).
   V max_s = zs[0], max_t = zt[0];
   for (int j = 1; j < n; ++j) {
     max_s = max_(zs[j], max_s);
     max_t = max_(zt[j], max_t);
   }
   V sa = V{}, sb = V{};
+  V da[kMaxBins], db[kMaxBins];
   for (int j = 0; j < n; ++j) {
-    const V va = exp_nonpos((zs[j] - max_s) * inv_t);
-    const V vb = exp_nonpos((zt[j] - max_t) * inv_t);
+    da[j] = zs[j] - max_s;
+    db[j] = zt[j] - max_t;
+    const V va = exp_nonpos(da[j] * inv_t);
+    const V vb = exp_nonpos(db[j] * inv_t);
     ea[j] = va;
     eb[j] = vb;
     sa += va;
@@ -403,7 +407,7 @@ DFINE_HD void ddf_row_terms(const V* zs, const V* zt, int n, S temperature, V g,
   V kl = V{}, sp = V{};
   for (int j = 0; j < n; ++j) {
     const V p = eb[j] * inv_b;
-    const V shifted_ratio = ((zt[j] - max_t) - (zs[j] - max_s)) * inv_t;
+    const V shifted_ratio = (db[j] - da[j]) * inv_t;
     kl += p > V{} ? p * shifted_ratio : V{};
     sp += p;
   }

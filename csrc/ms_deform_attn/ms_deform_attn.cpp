@@ -73,7 +73,7 @@ Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Ten
   if (check_level_sizes) {
     const at::Tensor shapes = spatial_shapes.contiguous();
     const int64_t* hw = shapes.data_ptr<int64_t>();
-    int64_t total = 0;  // <= S throughout: no overflow
+    int64_t total = 0;
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t H = hw[2 * l], W = hw[2 * l + 1];
       TORCH_CHECK(H >= 1 && W >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got (", H, ", ", W,
@@ -81,14 +81,16 @@ Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Ten
       // W <= limit / H is H * W <= limit without computing the product (which may not fit in int64)
       TORCH_CHECK(H <= kMaxLevelSize && W <= kMaxLevelSize / H, op, ": level ", l, " of spatial_shapes is too large (",
                   H, " x ", W, "); H * W must be at most ", kMaxLevelSize);
-      TORCH_CHECK(H * W <= d.S - total, op, ": spatial_shapes sum to more than the S=", d.S,
-                  " positions of value (value is [B, S, M, D]=", value.sizes(), "): levels 0..", l, " alone have ",
-                  total + H * W);
-      TORCH_INTERNAL_ASSERT(level_fits(H, W, total, d.S));
-      total += H * W;
+      // each level adds at most 2^30: the sum only wraps past 2^33 levels, but the check costs nothing
+      TORCH_CHECK(!__builtin_add_overflow(total, H * W, &total), op, ": spatial_shapes sum to more than ",
+                  std::numeric_limits<int64_t>::max(), " positions");
     }
     TORCH_CHECK(total == d.S, op, ": spatial_shapes sum to sum(H*W)=", total, " positions but value has S=", d.S,
                 " (value is [B, S, M, D]=", value.sizes(), ")");
+    // what the kernels rely on (the CUDA kernels assert the same on the device)
+    for (int64_t l = 0, start = 0; l < d.L; start += hw[2 * l] * hw[2 * l + 1], ++l) {
+      TORCH_INTERNAL_ASSERT(level_fits(hw[2 * l], hw[2 * l + 1], start, d.S));
+    }
   }
   return d;
 }

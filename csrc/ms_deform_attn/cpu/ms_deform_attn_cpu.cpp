@@ -391,6 +391,19 @@ struct BackwardPointPlan {
   bool any_valid;
 };
 
+// sum_d go[d] * 0 in SIMD lanes: 0, or NaN when go [D] holds a NaN or an infinity. The dot products
+// of a point with no corner inside the map (ms_deform_attn_math.h's zero_row_dot, vectorised).
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline scalar_t zero_row_dot_simd(const scalar_t* go, int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  Simd<scalar_t> lanes = {};
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) lanes += simd_load(go + d) * scalar_t(0);
+  scalar_t total = simd_sum<scalar_t>(lanes);
+  for (; d < D; ++d) total += go[d] * scalar_t(0);
+  return total;
+}
+
 // Plans the points on level l of query row (b, q, m) for backward; prefetches value and grad rows.
 // The gradient rows of the level live in `grad_level` (H * W rows of D, contiguous).
 template <typename scalar_t>
@@ -506,19 +519,24 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * layout.first_point[l];
         scalar_t* grad_attn_row = args.grad_attn + row * P + layout.first_point[l];
         bool have_zero_dot = false;
-        acc_t zero_dot = acc_t(0);  // <go, zero row>: 0, or NaN if go is not finite (computed once per row)
+        acc_t zero_dot = acc_t(0);  // <go, zero row>: computed for the row's first point outside the map
         for (int64_t p = 0; p < n; ++p) {
           const BackwardPointPlan<scalar_t>& pp = current[p];
-          acc_t dots_acc[4];
-          if (pp.any_valid) {
-            scalar_t dots[4];
-            backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
-            for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
-          } else {  // no value row to read or to update; NaN gradients only if a NaN came in
-            if (!have_zero_dot) zero_dot = zero_row_dot<acc_t>(go, D);
+          if (!pp.any_valid) {
+            // no value row to read or to update; the gradients are 0 unless a NaN comes in
+            if (!have_zero_dot) zero_dot = static_cast<acc_t>(zero_row_dot_simd(go, D));
             have_zero_dot = true;
-            for (int k = 0; k < 4; ++k) dots_acc[k] = zero_dot;
+            const acc_t zero_dots[4] = {zero_dot, zero_dot, zero_dot, zero_dot};
+            const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, H, W, zero_dots, pp.attn);
+            grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+            grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+            grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
+            continue;
           }
+          scalar_t dots[4];
+          backward_four_rows(go, pp.rows, pp.grad_rows, pp.weight, D, dots);
+          acc_t dots_acc[4];
+          for (int k = 0; k < 4; ++k) dots_acc[k] = pp.corners.valid[k] ? static_cast<acc_t>(dots[k]) : acc_t(0);
           const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, H, W, dots_acc, pp.attn);
           grad_attn_row[p] = static_cast<scalar_t>(g.attn);
           grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
