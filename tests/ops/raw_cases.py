@@ -120,7 +120,7 @@ def build_fdr(spec):
     rs = float(spec.get("reg_scale", 4.0))
     if spec["op"] == "fdr_forward":
         return (pred, project, ref, rs, topk)
-    k = max(topk, 1)
+    k = min(max(topk, 1), 16)  # the saved bins and their gradients of a hostile lqe_topk stay small
     index_kind = spec.get("index", "random")
     index = torch.randint(0, spec.get("index_high", max(bins, 1)), (R, 4, k), generator=gen, dtype=torch.int64)
     index = index.to(torch.int64 if index_kind == "int64" else torch.uint8)

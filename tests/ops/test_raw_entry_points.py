@@ -52,7 +52,7 @@ def run_in_child(specs, tmp_path, name="cases"):
         case = specs[started[-1]] if started else None
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         pytest.fail(f"the child died ({how}) in case {case}\nstderr: {proc.stderr[-2000:]}")
-    return torch.load(results_path, weights_only=False)
+    return torch.load(results_path, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,10 +208,12 @@ def msda_specs(draw):
     npl = [draw(st.integers(1, 2)) for _ in range(L)]
     spec = {"op": draw(st.sampled_from(["msda_forward", "msda_backward"])), "seed": draw(st.integers(0, 99)),
             "B": draw(st.integers(0, 2)), "Q": draw(st.integers(0, 3)), "M": draw(st.integers(0, 2)),
-            "D": draw(st.integers(0, 5)), "dtype": draw(st.sampled_from(["float32", "float32", "float64", "float16"])),
+            "D": draw(st.integers(0, 5)), "dtype": draw(st.sampled_from(["float32", "float32", "float64", "float64",
+                                                                       "float16"])),
             "values": draw(st.sampled_from(["tame", "tame", "tame", "nonfinite", "huge"])), "fault": None}
     level = draw(st.integers(0, L - 1))
-    kind = draw(st.sampled_from(["valid", "wrap", "wrap", "size", "S", "points", "points_wrap", "fault"]))
+    kind = draw(st.sampled_from(["valid", "valid", "valid", "wrap", "wrap", "size", "S", "points", "points_wrap",
+                                 "fault"]))
     if kind == "wrap":  # H * W == the old size modulo 2**64, with a huge odd H
         size = shapes[level][0] * shapes[level][1]
         H = draw(st.integers(2**20, 2**40)) * 2 + 1
@@ -237,44 +239,61 @@ def msda_specs(draw):
 
 @st.composite
 def fdr_specs(draw):
-    bins = draw(st.sampled_from([2, 5, 9, 33, 33, 64, 65, 1, 0]))
+    """A valid call with (mostly) one hostile argument."""
+    bins = draw(st.sampled_from([2, 5, 9, 33, 33, 64]))
     spec = {"op": draw(st.sampled_from(["fdr_forward", "fdr_backward", "fdr_backward"])),
             "seed": draw(st.integers(0, 99)), "R": draw(st.integers(0, 5)), "bins": bins,
-            "topk": draw(st.sampled_from([4, 4, 1, 2, 8, 0, -1, 9, max(bins, 1), bins + 1])),
-            "dtype": draw(st.sampled_from(["float32", "float32", "float64", "float16", "int64"])),
+            "topk": draw(st.integers(1, min(bins, 8))), "dtype": draw(st.sampled_from(["float32", "float64"])),
             "values": draw(st.sampled_from(["tame", "tame", "nonfinite", "huge"])),
-            "reg_scale": draw(st.sampled_from([4.0, 4.0, -2.0, 0.5, 0.0, float("inf")])),
-            "fault": draw(st.sampled_from([None, None, None, "ref_rows", "project_dtype", "grad_boxes_shape",
-                                           "grad_stats_shape", "grad_int"]))}
-    if draw(st.booleans()):
+            "reg_scale": draw(st.sampled_from([4.0, 4.0, -2.0, 0.5, 0.0, float("inf")])), "fault": None}
+    kind = draw(st.sampled_from(["none", "none", "none", "bins", "topk", "cols", "dtype", "index", "fault"]))
+    if kind == "bins":
+        spec["bins"] = draw(st.sampled_from([0, 1, 65, 300]))
+    elif kind == "topk":
+        spec["topk"] = draw(st.sampled_from([0, -1, 9, bins + 1, 2**31]))
+    elif kind == "cols":
         spec["cols"] = draw(st.sampled_from([0, 4 * bins - 1, 4 * bins + 4, bins]))
-    spec["index"] = draw(st.sampled_from(["random", "random", "int64", "shape"]))
-    spec["index_high"] = draw(st.sampled_from([max(bins, 1), max(bins, 1), 256, bins + 1]))
+    elif kind == "dtype":
+        spec["dtype"] = draw(st.sampled_from(["float16", "int64"]))
+    elif kind == "index":
+        spec["index"] = draw(st.sampled_from(["int64", "shape"]))
+        spec["index_high"] = draw(st.sampled_from([256, bins + 1]))
+    elif kind == "fault":
+        spec["fault"] = draw(st.sampled_from(["ref_rows", "project_dtype", "grad_boxes_shape", "grad_stats_shape",
+                                              "grad_int"]))
     return spec
 
 
 @st.composite
 def loss_specs(draw):
+    """A valid call with (mostly) one hostile argument."""
     op = draw(st.sampled_from(["fgl_forward", "fgl_backward", "fgl_total", "ddf_forward", "ddf_backward",
                                "ddf_total"]))
     N = draw(st.integers(0, 12))
-    spec = {"op": op, "seed": draw(st.integers(0, 99)), "N": N,
-            "cols": draw(st.sampled_from([33, 33, 2, 5, 64, 1, 0, 65])),
-            "dtype": draw(st.sampled_from(["float32", "float32", "float64", "float16"])),
+    spec = {"op": op, "seed": draw(st.integers(0, 99)), "N": N, "cols": draw(st.sampled_from([33, 33, 2, 5, 64])),
+            "dtype": draw(st.sampled_from(["float32", "float32", "float64"])),
             "values": draw(st.sampled_from(["tame", "tame", "nonfinite", "huge"])),
             "weight": draw(st.booleans()), "compute_grad": draw(st.booleans()), "mean": draw(st.booleans())}
-    if draw(st.integers(0, 3)) == 0:
-        name = draw(st.sampled_from(["target", "weight_left", "weight_right", "weight", "grad_rows"]))
-        spec["lengths"] = {name: draw(st.sampled_from([0, N + 1, max(N - 1, 0), 2 * N]))}
-    if draw(st.integers(0, 5)) == 0:
-        spec["row_dtype"] = draw(st.sampled_from(["int64", "float64", "float16"]))
     if op.startswith("fgl"):
         spec["target_values"] = draw(st.sampled_from(["tame", "tame", "hostile"]))
     else:
-        spec["temperature"] = draw(st.sampled_from([5.0, 5.0, 1.0, 0.0, -1.0, float("nan"), float("inf"), 1e-30,
-                                                    1e30]))
-        if draw(st.integers(0, 5)) == 0:
-            spec["fault"] = "teacher_shape"
+        spec["temperature"] = draw(st.sampled_from([5.0, 5.0, 1.0, 1e-30, 1e30]))
+    kind = draw(st.sampled_from(["none", "none", "none", "cols", "dtype", "lengths", "row_dtype", "temperature",
+                                 "teacher"]))
+    if kind == "cols":
+        spec["cols"] = draw(st.sampled_from([0, 1, 65]))
+    elif kind == "dtype":
+        spec["dtype"] = "float16"
+    elif kind == "lengths":
+        name = draw(st.sampled_from(["target", "weight_left", "weight_right", "weight", "grad_rows"]))
+        spec["lengths"] = {name: draw(st.sampled_from([0, N + 1, max(N - 1, 0), 2 * N]))}
+        spec["weight"] = spec["weight"] or name == "weight"
+    elif kind == "row_dtype":
+        spec["row_dtype"] = draw(st.sampled_from(["int64", "float64", "float16"]))
+    elif kind == "temperature" and op.startswith("ddf"):
+        spec["temperature"] = draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf")]))
+    elif kind == "teacher" and op.startswith("ddf"):
+        spec["fault"] = "teacher_shape"
     return spec
 
 
@@ -291,8 +310,8 @@ def test_hostile_calls_raise_or_match_the_reference(specs, tmp_path_factory):
 
 EXPLICIT = [
     # H * W = 2**88 + 16 wraps to 16 = S in int64; then cast to int: a segfault before
-    ({"op": "msda_forward", "B": 1, "Q": 3, "M": 1, "D": 2, "S": 16, "P": 1, "shapes": [[268435457, 2**60 - 2**32 + 16]],
-      "npl": [1]}, "spatial_shapes"),
+    ({"op": "msda_forward", "B": 1, "Q": 3, "M": 1, "D": 2, "S": 16, "P": 1,
+      "shapes": [[268435457, 2**60 - 2**32 + 16]], "npl": [1]}, "spatial_shapes"),
     ({"op": "msda_backward", "B": 1, "Q": 3, "M": 1, "D": 2, "S": 16, "P": 1,
       "shapes": [[268435457, 2**60 - 2**32 + 16]], "npl": [1]}, "spatial_shapes"),
     # per-level points whose sum wraps around onto P = 2
