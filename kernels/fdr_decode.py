@@ -68,10 +68,15 @@ def _fdr_decode_forward_kernel(z_ptr, w_ptr, ref_ptr, box_ptr, stats_ptr, index_
         else:
             d_bottom = d
         work = tl.where(bins[None, :] < NB, p, -1.0)
+        # A softmax row is NaN in every bin or in none (a NaN or +inf logit, or all -inf): its
+        # top-k values are then NaN, as torch.topk's, at bin 0.
+        row_sum = tl.sum(p, axis=1)
         total = tl.zeros([BLOCK], dtype=ACC)
         for i in tl.static_range(K):
             top = tl.max(work, axis=1)
             first = tl.min(tl.where(work == top[:, None], bins[None, :], BLOCK_BINS), axis=1)
+            first = tl.where(row_sum == row_sum, first, 0)
+            top = tl.where(row_sum == row_sum, top, row_sum)
             tl.store(stats_ptr + rows * (4 * (K + 1)) + edge * (K + 1) + i, top.to(out_ty), mask=row_mask)
             tl.store(index_ptr + rows * (4 * K) + edge * K + i, first.to(tl.uint8), mask=row_mask)
             work = tl.where(bins[None, :] == first[:, None], -2.0, work)

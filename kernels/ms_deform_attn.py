@@ -34,8 +34,9 @@ grad_out`` over the row's entries in that order and writes ``grad_value`` once, 
 The order depends only on the inputs, so the result is the same bits from run to run, for any
 launch configuration. The same scheme as the CUDA kernel (csrc/ms_deform_attn/cuda/coalesced.h).
 
-Non-finite locations: ``±inf`` locations contribute zero here (they are clamped like any far-away
-point) while ``F.grid_sample`` returns NaN for them; NaN locations give unspecified results.
+Non-finite values propagate as in the reference (``F.grid_sample`` on CPU tensors): a NaN or ``±inf``
+location samples NaN, a non-finite attention weight makes even a point outside the map NaN
+(``inf * 0``), and so does a non-finite upstream gradient for the point's gradients.
 
 Testing and speed: the kernels use only standard ``tl`` operations. On this project's CPU-only CI
 they run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) and are checked against
@@ -67,6 +68,13 @@ def _corner_weights_and_indices(loc_ptr, loc_off, q_mask, H, W, ACC: tl.constexp
     h_f = H.to(ACC)
     x = loc_x * w_f - 0.5
     y = loc_y * h_f - 0.5
+    # A NaN or +-inf coordinate samples NaN, as in the reference: its fraction is NaN (so are the
+    # corner weights: masked loads give 0, and 0 * NaN = NaN), and it is moved off the map before
+    # the integer conversion.
+    x_finite = tl.abs(x) < float("inf")
+    y_finite = tl.abs(y) < float("inf")
+    x = tl.where(x_finite, x, -2.0)
+    y = tl.where(y_finite, y, -2.0)
     # Keep far-away (or huge) coordinates in a small range before the integer conversion: every
     # corner of a point left of -1 or right of W is outside the map either way, so the result
     # (zero contribution, zero gradient) does not change.
@@ -74,8 +82,8 @@ def _corner_weights_and_indices(loc_ptr, loc_off, q_mask, H, W, ACC: tl.constexp
     y = tl.minimum(tl.maximum(y, -2.0), h_f + 1.0)
     x0f = tl.floor(x)
     y0f = tl.floor(y)
-    lx = x - x0f
-    ly = y - y0f
+    lx = tl.where(x_finite, x - x0f, float("nan"))
+    ly = tl.where(y_finite, y - y0f, float("nan"))
     x0 = x0f.to(tl.int32)
     y0 = y0f.to(tl.int32)
     return x0, y0, lx, ly

@@ -40,8 +40,23 @@ void check_decode_grads(const at::Tensor& grad_boxes, const at::Tensor& grad_sta
                   topk_index.size(1) == 4 && topk_index.size(2) == topk,
               op, ": topk_index must be a uint8 tensor [R, 4, lqe_topk] (from fdr_decode_forward), got ",
               topk_index.scalar_type(), " ", topk_index.sizes());
-  for (const at::Tensor* t : {&grad_boxes, &grad_stats, &topk_index}) {
-    TORCH_CHECK(t->device() == pred.device(), op, ": all tensors must be on the device of pred_corners");
+  const char* names[3] = {"grad_boxes", "grad_stats", "topk_index"};
+  const at::Tensor* tensors[3] = {&grad_boxes, &grad_stats, &topk_index};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(tensors[i]->device() == pred.device(), op, ": ", names[i], " is on ", tensors[i]->device(),
+                " but pred_corners is on ", pred.device(), "; they must match");
+  }
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(at::isFloatingType(tensors[i]->scalar_type()), op, ": ", names[i],
+                " must be a floating-point tensor, got ", tensors[i]->scalar_type());
+  }
+  // Every saved bin indexes a row of K+1 = pred_corners.size(1) / 4 bins (the kernels read and write
+  // there). Checked on the host for CPU tensors; the CUDA kernel asserts it (no sync).
+  const int64_t bins = pred.size(1) / 4;
+  if (topk_index.device().is_cpu() && topk_index.numel() > 0) {
+    const int64_t largest = topk_index.max().item<uint8_t>();
+    TORCH_CHECK(largest < bins, op, ": topk_index holds bin ", largest, " but the rows of pred_corners have K+1=",
+                bins, " bins (topk_index must come from fdr_decode_forward on the same pred_corners)");
   }
 }
 

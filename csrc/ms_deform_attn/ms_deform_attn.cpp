@@ -4,6 +4,10 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
+#include "ms_deform_attn/ms_deform_attn_math.h"
+
 namespace dfine {
 namespace msda {
 
@@ -53,9 +57,14 @@ Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Ten
   TORCH_CHECK(!num_points_list.empty(), op, ": num_points_list must be a non-empty list of ints >= 1");
   TORCH_CHECK(static_cast<int64_t>(num_points_list.size()) == d.L, op, ": num_points_list has ",
               num_points_list.size(), " entries but spatial_shapes [L, 2] has L=", d.L, " levels; they must match");
+  // The kernels index points, and the positions inside a level, with ints.
+  TORCH_CHECK(d.P <= std::numeric_limits<int>::max(), op, ": sampling_locations [B, Q, M, P, 2] has P=", d.P,
+              " points; at most ", std::numeric_limits<int>::max(), " are supported");
   int64_t total_points = 0;
   for (int64_t p : num_points_list) {
-    TORCH_CHECK(p >= 1, op, ": every entry of num_points_list must be >= 1, got ", num_points_list);
+    // p <= P keeps the sum from wrapping around: at most L * P
+    TORCH_CHECK(p >= 1 && p <= d.P, op, ": every entry of num_points_list must be in [1, P=", d.P,
+                "] (P: the points in sampling_locations [B, Q, M, P, 2]), got ", num_points_list);
     total_points += p;
   }
   TORCH_CHECK(total_points == d.P, op, ": sum(num_points_list)=", total_points,
@@ -66,14 +75,22 @@ Dims check_forward_inputs(const char* op, const at::Tensor& value, const at::Ten
     const int64_t* hw = shapes.data_ptr<int64_t>();
     int64_t total = 0;
     for (int64_t l = 0; l < d.L; ++l) {
-      TORCH_CHECK(hw[2 * l] >= 1 && hw[2 * l + 1] >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got ",
-                  "(", hw[2 * l], ", ", hw[2 * l + 1], ") at level ", l);
-      TORCH_CHECK(hw[2 * l] * hw[2 * l + 1] <= (int64_t{1} << 30), op, ": level ", l, " of spatial_shapes is too large (",
-                  hw[2 * l], " x ", hw[2 * l + 1], ")");
-      total += hw[2 * l] * hw[2 * l + 1];
+      const int64_t H = hw[2 * l], W = hw[2 * l + 1];
+      TORCH_CHECK(H >= 1 && W >= 1, op, ": every (H, W) in spatial_shapes must be >= 1, got (", H, ", ", W,
+                  ") at level ", l);
+      // W <= limit / H is H * W <= limit without computing the product (which may not fit in int64)
+      TORCH_CHECK(H <= kMaxLevelSize && W <= kMaxLevelSize / H, op, ": level ", l, " of spatial_shapes is too large (",
+                  H, " x ", W, "); H * W must be at most ", kMaxLevelSize);
+      // each level adds at most 2^30: the sum only wraps past 2^33 levels, but the check costs nothing
+      TORCH_CHECK(!__builtin_add_overflow(total, H * W, &total), op, ": spatial_shapes sum to more than ",
+                  std::numeric_limits<int64_t>::max(), " positions");
     }
     TORCH_CHECK(total == d.S, op, ": spatial_shapes sum to sum(H*W)=", total, " positions but value has S=", d.S,
                 " (value is [B, S, M, D]=", value.sizes(), ")");
+    // what the kernels rely on (the CUDA kernels assert the same on the device)
+    for (int64_t l = 0, start = 0; l < d.L; start += hw[2 * l] * hw[2 * l + 1], ++l) {
+      TORCH_INTERNAL_ASSERT(level_fits(hw[2 * l], hw[2 * l + 1], start, d.S));
+    }
   }
   return d;
 }

@@ -5,6 +5,12 @@
 // normalised locations in [0, 1]: pixel x = loc_x * W - 0.5, y = loc_y * H - 0.5; each of the four
 // neighbouring pixels that lies outside the map contributes zero (no clamping), and so does its
 // gradient.
+//
+// Non-finite values propagate as in that reference (grid_sample on CPU tensors): a NaN or +-inf
+// location samples NaN; a point with no corner inside the map samples 0, which a non-finite
+// attention weight still turns into NaN (inf * 0); a non-finite upstream gradient gives NaN
+// gradients for every point of its row, inside the map or not. The corner weights carry the NaN,
+// so the kernels need no per-element checks: one multiply and compare per point that misses the map.
 #pragma once
 
 #include <cmath>
@@ -18,12 +24,25 @@ namespace msda {
 // Most levels any backend accepts (the CUDA kernel passes per-level point counts by value).
 constexpr int kMaxLevels = 8;
 
+// Largest H * W of a level: offsets inside a level are ints (and exact as float32).
+constexpr int64_t kMaxLevelSize = int64_t{1} << 30;
+
+// Whether a level of H x W positions starting at flat position `start` lies inside the S positions
+// of value, with H * W <= kMaxLevelSize, computed without overflow for any int64 values. The CPU
+// entry points check the same on the host (with messages); the CUDA kernels, which do not copy
+// spatial_shapes to the host, assert it.
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE bool level_fits(int64_t H, int64_t W, int64_t start, int64_t S) {
+  return H >= 1 && W >= 1 && H <= kMaxLevelSize && W <= kMaxLevelSize / H && start >= 0 && start <= S &&
+         H * W <= S - start;
+}
+
 // The four neighbours of a sampling location, in the order
 //   0 = (y0, x0), 1 = (y0, x0 + 1), 2 = (y0 + 1, x0), 3 = (y0 + 1, x0 + 1).
 // Invalid corners (outside the map) have valid = false, zero weight and offset 0; kernels must not
 // read value rows for them (0 * inf would be NaN). fx, fy are the fractional parts of the pixel
 // coordinate (0 when no corner is valid); the location gradient is derived from them in point_grads,
 // which keeps the per-sample state small (the CPU backward plans a few thousand samples ahead).
+// A non-finite coordinate has NaN for its fraction and for all four weights (and no valid corner).
 template <typename acc_t>
 struct BilinearCorners {
   int offset[4];     // y * W + x inside the level
@@ -41,7 +60,7 @@ DFINE_HOST_DEVICE DFINE_FORCE_INLINE int floor_to_int(acc_t v) {
 }
 
 // Corners and weights of one sampling location on an H x W level. Returns whether any corner is
-// inside the map. Far-away and NaN locations are rejected before any float -> int conversion.
+// inside the map. Far-away and non-finite locations are rejected before any float -> int conversion.
 template <typename acc_t>
 DFINE_HOST_DEVICE DFINE_FORCE_INLINE bool bilinear_corners(acc_t loc_x, acc_t loc_y, int H, int W,
                                                            BilinearCorners<acc_t>& c) {
@@ -50,14 +69,17 @@ DFINE_HOST_DEVICE DFINE_FORCE_INLINE bool bilinear_corners(acc_t loc_x, acc_t lo
   // x <= -1 or x >= W leaves no corner inside the map. NaN fails every comparison and lands here
   // too, and |x| is bounded by W + 1 afterwards, so the int conversion in floor_to_int cannot overflow.
   if (!(x > acc_t(-1) && x < static_cast<acc_t>(W) && y > acc_t(-1) && y < static_cast<acc_t>(H))) {
+    // v - v is 0 for a finite v and NaN for NaN or +-inf: a non-finite coordinate makes its
+    // fraction, and every weight, NaN (the gradient along the other, finite axis stays 0).
+    c.fx = x - x;
+    c.fy = y - y;
+    const acc_t weight = c.fx + c.fy;
 DFINE_UNROLL
     for (int k = 0; k < 4; ++k) {
       c.offset[k] = 0;
       c.valid[k] = false;
-      c.weight[k] = acc_t(0);
+      c.weight[k] = weight;
     }
-    c.fx = acc_t(0);
-    c.fy = acc_t(0);
     return false;
   }
   const int x0 = floor_to_int(x);
@@ -88,9 +110,34 @@ DFINE_UNROLL
   return true;  // -1 < x < W and -1 < y < H: at least one corner is inside
 }
 
+// What a point with no corner inside the map (bilinear_corners returned false) adds to the output
+// per unit of attention: 0, or NaN for a non-finite location.
+template <typename acc_t>
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE acc_t outside_sample(const BilinearCorners<acc_t>& c) {
+  return c.weight[0];
+}
+
+// Whether such a point changes the output: attn * outside_sample is NaN (a non-finite location, or
+// a non-finite attention weight times the 0 sample). One multiply and compare per point.
+template <typename acc_t>
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE bool outside_point_is_nan(const BilinearCorners<acc_t>& c, acc_t attn) {
+  return !(attn * c.weight[0] == acc_t(0));
+}
+
+// sum_d go[d] * 0: 0, or NaN when the upstream gradient row go [D] holds a NaN or an infinity. The
+// dot products of a point with no corner inside the map (whose sampled rows are all zero), so that
+// its gradients are NaN exactly when the reference's are. Only computed for such points.
+template <typename acc_t, typename scalar_t>
+DFINE_HOST_DEVICE DFINE_FORCE_INLINE acc_t zero_row_dot(const scalar_t* go, int64_t D) {
+  acc_t total = acc_t(0);
+  for (int64_t d = 0; d < D; ++d) total += static_cast<acc_t>(go[d]) * acc_t(0);
+  return total;
+}
+
 // Gradients of one sample out = attn * sum_k weight[k] * <value_k, .> given
 // dots[k] = <grad_out, value row of corner k>, which must be 0 for invalid corners: an invalid
-// corner's weight is 0, and so must be its share of the location gradient.
+// corner's weight is 0, and so must be its share of the location gradient. For a point with no
+// valid corner every dots[k] is zero_row_dot(grad_out).
 template <typename acc_t>
 struct PointGrads {
   acc_t attn;   // d loss / d attention_weight

@@ -44,8 +44,10 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def fgl_left_bin(target_bins: torch.Tensor, bins: int) -> torch.Tensor:
     """The left bin of every target: ``target.long()`` (truncation, as published), kept inside
-    ``[0, bins - 2]`` so that the right bin exists (valid targets lie in [0, K - 0.1] already)."""
-    return target_bins.long().clamp(0, bins - 2)
+    ``[0, bins - 2]`` so that the right bin exists (valid targets lie in [0, K - 0.1] already).
+    Clamped before the conversion too, so that targets beyond int64 (1e30, inf) take the last bin
+    on every platform (a NaN target takes bin 0, as in the fused kernels)."""
+    return target_bins.clamp(0, bins - 2).long().clamp(0, bins - 2)
 
 
 def fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, weight=None, reduction="sum"):
@@ -63,11 +65,12 @@ def fgl_loss_reference(pred_corners, target_bins, weight_left, weight_right, wei
 def ddf_loss_reference(pred_corners, teacher_corners, weight=None, temperature=5.0, reduction="none"):
     """Plain-PyTorch :func:`ddf_loss`: ``T^2 * sum_j p_j (log p_j - log q_j)`` with ``p`` the teacher's
     and ``q`` the student's softmax at temperature ``T``; terms with ``p_j = 0`` count 0 (xlogy).
-    Written with the difference of the two log-softmaxes so that teacher == student gives exactly 0."""
+    Written with the difference of the two log-softmaxes so that teacher == student gives exactly 0.
+    A NaN teacher row (NaN or +inf logits) gives a NaN loss, not 0: only ``p_j == 0`` is skipped."""
     log_q = F.log_softmax(pred_corners / temperature, dim=-1)
     log_p = F.log_softmax(teacher_corners.detach() / temperature, dim=-1)
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
     rows = (temperature ** 2) * terms.sum(-1)
     if weight is not None:
         rows = weight.reshape(-1) * rows

@@ -130,8 +130,9 @@ def ms_deform_attn(
 
     Returns:
         ``[B, Q, M * D]``. Sampling is ``grid_sample(align_corners=False, padding_mode="zeros")``:
-        pixel ``x = loc_x * W - 0.5``, corners outside the map contribute zero. Under autocast the
-        op computes and returns float32.
+        pixel ``x = loc_x * W - 0.5``, corners outside the map contribute zero. A NaN or ``±inf``
+        location samples NaN (as ``grid_sample`` on CPU tensors). Under autocast the op computes and
+        returns float32.
     """
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         # mixed precision: like grid_sample, the op runs in float32 (autocast's fp32 policy), so

@@ -46,6 +46,8 @@ template <typename S>
 __global__ void fdr_decode_backward_kernel(DecodeRows<S> a, int64_t rows) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // saved bins out of range would be read and written out of bounds (the host checks CPU calls)
+    for (int i = 0; i < 4 * a.k; ++i) CUDA_KERNEL_ASSERT(a.saved_index[r * 4 * a.k + i] < a.n);
     decode_row_backward(a, r);
   }
 }

@@ -256,7 +256,9 @@ DFINE_ALWAYS_INLINE inline void plan_forward_points(const ForwardArgs<scalar_t>&
           bilinear_corners<acc_t>(static_cast<acc_t>(loc_row[2 * p]), static_cast<acc_t>(loc_row[2 * p + 1]), H, W, c);
       const acc_t a = static_cast<acc_t>(attn_row[p]);
       PointPlan<scalar_t>& pp = plan[j];
-      pp.any_valid = any_valid;
+      // A point outside the map is skipped, unless it makes the row NaN: it then reads zero rows
+      // with NaN weights (ms_deform_attn_math.h).
+      pp.any_valid = any_valid || outside_point_is_nan(c, a);
       for (int k = 0; k < 4; ++k) {
         pp.rows[k] = c.valid[k] ? value_level + static_cast<int64_t>(c.offset[k]) * M * D : zero_row;
         pp.weight[k] = static_cast<scalar_t>(a * c.weight[k]);
@@ -399,6 +401,19 @@ struct BackwardPointPlan {
   bool any_valid;
 };
 
+// sum_d go[d] * 0 in SIMD lanes: 0, or NaN when go [D] holds a NaN or an infinity. The dot products
+// of a point with no corner inside the map (ms_deform_attn_math.h's zero_row_dot, vectorised).
+template <typename scalar_t>
+DFINE_ALWAYS_INLINE inline scalar_t zero_row_dot_simd(const scalar_t* go, int64_t D) {
+  constexpr int64_t kWidth = simd_width<scalar_t>();
+  Simd<scalar_t> lanes = {};
+  int64_t d = 0;
+  for (; d + kWidth <= D; d += kWidth) lanes += simd_load(go + d) * scalar_t(0);
+  scalar_t total = simd_sum<scalar_t>(lanes);
+  for (; d < D; ++d) total += go[d] * scalar_t(0);
+  return total;
+}
+
 // Plans the points on level l of query row (b, q, m) for backward; prefetches value and grad rows.
 // The gradient rows of the level live in `grad_level` (H * W rows of D, contiguous).
 template <typename scalar_t>
@@ -513,12 +528,19 @@ DFINE_ALWAYS_INLINE inline void backward_tasks(const BackwardArgs<scalar_t>& arg
         const scalar_t* go = args.grad_out + row * D;
         scalar_t* grad_loc_row = args.grad_loc + row * P * 2 + 2 * layout.first_point[l];
         scalar_t* grad_attn_row = args.grad_attn + row * P + layout.first_point[l];
+        bool have_zero_dot = false;
+        acc_t zero_dot = acc_t(0);  // <go, zero row>: computed for the row's first point outside the map
         for (int64_t p = 0; p < n; ++p) {
           const BackwardPointPlan<scalar_t>& pp = current[p];
           if (!pp.any_valid) {
-            grad_attn_row[p] = scalar_t(0);
-            grad_loc_row[2 * p] = scalar_t(0);
-            grad_loc_row[2 * p + 1] = scalar_t(0);
+            // no value row to read or to update; the gradients are 0 unless a NaN comes in
+            if (!have_zero_dot) zero_dot = static_cast<acc_t>(zero_row_dot_simd(go, D));
+            have_zero_dot = true;
+            const acc_t zero_dots[4] = {zero_dot, zero_dot, zero_dot, zero_dot};
+            const PointGrads<acc_t> g = point_grads<acc_t>(pp.corners, H, W, zero_dots, pp.attn);
+            grad_attn_row[p] = static_cast<scalar_t>(g.attn);
+            grad_loc_row[2 * p] = static_cast<scalar_t>(g.loc_x);
+            grad_loc_row[2 * p + 1] = static_cast<scalar_t>(g.loc_y);
             continue;
           }
           scalar_t dots[4];

@@ -141,6 +141,9 @@ DFINE_HD void setup_point(const Inputs<S>& in, int64_t bqm, int64_t p, PointSlot
   DFINE_UNROLL
   for (int l = 0; l < kMaxLevels; ++l) {
     if (found || l >= in.ppl.num_levels) continue;
+    // spatial_shapes is read on the device only (no sync): a level outside value stops the kernel
+    // (an error at the next synchronisation), never an out-of-bounds read. The host checks CPU calls.
+    CUDA_KERNEL_ASSERT(level_fits(in.shapes[2 * l], in.shapes[2 * l + 1], start, in.S_len));
     level = l;
     if (p < first + in.ppl.count[l]) {
       found = true;
@@ -240,13 +243,21 @@ DFINE_HD void forward_warp(const Warp& w, const Inputs<S> in, S* out, int64_t it
           const int64_t c = (lane & (G - 1)) + static_cast<int64_t>(r) * G;
           if (bqm[lane] >= rows || c >= C) return;
           const S* base = in.value + row0[lane] * in.D + c * V;
+          bool any_inside = false;
           DFINE_UNROLL
           for (int k = 0; k < 4; ++k) {
             if (pos[k][lane] < 0) continue;  // outside the map: not read (0 * inf would be NaN)
+            any_inside = true;
             A x[V];
             lanes::load_vec<V>(base + static_cast<int64_t>(pos[k][lane]) * in.M * in.D, x);
             DFINE_UNROLL
             for (int v = 0; v < V; ++v) acc[v][lane] += coef[k][lane] * x[v];
+          }
+          // A point with no corner inside adds attn * outside_sample: 0, or NaN for a non-finite
+          // location or attention weight (ms_deform_attn_math.h), which is coef[0].
+          if (!any_inside && !(coef[0][lane] == A(0))) {
+            DFINE_UNROLL
+            for (int v = 0; v < V; ++v) acc[v][lane] += coef[0][lane];
           }
         });
       }
@@ -325,6 +336,16 @@ DFINE_HD void backward_warp(const Warp& w, const Inputs<S> in, const Grads<S> g,
           for (int k = 0; k < 4; ++k) part[k][lane] = A(0);
           if (bqm[lane] >= rows) return;
           const int64_t c = (lane & (G - 1)) + static_cast<int64_t>(r) * G;
+          if (pos[0][lane] < 0 && pos[1][lane] < 0 && pos[2][lane] < 0 && pos[3][lane] < 0) {
+            // No corner inside: the dots are <grad_out, 0> (zero_row_dot), 0 unless grad_out holds
+            // a NaN or an infinity, summed over the group like any dot.
+            A zero = A(0);
+            DFINE_UNROLL
+            for (int v = 0; v < V; ++v) zero += go_vec[v][lane] * A(0);
+            DFINE_UNROLL
+            for (int k = 0; k < 4; ++k) part[k][lane] = zero;
+            return;
+          }
           DFINE_UNROLL
           for (int k = 0; k < 4; ++k) {
             if (pos[k][lane] < 0) continue;
