@@ -1,11 +1,12 @@
 """Triton kernels of the FDR decode, their launchers and the ``dfine::fdr_decode_triton``
 torch.library op with its autograd (``dfine.ops.fdr_decode(..., backend="triton")``).
 
-One program handles ``BLOCK_R`` boxes; every edge is a ``[BLOCK_R, BLOCK_BINS]`` tile with the K+1
+One program handles ``BLOCK`` boxes; every edge is a ``[BLOCK, BLOCK_BINS]`` tile with the K+1
 bins padded to a power of two (33 -> 64; padded bins hold -inf logits, i.e. probability 0).
 Forward: softmax per edge, expectation with W, top-k probabilities (k passes of max + first index
 of the max, lower bin first on ties), distance2bbox. Backward recomputes the softmax and uses the
-top-k bins saved by the forward pass.
+top-k bins saved by the forward pass. ``BLOCK`` and the warps per program are autotuned on the GPU
+(``ROW_TILE_CONFIGS``, once per bin count and k); the interpreter uses 32 boxes.
 
 Dtypes: float16, bfloat16, float32 and float64 tensors. Every load is converted to the accumulation
 dtype ``ACC`` (float32, float64 for float64 inputs), every store rounds once to the output's dtype.
@@ -17,9 +18,7 @@ from typing import Tuple
 
 import torch
 
-from ._triton import tl, triton
-
-BLOCK_R = 32
+from ._triton import ROW_TILE_CONFIGS, ROW_TILE_DEFAULT, autotuned, compile_row_kernels_for_cuda, row_tile_grid, tl, triton
 
 
 def _block_bins(bins: int) -> int:
@@ -32,7 +31,7 @@ def _accumulation_dtype(dtype: torch.dtype):
 
 @triton.jit
 def _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB: tl.constexpr, ACC: tl.constexpr):
-    """Probabilities [BLOCK_R, BLOCK_BINS] of one edge and its expected distance [BLOCK_R], in ACC."""
+    """Probabilities [BLOCK, BLOCK_BINS] of one edge and its expected distance [BLOCK], in ACC."""
     bin_mask = bins < NB
     ptrs = z_ptr + rows[:, None] * (4 * NB) + edge * NB + bins[None, :]
     z = tl.load(ptrs, mask=row_mask[:, None] & bin_mask[None, :], other=0.0).to(ACC)
@@ -44,6 +43,7 @@ def _edge_softmax(z_ptr, w, rows, row_mask, bins, edge, NB: tl.constexpr, ACC: t
     return p, d
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "K"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _fdr_decode_forward_kernel(z_ptr, w_ptr, ref_ptr, box_ptr, stats_ptr, index_ptr, R, rs,
                                NB: tl.constexpr, BLOCK_BINS: tl.constexpr, K: tl.constexpr,
@@ -115,6 +115,7 @@ def _edge_backward(gz_ptr, gstats_ptr, index_ptr, p, w, grad_d, rows, row_mask, 
     tl.store(ptrs, gz.to(gz_ptr.dtype.element_ty), mask=row_mask[:, None] & (bins[None, :] < NB))
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "K"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _fdr_decode_backward_kernel(gbox_ptr, gstats_ptr, z_ptr, w_ptr, ref_ptr, index_ptr, gz_ptr, gref_ptr, R, rs,
                                 NB: tl.constexpr, BLOCK_BINS: tl.constexpr, K: tl.constexpr,
@@ -164,10 +165,9 @@ def fdr_decode_forward_triton(pred_corners, project, ref_boxes, reg_scale: float
     stats = z.new_empty((rows, 4, lqe_topk + 1))
     index = torch.empty((rows, 4, lqe_topk), dtype=torch.uint8, device=z.device)
     if rows > 0:
-        grid = (triton.cdiv(rows, BLOCK_R),)
-        _fdr_decode_forward_kernel[grid](z, w, ref, boxes, stats, index, rows, abs(float(reg_scale)), NB=bins,
-                                         BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R,
-                                         ACC=_accumulation_dtype(z.dtype))
+        _fdr_decode_forward_kernel[row_tile_grid(rows)](z, w, ref, boxes, stats, index, rows, abs(float(reg_scale)),
+                                                        NB=bins, BLOCK_BINS=_block_bins(bins), K=lqe_topk,
+                                                        ACC=_accumulation_dtype(z.dtype))
     return boxes, stats, index
 
 
@@ -180,11 +180,10 @@ def fdr_decode_backward_triton(grad_boxes, grad_stats, pred_corners, project, re
     grad_z = torch.empty_like(z)
     grad_ref = torch.empty_like(ref)
     if rows > 0:
-        grid = (triton.cdiv(rows, BLOCK_R),)
-        _fdr_decode_backward_kernel[grid](
+        _fdr_decode_backward_kernel[row_tile_grid(rows)](
             grad_boxes.to(z.dtype).contiguous(), grad_stats.to(z.dtype).contiguous(), z, w, ref,
             topk_index.contiguous(), grad_z, grad_ref, rows, abs(float(reg_scale)), NB=bins,
-            BLOCK_BINS=_block_bins(bins), K=lqe_topk, BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype),
+            BLOCK_BINS=_block_bins(bins), K=lqe_topk, ACC=_accumulation_dtype(z.dtype),
         )
     return grad_z, grad_ref
 
@@ -249,3 +248,14 @@ def _backward(ctx, grad_boxes, grad_stats, grad_index):
 
 
 fdr_decode_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compile_kernels_for_cuda(dtypes=(torch.float32, torch.bfloat16), capability: int = 80, tuned_configs: bool = True,
+                             bins: int = 33, lqe_topk: int = 4):
+    """Both kernels lowered to PTX and cubin for ``sm_<capability>`` without a GPU (``TRITON_INTERPRET``
+    unset), for D-FINE's K+1 = 33 bins and top-4 statistics, with every autotuning candidate (or only
+    the default tile). Returns ``{(dtype, kernel name + config): PTX bytes}``."""
+    return compile_row_kernels_for_cuda(
+        (_fdr_decode_forward_kernel, _fdr_decode_backward_kernel),
+        {"NB": bins, "BLOCK_BINS": _block_bins(bins), "K": lqe_topk}, {"index_ptr": "*u8", "R": "i32", "rs": "acc"},
+        dtypes, capability, tuned_configs)

@@ -1,9 +1,11 @@
 """Triton kernels of the GO-LSD losses, their launchers and the ``dfine::{fgl,ddf}_loss_triton``
 torch.library ops with their autograd (``dfine.ops.fgl_loss`` / ``ddf_loss`` with backend="triton").
 
-One program handles ``BLOCK_R`` rows as a ``[BLOCK_R, BLOCK_BINS]`` tile, the K+1 bins padded to a
+One program handles ``BLOCK`` rows as a ``[BLOCK, BLOCK_BINS]`` tile, the K+1 bins padded to a
 power of two (33 -> 64; padded bins hold -inf logits). Forward kernels write the weighted loss of
 every row; backward kernels recompute the softmax and write the gradient of the student logits.
+``BLOCK`` and the warps per program are autotuned on the GPU (``ROW_TILE_CONFIGS``, once per bin count);
+the interpreter uses 32 rows.
 
 Dtypes: float16, bfloat16, float32 and float64 tensors (all arguments of one call in one dtype).
 Every load is converted to the accumulation dtype ``ACC`` (float32, float64 for float64 inputs),
@@ -16,9 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._triton import tl, triton
-
-BLOCK_R = 32
+from ._triton import ROW_TILE_CONFIGS, ROW_TILE_DEFAULT, autotuned, compile_row_kernels_for_cuda, row_tile_grid, tl, triton
 
 
 def _block_bins(bins: int) -> int:
@@ -31,13 +31,13 @@ def _accumulation_dtype(dtype: torch.dtype):
 
 @triton.jit
 def _load_rows(ptr, rows, row_mask, ACC: tl.constexpr):
-    """One value per row [BLOCK_R] in ACC (0 on padded rows)."""
+    """One value per row [BLOCK] in ACC (0 on padded rows)."""
     return tl.load(ptr + rows, mask=row_mask, other=0.0).to(ACC)
 
 
 @triton.jit
 def _load_logits(ptr, rows, row_mask, bins, NB: tl.constexpr, scale, ACC: tl.constexpr):
-    """[BLOCK_R, BLOCK_BINS] logits in ACC divided by ``scale``; padded bins are -inf, padded rows 0."""
+    """[BLOCK, BLOCK_BINS] logits in ACC divided by ``scale``; padded bins are -inf, padded rows 0."""
     bin_mask = bins < NB
     x = tl.load(ptr + rows[:, None] * NB + bins[None, :], mask=row_mask[:, None] & bin_mask[None, :], other=0.0)
     x = x.to(ACC) / scale
@@ -52,6 +52,7 @@ def _fgl_left_bin(target, NB: tl.constexpr):
     return t.to(tl.int32)
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "HAS_WEIGHT"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _fgl_forward_kernel(z_ptr, t_ptr, wl_ptr, wr_ptr, w_ptr, out_ptr, R, HAS_WEIGHT: tl.constexpr,
                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -74,6 +75,7 @@ def _fgl_forward_kernel(z_ptr, t_ptr, wl_ptr, wr_ptr, w_ptr, out_ptr, R, HAS_WEI
     tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "HAS_WEIGHT"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _fgl_backward_kernel(g_ptr, z_ptr, t_ptr, wl_ptr, wr_ptr, w_ptr, gz_ptr, R, HAS_WEIGHT: tl.constexpr,
                          NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -117,6 +119,7 @@ def _ddf_log_ratio_and_p(zs_ptr, zt_ptr, rows, row_mask, bins, temperature, NB: 
     return log_ratio, p, q
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "HAS_WEIGHT"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _ddf_forward_kernel(zs_ptr, zt_ptr, w_ptr, out_ptr, R, temperature, HAS_WEIGHT: tl.constexpr,
                         NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -131,6 +134,7 @@ def _ddf_forward_kernel(zs_ptr, zt_ptr, w_ptr, out_ptr, R, temperature, HAS_WEIG
     tl.store(out_ptr + rows, loss.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
+@autotuned(ROW_TILE_CONFIGS, key=["NB", "HAS_WEIGHT"], default=ROW_TILE_DEFAULT)
 @triton.jit
 def _ddf_backward_kernel(g_ptr, zs_ptr, zt_ptr, w_ptr, gz_ptr, R, temperature, HAS_WEIGHT: tl.constexpr,
                          NB: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -149,7 +153,7 @@ def _ddf_backward_kernel(g_ptr, zs_ptr, zt_ptr, w_ptr, gz_ptr, R, temperature, H
 
 def _launch_args(pred):
     rows, bins = pred.shape
-    return rows, bins, (triton.cdiv(rows, BLOCK_R),), _block_bins(bins)
+    return rows, bins, row_tile_grid(rows), _block_bins(bins)
 
 
 def fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight):
@@ -160,7 +164,7 @@ def fgl_loss_forward_triton(pred, target, weight_left, weight_right, weight):
         w = weight.contiguous() if weight is not None else z  # dummy pointer when absent
         _fgl_forward_kernel[grid](z, target.contiguous(), weight_left.contiguous(), weight_right.contiguous(), w,
                                   out, rows, HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins,
-                                  BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype))
+                                  ACC=_accumulation_dtype(z.dtype))
     return out
 
 
@@ -172,7 +176,7 @@ def fgl_loss_backward_triton(grad_rows, pred, target, weight_left, weight_right,
         w = weight.contiguous() if weight is not None else z
         _fgl_backward_kernel[grid](grad_rows.contiguous(), z, target.contiguous(), weight_left.contiguous(),
                                    weight_right.contiguous(), w, grad_z, rows, HAS_WEIGHT=weight is not None,
-                                   NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R, ACC=_accumulation_dtype(z.dtype))
+                                   NB=bins, BLOCK_BINS=block_bins, ACC=_accumulation_dtype(z.dtype))
     return grad_z
 
 
@@ -183,7 +187,7 @@ def ddf_loss_forward_triton(pred, teacher, weight, temperature: float):
     if rows > 0:
         w = weight.contiguous() if weight is not None else zs
         _ddf_forward_kernel[grid](zs, zt, w, out, rows, float(temperature), HAS_WEIGHT=weight is not None, NB=bins,
-                                  BLOCK_BINS=block_bins, BLOCK=BLOCK_R, ACC=_accumulation_dtype(zs.dtype))
+                                  BLOCK_BINS=block_bins, ACC=_accumulation_dtype(zs.dtype))
     return out
 
 
@@ -194,7 +198,7 @@ def ddf_loss_backward_triton(grad_rows, pred, teacher, weight, temperature: floa
     if rows > 0:
         w = weight.contiguous() if weight is not None else zs
         _ddf_backward_kernel[grid](grad_rows.contiguous(), zs, zt, w, grad_z, rows, float(temperature),
-                                   HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins, BLOCK=BLOCK_R,
+                                   HAS_WEIGHT=weight is not None, NB=bins, BLOCK_BINS=block_bins,
                                    ACC=_accumulation_dtype(zs.dtype))
     return grad_z
 
@@ -315,3 +319,14 @@ def _ddf_backward(ctx, grad_rows, _grad_unused):
 ddf_loss_triton.register_fake(_forward_fake)
 ddf_loss_triton_backward.register_fake(_grad_fake)
 ddf_loss_triton.register_autograd(_ddf_backward, setup_context=_ddf_setup_context)
+
+
+def compile_kernels_for_cuda(dtypes=(torch.float32, torch.bfloat16), capability: int = 80, tuned_configs: bool = True,
+                             bins: int = 33, has_weight: bool = True):
+    """The FGL and DDF kernels lowered to PTX and cubin for ``sm_<capability>`` without a GPU
+    (``TRITON_INTERPRET`` unset), for 33 bins, with every autotuning candidate (or only the default
+    tile). Returns ``{(dtype, kernel name + config): PTX bytes}``."""
+    return compile_row_kernels_for_cuda(
+        (_fgl_forward_kernel, _fgl_backward_kernel, _ddf_forward_kernel, _ddf_backward_kernel),
+        {"NB": bins, "BLOCK_BINS": _block_bins(bins), "HAS_WEIGHT": has_weight},
+        {"R": "i32", "temperature": "acc"}, dtypes, capability, tuned_configs)

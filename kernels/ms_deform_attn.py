@@ -49,13 +49,39 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import torch
-from ._triton import tl, triton
+from ._triton import HAS_TRITON, TYPE_NAMES, autotuned, compile_for_cuda, cuda_signature, jit_function, launch_config, tl, triton
 
 __all__ = ["ms_deform_attn_forward_triton", "ms_deform_attn_backward_triton", "ms_deform_attn_triton"]
 
-# Work per program: at most this many elements in the [BLOCK_Q, BLOCK_D] tile.
+# Work per program without autotuning (the interpreter; the first guess): at most this many
+# elements in the [BLOCK_Q, BLOCK_D] tile.
 _MAX_TILE = 1024
 _MAX_BLOCK_Q = 64
+# Candidates timed on the GPU: queries per program and warps, tiles of at most _MAX_TUNED_TILE.
+_Q_TILE_CONFIGS = [launch_config({"BLOCK_Q": q}, warps) for q, warps in
+                   ((8, 2), (16, 4), (32, 4), (64, 4), (64, 8))] if HAS_TRITON else []
+_MAX_TUNED_TILE = 4096
+
+
+def _default_block_q(Q: int, D: int) -> int:
+    block_d = triton.next_power_of_2(max(D, 1))
+    return min(triton.next_power_of_2(max(Q, 1)), _MAX_BLOCK_Q, max(1, _MAX_TILE // block_d))
+
+
+def _default_meta(named: dict) -> dict:
+    return {"BLOCK_Q": _default_block_q(named["Q"], named["D"])}
+
+
+def _fitting_q_tiles(configs, named: dict):
+    """The candidates whose tile fits the call: BLOCK_Q * BLOCK_D <= _MAX_TUNED_TILE and no more
+    query rows than the next power of two of Q (at least 8); the smallest if none does."""
+    block_d, most_q = named["BLOCK_D"], max(8, triton.next_power_of_2(max(named["Q"], 1)))
+    fit = [c for c in configs if c.kwargs["BLOCK_Q"] * block_d <= _MAX_TUNED_TILE and c.kwargs["BLOCK_Q"] <= most_q]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_Q"], c.num_warps))]
+
+
+def _q_tile_grid(Q: int, B: int, M: int):
+    return lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]) * B * M,)
 
 
 @triton.jit
@@ -89,6 +115,7 @@ def _corner_weights_and_indices(loc_ptr, loc_off, q_mask, H, W, ACC: tl.constexp
     return x0, y0, lx, ly
 
 
+@autotuned(_Q_TILE_CONFIGS, key=["D", "P"], default=_default_meta, prune=_fitting_q_tiles)
 @triton.jit
 def _ms_deform_attn_fwd_kernel(
     value_ptr,  # [B, S, M, D] contiguous
@@ -204,6 +231,8 @@ def _ms_deform_attn_gather_kernel(
     tl.store(grad_value_ptr + row * D + d, acc.to(grad_value_ptr.dtype.element_ty), mask=d_mask)
 
 
+@autotuned(_Q_TILE_CONFIGS, key=["D", "P", "DETERMINISTIC"], default=_default_meta, prune=_fitting_q_tiles,
+           reset_to_zero=["grad_value_ptr"])
 @triton.jit
 def _ms_deform_attn_bwd_kernel(
     grad_out_ptr,  # [B, Q, M*D] contiguous
@@ -351,13 +380,6 @@ def _level_tables(spatial_shapes: torch.Tensor, num_points_list: Sequence[int], 
     return shapes, level_start, point_level
 
 
-def _launch_config(Q: int, D: int, B: int, M: int):
-    block_d = triton.next_power_of_2(max(D, 1))
-    block_q = min(triton.next_power_of_2(max(Q, 1)), _MAX_BLOCK_Q, max(1, _MAX_TILE // block_d))
-    grid = (triton.cdiv(Q, block_q) * B * M,)
-    return block_q, block_d, grid
-
-
 def ms_deform_attn_forward_triton(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -376,11 +398,10 @@ def ms_deform_attn_forward_triton(
     shapes, level_start, point_level = _level_tables(spatial_shapes, num_points_list, value.device)
     out = value.new_empty((B, Q, M * D))
     _, acc = _accumulation_dtype(value.dtype)
-    block_q, block_d, grid = _launch_config(Q, D, B, M)
-    _ms_deform_attn_fwd_kernel[grid](
+    _ms_deform_attn_fwd_kernel[_q_tile_grid(Q, B, M)](
         value, shapes, level_start, point_level, sampling_locations, attention_weights, out,
         S, Q, M, D, P,
-        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d,
+        ACC=acc, BLOCK_D=triton.next_power_of_2(D),
     )
     return out
 
@@ -413,7 +434,7 @@ def ms_deform_attn_backward_triton(
     acc_torch, acc = _accumulation_dtype(value.dtype)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
-    block_q, block_d, grid = _launch_config(Q, D, B, M)
+    block_d = triton.next_power_of_2(D)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         entries = B * Q * M * P * 4
@@ -424,11 +445,11 @@ def ms_deform_attn_backward_triton(
         grad_value_acc = torch.zeros(value.shape, dtype=acc_torch, device=value.device)
         coef, key = grad_value_acc, shapes  # not written (typed like the deterministic buffers)
     value_rows = B * S * M
-    _ms_deform_attn_bwd_kernel[grid](
+    _ms_deform_attn_bwd_kernel[_q_tile_grid(Q, B, M)](
         grad_output, value, shapes, level_start, point_level, sampling_locations, attention_weights,
         grad_value_acc, grad_loc, grad_attn, coef, key, value_rows,
         S, Q, M, D, P,
-        ACC=acc, BLOCK_Q=block_q, BLOCK_D=block_d, DETERMINISTIC=deterministic,
+        ACC=acc, BLOCK_D=block_d, DETERMINISTIC=deterministic,
     )
     if not deterministic:
         return grad_value_acc.to(value.dtype), grad_loc, grad_attn
@@ -503,48 +524,43 @@ ms_deform_attn_triton.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time lowering check (no GPU needed): compile both kernels for a CUDA target.
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-
-def compile_kernels_for_cuda(dtypes=(torch.float32, torch.float64), capability: int = 80, block_d: int = 32):
+def compile_kernels_for_cuda(dtypes=(torch.float32, torch.float64), capability: int = 80, block_d: int = 32,
+                             tuned_configs: bool = False, queries: int = 300):
     """Compile the forward kernel, both backward kernels (atomic and deterministic pass 1) and the
     gather kernel to PTX and cubin for ``sm_<capability>`` without a GPU, proving they lower for
     CUDA. Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit``
-    functions); uses the compile API of Triton 3.x. Returns ``{(dtype name, kernel name): PTX size
-    in bytes}``, the deterministic backward named ``_ms_deform_attn_bwd_kernel[deterministic]``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not isinstance(_ms_deform_attn_fwd_kernel, triton.runtime.jit.JITFunction):
-        raise RuntimeError("compile_kernels_for_cuda needs TRITON_INTERPRET unset before triton is imported")
-    target = GPUTarget("cuda", capability, 32)
+    functions). Returns ``{(dtype name, kernel name): PTX size in bytes}``, the deterministic
+    backward named ``_ms_deform_attn_bwd_kernel[deterministic]``. With ``tuned_configs`` the forward
+    and backward kernels are compiled once per autotuning candidate that fits ``block_d`` and
+    ``queries`` (named ``...[BLOCK_Q=16,warps=4]``) instead of once with the default tile."""
     sizes = {"S": "i32", "Q": "i32", "M": "i32", "D": "i32", "P": "i32"}
     tables = {"shapes_ptr": "*i64", "level_start_ptr": "*i64", "point_level_ptr": "*i32"}
+    if tuned_configs:
+        tiles = [({"BLOCK_Q": c.kwargs["BLOCK_Q"]}, c.num_warps, f"[BLOCK_Q={c.kwargs['BLOCK_Q']},warps={c.num_warps}]")
+                 for c in _fitting_q_tiles(_Q_TILE_CONFIGS, {"BLOCK_D": block_d, "Q": queries})]
+    else:
+        tiles = [({"BLOCK_Q": max(1, _MAX_TILE // block_d)}, 4, "")]
     result = {}
     for dtype in dtypes:
-        name = _DTYPE_NAMES[dtype]
+        name = TYPE_NAMES[str(dtype).replace("torch.", "")]
         acc_torch, acc = _accumulation_dtype(dtype)
-        acc_name = _DTYPE_NAMES[acc_torch]
-        consts = {"ACC": acc, "BLOCK_Q": max(1, _MAX_TILE // block_d), "BLOCK_D": block_d}
-        const_sig = {k: "constexpr" for k in consts}
-        fwd_sig = {"value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}", "attn_ptr": f"*{name}",
-                   "out_ptr": f"*{name}", **sizes, **const_sig}
-        bwd_sig = {"grad_out_ptr": f"*{name}", "value_ptr": f"*{name}", **tables, "loc_ptr": f"*{name}",
-                   "attn_ptr": f"*{name}", "grad_value_ptr": f"*{acc_name}",
-                   "grad_loc_ptr": f"*{name}", "grad_attn_ptr": f"*{name}", "coef_ptr": f"*{acc_name}",
-                   "key_ptr": "*i64", "no_key": "i32", **sizes, **const_sig, "DETERMINISTIC": "constexpr"}
-        gather_sig = {"grad_out_ptr": f"*{name}", "coef_ptr": f"*{acc_name}", "order_ptr": "*i64",
-                      "starts_ptr": "*i64", "grad_value_ptr": f"*{name}", "D": "i32", "P": "i32",
-                      "ACC": "constexpr", "BLOCK_D": "constexpr"}
-        jobs = (
-            (_ms_deform_attn_fwd_kernel, "", fwd_sig, consts),
-            (_ms_deform_attn_bwd_kernel, "", bwd_sig, {**consts, "DETERMINISTIC": False}),
-            (_ms_deform_attn_bwd_kernel, "[deterministic]", bwd_sig, {**consts, "DETERMINISTIC": True}),
-            (_ms_deform_attn_gather_kernel, "", gather_sig, {"ACC": acc, "BLOCK_D": block_d}),
-        )
-        for kernel, variant, signature, constexprs in jobs:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
-            if "cubin" not in compiled.asm:
-                raise RuntimeError(f"{kernel.__name__}{variant} ({name}) produced no cubin")
-            result[(name, kernel.__name__ + variant)] = len(compiled.asm["ptx"])
+        acc_name = TYPE_NAMES[str(acc_torch).replace("torch.", "")]
+        types = {**sizes, **tables, "no_key": "i32", "key_ptr": "*i64", "order_ptr": "*i64", "starts_ptr": "*i64",
+                 "coef_ptr": f"*{acc_name}"}
+        jobs = []
+        for tile, warps, suffix in tiles:
+            consts = {"ACC": acc, "BLOCK_D": block_d, **tile}
+            jobs += [
+                (_ms_deform_attn_fwd_kernel, suffix, {**types}, consts, warps),
+                (_ms_deform_attn_bwd_kernel, suffix, {**types, "grad_value_ptr": f"*{acc_name}"},
+                 {**consts, "DETERMINISTIC": False}, warps),
+                (_ms_deform_attn_bwd_kernel, "[deterministic]" + suffix, {**types, "grad_value_ptr": f"*{acc_name}"},
+                 {**consts, "DETERMINISTIC": True}, warps),
+            ]
+        jobs.append((_ms_deform_attn_gather_kernel, "", types, {"ACC": acc, "BLOCK_D": block_d}, 4))
+        for kernel, variant, kernel_types, constexprs, warps in jobs:
+            signature = cuda_signature(kernel, kernel_types, f"*{name}")
+            result[(name, jit_function(kernel).__name__ + variant)] = compile_for_cuda(
+                kernel, signature, constexprs, capability, warps)
     return result

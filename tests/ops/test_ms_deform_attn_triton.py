@@ -58,7 +58,7 @@ def test_several_query_blocks_with_a_partial_last_block(monkeypatch):
     import dfine.kernels.ms_deform_attn as triton_kernels
 
     monkeypatch.setattr(triton_kernels, "_MAX_TILE", 16)
-    assert triton_kernels._launch_config(5, 8, 2, 2)[0] == 2
+    assert triton_kernels._default_block_q(5, 8) == 2
     inputs = msda.as_inputs(msda.make_off_pixel_inputs(2, 5, 2, 8, [(4, 5), (2, 3)], [3, 6], seed=29), "cpu")
     call = Call(inputs, grad=msda.ALL_GRADS, compare_grad=msda.ALL_GRADS, dtype=torch.float32)
     msda.TestMsDeformAttn().check_against_reference(call, "triton")
@@ -115,9 +115,9 @@ def test_deterministic_backward(deterministic_algorithms, gather_launches, monke
     assert gather_launches == [(1 * (12 + 4) * 2,)]  # one program per value row (b, s, m)
     again = tester.run(tester.fused_fn("triton"), call.inputs, call.grad, dtype)
     assert _same_bits(first[0], again[0]) and _same_bits(first[1].values(), again[1].values())
-    assert triton_kernels._launch_config(3, 4, 1, 2)[0] == 4
+    assert triton_kernels._default_block_q(3, 4) == 4
     monkeypatch.setattr(triton_kernels, "_MAX_TILE", 8)
-    assert triton_kernels._launch_config(3, 4, 1, 2)[0] == 2
+    assert triton_kernels._default_block_q(3, 4) == 2
     other_split = tester.run(tester.fused_fn("triton"), call.inputs, call.grad, dtype)
     assert _same_bits(first[0], other_split[0]) and _same_bits(first[1].values(), other_split[1].values())
 
